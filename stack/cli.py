@@ -1,0 +1,258 @@
+"""The `tapstack` command: `run` a stack on a TAP, read a running one's `stats`."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import logging
+import os
+import random
+import shutil
+import signal
+import sys
+from typing import Any
+
+from stack.link import LinkError
+from stack.link import netns as ns
+from stack.link.pcap import PcapTee
+from stack.link.tap import TapLink
+from stack.net.interface import Interface, InterfaceConfig
+from stack.runtime import Runtime, bind_control_socket, read_stats, run
+from stack.wire.ethernet import is_multicast_mac, mac_from_str
+
+log = logging.getLogger("tapstack")
+
+
+class UsageError(Exception):
+    """A bad option or environment; the message is one sentence for the user."""
+
+
+# -- argument parsing ---------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tapstack",
+                                description="A userspace TCP/IP stack on a Linux TAP device.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="serve on a TAP device (in a network namespace by default)")
+    where = r.add_mutually_exclusive_group()
+    where.add_argument("--netns", default="tapstack",
+                       help="network namespace to run in, created if missing "
+                            "(default: %(default)s)")
+    where.add_argument("--no-netns", action="store_true",
+                       help="put the TAP in the current namespace (for a dedicated VM)")
+    r.add_argument("--tap", default="tap0", help="TAP device name (default: %(default)s)")
+    r.add_argument("--address", default="10.77.0.2/24",
+                   help="tapstack's address/prefix (default: %(default)s)")
+    r.add_argument("--host-address", default="10.77.0.1/24",
+                   help="address/prefix of the kernel's side of the TAP, or 'none' "
+                        "(default: %(default)s)")
+    r.add_argument("--gateway", default=None,
+                   help="next hop for destinations off the subnet (default: the host address)")
+    r.add_argument("--mac", default="02:00:0a:4d:00:02",
+                   help="tapstack's MAC address (default: %(default)s)")
+    r.add_argument("--mtu", type=int, default=1500, help="link MTU (default: %(default)s)")
+    r.add_argument("--pcap", metavar="FILE", help="record every frame received and sent")
+    r.add_argument("--log-level", default="info",
+                   choices=["debug", "info", "warning", "error"])
+    r.add_argument("--asyncio", action="store_true",
+                   help="use the standard asyncio loop instead of uvloop")
+
+    s = sub.add_parser("stats", help="print the counters of a running tapstack")
+    swhere = s.add_mutually_exclusive_group()
+    swhere.add_argument("--netns", default="tapstack",
+                        help="namespace the instance runs in (default: %(default)s)")
+    swhere.add_argument("--no-netns", action="store_true",
+                        help="the instance runs in the current namespace")
+    s.add_argument("--tap", default="tap0", help="its TAP device (default: %(default)s)")
+    s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return p
+
+
+def _interface(text: str, what: str) -> ipaddress.IPv4Interface:
+    try:
+        iface = ipaddress.IPv4Interface(text)
+    except ValueError:
+        raise UsageError(f"{what} {text!r} is not an IPv4 address with a prefix, "
+                         "like 10.77.0.2/24") from None
+    net = iface.network
+    if net.prefixlen < 31 and iface.ip in (net.network_address, net.broadcast_address):
+        raise UsageError(f"{what} {text} is the network's own or broadcast address")
+    return iface
+
+
+def build_config(args: argparse.Namespace) -> tuple[InterfaceConfig, str | None]:
+    """Validate `run`'s options; returns the interface config and the host-side CIDR."""
+    address = _interface(args.address, "--address")
+    if address.network.prefixlen > 30:
+        raise UsageError(f"--address {args.address} leaves no room for a host side; "
+                         "use a prefix of /30 or shorter")
+    try:
+        mac = mac_from_str(args.mac)
+    except ValueError as exc:
+        raise UsageError(f"--mac: {exc}") from None
+    if is_multicast_mac(mac):
+        raise UsageError(f"--mac {args.mac} is a multicast address; the first byte must be even")
+    if not 576 <= args.mtu <= 9000:
+        raise UsageError(f"--mtu {args.mtu} is outside 576..9000")
+    host_cidr: str | None = None
+    gateway = None
+    if args.host_address.lower() != "none":
+        host = _interface(args.host_address, "--host-address")
+        if host.network != address.network or host.ip == address.ip:
+            raise UsageError(f"--host-address {args.host_address} must be another address "
+                             f"in {address.network}")
+        host_cidr = str(host)
+        gateway = host.ip.packed
+    if args.gateway:
+        try:
+            gateway = ipaddress.IPv4Address(args.gateway).packed
+        except ValueError:
+            raise UsageError(f"--gateway {args.gateway!r} is not an IPv4 address") from None
+    config = InterfaceConfig(mac=mac, address=address.ip.packed,
+                             prefixlen=address.network.prefixlen, gateway=gateway,
+                             mtu=args.mtu)
+    return config, host_cidr
+
+
+# -- run ----------------------------------------------------------------------------------
+
+
+def _require_root(what: str) -> None:
+    if os.geteuid() != 0:
+        raise UsageError(f"tapstack {what} needs root (TAP devices and network namespaces); "
+                         f"run it with sudo")
+
+
+def _banner(args: argparse.Namespace, host_cidr: str | None) -> str:
+    ip = args.address.split("/")[0]
+    prefix = "" if args.no_netns else f"ip netns exec {args.netns} "
+    where = "the current namespace" if args.no_netns else f"namespace {args.netns}"
+    me = shutil.which("tapstack") or "tapstack"
+    stats = f"{me} stats" + (" --no-netns" if args.no_netns else f" --netns {args.netns}")
+    if args.tap != "tap0":
+        stats += f" --tap {args.tap}"
+    host = f", host side {host_cidr}" if host_cidr else ""
+    lines = [
+        f"tapstack ready: {args.address} ({args.mac}) on {args.tap} in {where}{host}",
+        "try:",
+        f"  {prefix}ping -c 3 {ip}",
+        f"  {prefix}arping -c 3 -I {args.tap} {ip}",
+        f"  {prefix}tcpdump -ni {args.tap}",
+        f"  {stats}",
+        "Ctrl-C stops it and removes what it created.",
+    ]
+    return "\n".join(lines)
+
+
+def _raise_exit(signum: int, _frame: Any) -> None:
+    raise SystemExit(0)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="tapstack: %(message)s",
+                        stream=sys.stderr)
+    config, host_cidr = build_config(args)
+    _require_root("run")
+    if not os.path.exists("/dev/net/tun"):
+        raise UsageError("/dev/net/tun is missing; this kernel or container has no TUN/TAP "
+                         "support")
+    # Until the event loop takes over, SIGTERM unwinds through the finally below.
+    signal.signal(signal.SIGTERM, _raise_exit)
+    where = "the current namespace" if args.no_netns else f"namespace {args.netns}"
+    created_netns = False
+    link = TapLink(args.tap)
+    control = None
+    pcap = None
+    try:
+        if not args.no_netns:
+            if not ns.netns_exists(args.netns):
+                ns.create_netns(args.netns)
+                created_netns = True
+                log.info("created network namespace %s", args.netns)
+            ns.enter_netns(args.netns)
+            if created_netns:
+                ns.ip_link_up("lo")
+        control = bind_control_socket(args.tap, where)
+        link.open(where)
+        ns.configure_host_side(args.tap, host_cidr, args.mtu)
+        if args.pcap:
+            try:
+                pcap = PcapTee(args.pcap)
+            except OSError as exc:
+                raise UsageError(f"cannot write --pcap {args.pcap}: {exc.strerror}") from None
+        iface = Interface(config, random.Random())
+        info = {"address": args.address, "mac": args.mac, "tap": args.tap,
+                "netns": None if args.no_netns else args.netns, "mtu": args.mtu,
+                "pid": os.getpid()}
+        runtime = Runtime(iface, link, pcap, info)
+
+        def ready() -> None:
+            print(_banner(args, host_cidr), flush=True)
+
+        run(runtime, control, ready, use_uvloop=not args.asyncio)
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # cleanup is not interrupted
+        link.close()
+        if control is not None:
+            control.close()
+        if pcap is not None:
+            pcap.close()
+        if created_netns:
+            ns.delete_netns(args.netns)
+            log.info("removed network namespace %s", args.netns)
+    return 0
+
+
+# -- stats --------------------------------------------------------------------------------
+
+
+def format_stats(snapshot: dict[str, Any]) -> str:
+    info = snapshot.get("info", {})
+    where = f"namespace {info['netns']}" if info.get("netns") else "the current namespace"
+    lines = [f"tapstack {info.get('address')} on {info.get('tap')} in {where}, "
+             f"pid {info.get('pid')}, up {info.get('uptime_s', 0):.0f} s"]
+    for layer, values in snapshot.get("counters", {}).items():
+        lines.append(layer)
+        width = max(len(k) for k in values)
+        lines.extend(f"  {name:<{width}}  {value:>12}" for name, value in values.items())
+    if snapshot.get("last_internal_error"):
+        lines.append(f"last internal error: {snapshot['last_internal_error']}")
+    return "\n".join(lines)
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    where = "the current namespace" if args.no_netns else f"namespace {args.netns}"
+    if not args.no_netns:
+        _require_root("stats --netns")
+        if not ns.netns_exists(args.netns):
+            raise UsageError(f"no tapstack is running in namespace {args.netns} "
+                             "(it does not exist)")
+        ns.enter_netns(args.netns)
+    try:
+        snapshot = read_stats(args.tap)
+    except (ConnectionRefusedError, FileNotFoundError):
+        raise UsageError(f"no tapstack is running on {args.tap} in {where}") from None
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot read stats from {args.tap} in {where}: {exc}") from None
+    print(json.dumps(snapshot, indent=2) if args.json else format_stats(snapshot))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return cmd_run(args)
+        return cmd_stats(args)
+    except (UsageError, LinkError) as exc:
+        print(f"tapstack: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

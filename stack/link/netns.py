@@ -1,0 +1,84 @@
+"""Network namespaces and the host side of the TAP, done with iproute2 and setns(2).
+
+The stack process enters the namespace itself (setns on /run/netns/NAME) before it
+creates the TAP, so the TAP, its address and the control socket all live there.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import subprocess
+
+from stack.link import LinkError
+
+CLONE_NEWNET = 0x40000000
+NETNS_DIR = "/run/netns"
+
+
+def _ip(*args: str) -> None:
+    try:
+        subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise LinkError("the 'ip' command is missing; install iproute2") from None
+    except subprocess.CalledProcessError as exc:
+        detail = (exc.stderr or "").strip().splitlines()
+        raise LinkError(f"'ip {' '.join(args)}' failed: "
+                        f"{detail[-1] if detail else exc.returncode}") from None
+
+
+def netns_exists(name: str) -> bool:
+    return os.path.exists(os.path.join(NETNS_DIR, name))
+
+
+def create_netns(name: str) -> None:
+    _ip("netns", "add", name)
+
+
+def delete_netns(name: str) -> None:
+    if netns_exists(name):
+        _ip("netns", "delete", name)
+
+
+def enter_netns(name: str) -> None:
+    """Move this process (its only thread) into the named network namespace."""
+    path = os.path.join(NETNS_DIR, name)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise LinkError(f"network namespace {name} does not exist") from None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise LinkError(f"cannot enter network namespace {name}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+def write_sysctl(path: str, value: str) -> bool:
+    """Write /proc/sys/...; False when the knob does not exist (e.g. no IPv6)."""
+    try:
+        with open(path, "w") as f:
+            f.write(value)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def configure_host_side(tap: str, host_cidr: str | None, mtu: int,
+                        txqueuelen: int = 1000) -> None:
+    """Give the kernel's end of the TAP its address and bring it up, IPv6 off.
+
+    IPv6 is disabled on this device before it goes up: router solicitations, MLD and
+    DAD would otherwise appear on the wire and in every capture.
+    """
+    write_sysctl(f"/proc/sys/net/ipv6/conf/{tap}/disable_ipv6", "1")
+    _ip("link", "set", "dev", tap, "mtu", str(mtu), "txqueuelen", str(txqueuelen))
+    if host_cidr:
+        _ip("addr", "add", host_cidr, "dev", tap)
+    _ip("link", "set", "dev", tap, "up")
+
+
+def ip_link_up(dev: str) -> None:
+    _ip("link", "set", "dev", dev, "up")

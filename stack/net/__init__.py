@@ -1,0 +1,1 @@
+"""Protocol engines: pure and deterministic. Time comes in as an argument."""

@@ -1,0 +1,1 @@
+"""Codecs only: bytes <-> header values. No state, no clock, no I/O."""

@@ -1,0 +1,37 @@
+"""The Internet checksum (RFC 1071), computed by folding one big integer.
+
+The ones' complement sum of 16-bit words equals the value of the whole buffer,
+read as one big-endian integer, modulo 0xFFFF (because 2**16 == 1 mod 0xFFFF).
+`int.from_bytes` and `%` both run in C, which makes this several times faster
+than summing words in Python.
+"""
+
+from __future__ import annotations
+
+Buffer = bytes | bytearray | memoryview
+
+
+def ones_sum(data: Buffer, initial: int = 0) -> int:
+    """Ones' complement sum of `data` (padded to even length) plus `initial`, in [0, 0xFFFE]."""
+    if len(data) & 1:
+        data = bytes(data) + b"\x00"
+    return (int.from_bytes(data, "big") + initial) % 0xFFFF
+
+
+def internet_checksum(data: Buffer, initial: int = 0) -> int:
+    """The value to put in a checksum field: the complement of the ones' complement sum.
+
+    The result is never 0 for non-empty input sums, so it is also valid as a UDP
+    checksum (where 0 means "none", RFC 768).
+    """
+    return 0xFFFF - ones_sum(data, initial)
+
+
+def checksum_ok(data: Buffer, initial: int = 0) -> bool:
+    """True when `data` (checksum field included) sums to ones' complement zero."""
+    return ones_sum(data, initial) == 0
+
+
+def pseudo_header_sum(src: bytes, dst: bytes, protocol: int, length: int) -> int:
+    """Ones' complement sum of the IPv4 pseudo-header (RFC 9293 3.1, RFC 768)."""
+    return (int.from_bytes(src + dst, "big") + protocol + length) % 0xFFFF
