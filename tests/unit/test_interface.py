@@ -223,13 +223,6 @@ GOOD = ping_frame()
 IP_START = 14
 
 
-def set_ip_checksum(frame: bytes) -> bytes:
-    """Recompute the IPv4 header checksum after a mutation (so only the mutation is wrong)."""
-    ip = dpkt.ip.IP(frame[IP_START:])
-    ip.sum = 0
-    return frame[:IP_START] + bytes(ip)
-
-
 MALFORMED = [
     ("runt", GOOD[:13], "eth.rx_runt"),
     ("other unicast MAC", eth(ip_packet(echo_request()), dst=OTHER_MAC), "eth.rx_not_for_us"),
@@ -255,7 +248,7 @@ MALFORMED = [
     ("fragment", eth(ip_packet(echo_request(), mf=1)), "ipv4.rx_fragments_dropped"),
     ("unknown protocol", eth(ip_packet(b"abcd", p=200)), "ipv4.rx_unknown_protocol"),
     ("truncated ICMP", eth(ip_packet(b"\x08\x00\x00")), "icmp.rx_truncated"),
-    ("bad ICMP checksum", set_ip_checksum(with_byte(GOOD, len(GOOD) - 1, GOOD[-1] ^ 1)),
+    ("bad ICMP checksum", with_byte(GOOD, len(GOOD) - 1, GOOD[-1] ^ 1),
      "icmp.rx_bad_checksum"),
     ("truncated ARP", arp_frame()[:30], "arp.rx_truncated"),
     ("ARP with 8-byte hardware addresses", with_byte(arp_frame(), 18, 8), "arp.rx_bad_format"),

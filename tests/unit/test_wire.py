@@ -15,7 +15,6 @@ from stack.wire.ethernet import (
 from stack.wire.icmp import TYPE_ECHO_REPLY, build_echo, parse_echo
 from stack.wire.ipv4 import (
     FLAG_DF,
-    FLAG_MF,
     PROTO_UDP,
     build_ipv4,
     ip_from_str,
