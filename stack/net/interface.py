@@ -16,6 +16,8 @@ from stack.net.arp import ArpConfig, ArpEngine
 from stack.net.counters import Counters
 from stack.net.icmp import IcmpEngine
 from stack.net.ipv4 import IPv4Layer
+from stack.net.tcp.connection import TcpConfig
+from stack.net.tcp.layer import TcpLayer
 from stack.wire.ethernet import (
     BROADCAST_MAC,
     ETH_HEADER,
@@ -39,6 +41,7 @@ class InterfaceConfig:
     gateway: bytes | None = None
     mtu: int = 1500
     arp: ArpConfig = field(default_factory=ArpConfig)
+    tcp: TcpConfig = field(default_factory=TcpConfig)
 
 
 class Interface:
@@ -54,6 +57,7 @@ class Interface:
         self.ipv4 = IPv4Layer(config.mac, config.address, config.prefixlen, config.gateway,
                               config.mtu, self.arp, self.counters, self._tx.append, self.rng)
         self.icmp = IcmpEngine(self.ipv4, self.counters)
+        self.tcp = TcpLayer(self.ipv4, self.counters, config.tcp, self.rng)
         self.last_internal_error: str | None = None
 
     def start(self, now: float) -> None:
@@ -88,6 +92,7 @@ class Interface:
     def poll(self, now: float) -> list[bytes]:
         """Run timers that are due and hand over every frame waiting to be sent."""
         self.arp.poll(now)
+        self.tcp.poll(now)
         if not self._tx:
             return []
         out = self._tx[:]
@@ -98,13 +103,18 @@ class Interface:
         return out
 
     def next_deadline(self) -> float | None:
-        return self.arp.next_deadline()
+        arp = self.arp.next_deadline()
+        tcp = self.tcp.next_deadline()
+        if arp is None:
+            return tcp
+        return arp if tcp is None else min(arp, tcp)
 
     def gauges(self) -> dict[str, int]:
         """Current sizes of the bounded tables, for stats."""
         return {
             "arp.cache_entries": len(self.arp.cache),
             "arp.pending_resolutions": len(self.arp.pending),
+            **self.tcp.gauges(),
         }
 
     def stats(self) -> dict[str, dict[str, int]]:

@@ -1,0 +1,951 @@
+"""One TCP connection: the RFC 9293 state machine with its timers, pure and clock-free.
+
+Input:  segment_arrives(seg, now), on_timer(now), and the user calls send(), shutdown(),
+        close(), abort(), pause_reading(), resume_reading().
+Output: output(now) emits segments through the layer; the user object is told about
+        establishment, data, end of stream, progress of the send buffer and the end.
+
+Nothing is transmitted from inside a user call: the connection marks itself dirty and
+the layer calls output() when the runtime flushes, so writes made in one event-loop
+iteration leave as few, full segments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from stack.net.tcp.buffers import OutOfOrderQueue, SendBuffer
+from stack.net.tcp.congestion import NewReno
+from stack.net.tcp.rto import RtoEstimator
+from stack.net.tcp.seq import (
+    MASK,
+    seq_add,
+    seq_diff,
+    seq_ge,
+    seq_gt,
+    seq_le,
+    seq_lt,
+)
+from stack.wire.tcp import ACK, FIN, PSH, RST, SYN, Segment, build_options
+
+if TYPE_CHECKING:
+    from stack.net.tcp.layer import TcpLayer
+
+# States (RFC 9293 3.3.2). CLOSED is where a connection ends; LISTEN lives in Listener.
+CLOSED, LISTEN, SYN_SENT, SYN_RECEIVED, ESTABLISHED, FIN_WAIT_1, FIN_WAIT_2, CLOSE_WAIT, \
+    CLOSING, LAST_ACK, TIME_WAIT = range(11)
+STATE_NAMES = ("CLOSED", "LISTEN", "SYN-SENT", "SYN-RECEIVED", "ESTABLISHED", "FIN-WAIT-1",
+               "FIN-WAIT-2", "CLOSE-WAIT", "CLOSING", "LAST-ACK", "TIME-WAIT")
+
+# States in which we may still send data, and in which received data is delivered.
+_SEND_STATES = frozenset({ESTABLISHED, CLOSE_WAIT})
+_RECV_STATES = frozenset({ESTABLISHED, FIN_WAIT_1, FIN_WAIT_2})
+
+TS_OPTION_LEN = 12  # NOP NOP TS: what every data segment carries when timestamps are on
+MAX_SACK_BLOCKS = 3  # with timestamps, 3 blocks fit in 40 option bytes (RFC 2018 3)
+PAWS_IDLE = 24 * 86400.0  # RFC 7323 5.5: TS.Recent is invalid after 24 days idle
+
+
+@dataclass(slots=True)
+class TcpConfig:
+    msl: float = 30.0  # TIME-WAIT lasts 2 * msl
+    rcvbuf: int = 1 << 20  # receive window and the bytes held for a paused reader
+    ooo_limit: int = 1 << 20  # out-of-order bytes held per connection
+    wscale: int = 7
+    sack: bool = True
+    timestamps: bool = True
+    initial_rto: float = 1.0
+    min_rto: float = 0.2
+    max_rto: float = 120.0
+    syn_retries: int = 6  # like Linux tcp_syn_retries
+    synack_retries: int = 5
+    retries: int = 15  # data retransmissions without progress before giving up
+    delayed_ack: float = 0.04
+    quickack_segments: int = 16  # ACK every segment at first, so the peer's slow start runs
+    keepalive: bool = False
+    keepalive_idle: float = 7200.0
+    keepalive_interval: float = 75.0
+    keepalive_count: int = 9
+    nodelay: bool = False
+
+
+class ConnectionUser(Protocol):
+    """What the connection tells the application side (the API's transport)."""
+
+    def on_established(self) -> None: ...
+    def on_data(self, data: bytes) -> None: ...
+    def on_eof(self) -> None: ...
+    def on_acked(self) -> None: ...
+    def on_closed(self, exc: Exception | None) -> None: ...
+
+
+class Connection:
+    __slots__ = (
+        "_ack_now", "_closed_notified", "_dupacks", "_fin_queued", "_in_recovery",
+        "_keepalive_probes", "_last_ack_sent", "_persist_backoff", "_quickack",
+        "_rcv_buffer", "_recover", "_retries", "_rtt_seq", "_rtt_time", "_segs_unacked",
+        "_ts_offset", "_user_closed", "cc", "config", "eff_mss", "iss", "irs", "layer",
+        "local_ip", "local_port", "max_snd_wnd", "ooo", "passive", "peer_mss",
+        "rcv_adv", "rcv_nxt", "rcv_wscale", "reading_paused", "remote_ip", "remote_port",
+        "rto", "sack_ok", "segs_in", "segs_out", "retransmits", "snd_buf", "snd_max",
+        "snd_nxt", "snd_una", "snd_wl1", "snd_wl2", "snd_wnd", "snd_wscale", "state",
+        "t_delack", "t_keepalive", "t_persist", "t_rtx", "t_timewait", "timer_at",
+        "ts_ok", "ts_recent", "ws_ok", "ts_recent_time", "user", "last_recv", "nodelay", "error",
+        "_listener",
+    )
+
+    def __init__(self, layer: TcpLayer, local_ip: bytes, local_port: int, remote_ip: bytes,
+                 remote_port: int, iss: int, config: TcpConfig, ts_offset: int) -> None:
+        self.layer = layer
+        self.config = config
+        self.local_ip, self.local_port = local_ip, local_port
+        self.remote_ip, self.remote_port = remote_ip, remote_port
+        self.state = CLOSED
+        self.user: ConnectionUser | None = None
+        self.passive = False
+        self._listener = None
+        self.nodelay = config.nodelay
+        self.error: Exception | None = None
+        # send side
+        self.iss = iss
+        self.snd_una = iss
+        self.snd_nxt = iss
+        self.snd_max = iss
+        self.snd_wnd = 0
+        self.max_snd_wnd = 0
+        self.snd_wl1 = 0
+        self.snd_wl2 = 0
+        self.snd_wscale = 0
+        self.snd_buf = SendBuffer(seq_add(iss, 1))
+        self._fin_queued = False
+        self.peer_mss = 536  # RFC 9293 3.7.1: the default when no MSS option arrives
+        self.eff_mss = 536
+        self.cc = NewReno(536)
+        self.rto = RtoEstimator(config.initial_rto, config.min_rto, config.max_rto)
+        self._dupacks = 0
+        self._in_recovery = False
+        self._recover = iss
+        self._retries = 0
+        self._rtt_seq: int | None = None
+        self._rtt_time = 0.0
+        self._persist_backoff = 0
+        # receive side
+        self.irs = 0
+        self.rcv_nxt = 0
+        self.rcv_adv = 0  # right edge of the window we advertised
+        self.rcv_wscale = 0
+        self.ooo = OutOfOrderQueue(config.ooo_limit)
+        self._rcv_buffer = bytearray()  # held while the reader is paused
+        self.reading_paused = False
+        self._ack_now = False
+        self._segs_unacked = 0
+        self._quickack = config.quickack_segments
+        self._last_ack_sent = 0
+        # options
+        self.sack_ok = False
+        self.ws_ok = False
+        self.ts_ok = False
+        self.ts_recent = 0
+        self.ts_recent_time = 0.0
+        self._ts_offset = ts_offset
+        # timers: absolute times or None; timer_at is what the layer has scheduled
+        self.t_rtx: float | None = None
+        self.t_delack: float | None = None
+        self.t_persist: float | None = None
+        self.t_keepalive: float | None = None
+        self.t_timewait: float | None = None
+        self.timer_at: float | None = None
+        self._keepalive_probes = 0
+        self.last_recv = 0.0
+        # bookkeeping
+        self._user_closed = False
+        self._closed_notified = False
+        self.segs_in = 0
+        self.segs_out = 0
+        self.retransmits = 0
+
+    # == helpers ===========================================================================
+
+    @property
+    def state_name(self) -> str:
+        return STATE_NAMES[self.state]
+
+    @property
+    def flight_size(self) -> int:
+        return seq_diff(self.snd_nxt, self.snd_una)
+
+    def _ts_now(self, now: float) -> int:
+        return (int(now * 1000) + self._ts_offset) & MASK
+
+    def _set_state(self, state: int) -> None:
+        self.layer.state_changed(self, self.state, state)
+        self.state = state
+
+    def _mark(self) -> None:
+        self.layer.mark_dirty(self)
+
+    def _fin_seq(self) -> int:
+        """Sequence number our FIN occupies (once queued): just past the data."""
+        return self.snd_buf.end
+
+    def _fin_sent(self) -> bool:
+        return self._fin_queued and seq_gt(self.snd_nxt, self._fin_seq())
+
+    def _fin_acked(self) -> bool:
+        return self._fin_queued and seq_gt(self.snd_una, self._fin_seq())
+
+    def _setup_mss(self, peer_mss: int | None) -> None:
+        """RFC 9293 3.7.1: send at most the peer's MSS minus our option bytes (RFC 6691)."""
+        local_max = self.layer.mtu - 40
+        self.peer_mss = min(peer_mss if peer_mss else 536, local_max)
+        self.eff_mss = max(self.peer_mss - (TS_OPTION_LEN if self.ts_ok else 0), 64)
+        self.cc = NewReno(self.eff_mss)
+
+    # == opening ===========================================================================
+
+    def _negotiate(self, opts, now: float) -> None:
+        """Options from the peer's SYN: each is on only if both sides offered it."""
+        cfg = self.config
+        if opts.wscale is not None and cfg.wscale is not None:
+            self.ws_ok = True
+            self.snd_wscale = opts.wscale
+            self.rcv_wscale = cfg.wscale
+        self.sack_ok = cfg.sack and opts.sack_permitted
+        if cfg.timestamps and opts.ts_val is not None:
+            self.ts_ok = True
+            self.ts_recent = opts.ts_val
+            self.ts_recent_time = now
+        self._setup_mss(opts.mss)
+
+    def open_active(self, now: float) -> None:
+        """RFC 9293 3.10.1 OPEN, active: send SYN, enter SYN-SENT."""
+        self._set_state(SYN_SENT)
+        self._mark()
+
+    def open_passive(self, seg: Segment, now: float) -> None:
+        """A SYN arrived at a listener (RFC 9293 3.10.7.2): answer SYN-ACK."""
+        self.passive = True
+        opts = seg.options
+        self.irs = seg.seq
+        self.rcv_nxt = seq_add(seg.seq, 1)
+        self.snd_wnd = seg.window  # never scaled in a SYN (RFC 7323 2.2)
+        self.max_snd_wnd = self.snd_wnd
+        self.snd_wl1, self.snd_wl2 = seg.seq, self.iss
+        self._negotiate(opts, now)
+        self.last_recv = now
+        self._set_state(SYN_RECEIVED)
+        self._mark()
+
+    # == user calls =======================================================================
+
+    def send(self, data: bytes | bytearray | memoryview) -> None:
+        if not data:
+            return
+        if self._fin_queued or self.state not in (SYN_SENT, SYN_RECEIVED, ESTABLISHED,
+                                                  CLOSE_WAIT):
+            raise ConnectionError("connection is closing")
+        self.snd_buf.append(data)
+        self._mark()
+
+    def send_buffer_size(self) -> int:
+        """Bytes written and not yet acknowledged (asyncio's write buffer size)."""
+        return len(self.snd_buf)
+
+    def shutdown(self) -> None:
+        """Half-close: send FIN after the queued data (RFC 9293 3.10.4 CLOSE)."""
+        if self._fin_queued:
+            return
+        if self.state == SYN_SENT:
+            self._terminate(None)  # RFC 9293 3.10.4: CLOSE in SYN-SENT deletes the TCB
+            return
+        if self.state in (SYN_SENT, SYN_RECEIVED, ESTABLISHED, CLOSE_WAIT):
+            self._fin_queued = True
+            self._mark()
+
+    def close(self) -> None:
+        """The user is done: FIN after queued data; reset if unread data would be lost
+        (RFC 1122 4.2.2.13)."""
+        self._user_closed = True
+        if self._rcv_buffer:
+            self.abort()
+            return
+        self.shutdown()
+
+    def abort(self) -> None:
+        """RFC 9293 3.10.5 ABORT: RST (in synchronized states) and forget everything."""
+        if self.state in (SYN_RECEIVED, ESTABLISHED, FIN_WAIT_1, FIN_WAIT_2, CLOSE_WAIT):
+            self.layer.send_rst(self.local_ip, self.local_port, self.remote_ip,
+                                self.remote_port, self.snd_nxt, 0, with_ack=False)
+            self.layer.counters["tcp.resets_sent"] += 1
+        self._terminate(None, notify=False)
+
+    def pause_reading(self) -> None:
+        self.reading_paused = True
+
+    def resume_reading(self) -> None:
+        if not self.reading_paused:
+            return
+        self.reading_paused = False
+        if self._rcv_buffer:
+            data = bytes(self._rcv_buffer)
+            self._rcv_buffer.clear()
+            if self.user is not None:
+                self.user.on_data(data)
+        # A window that was closing may have reopened: tell the peer (RFC 9293 3.8.6.2.2).
+        if self.state in _RECV_STATES and self._window_update_due():
+            self._ack_now = True
+            self._mark()
+
+    # == segment arrival ==================================================================
+
+    def segment_arrives(self, seg: Segment, now: float) -> None:
+        self.segs_in += 1
+        self.last_recv = now
+        if self.config.keepalive and self.state == ESTABLISHED:
+            self._keepalive_probes = 0
+            self.t_keepalive = now + self.config.keepalive_idle
+        if self.state == SYN_SENT:
+            self._arrive_syn_sent(seg, now)
+        else:
+            self._arrive_synchronized(seg, now)
+        if self.state != CLOSED:
+            self._mark()
+
+    def _arrive_syn_sent(self, seg: Segment, now: float) -> None:
+        """RFC 9293 3.10.7.3."""
+        flags = seg.flags
+        c = self.layer.counters
+        if flags & ACK:
+            if seq_le(seg.ack, self.iss) or seq_gt(seg.ack, self.snd_max):
+                if not flags & RST:
+                    self.layer.send_rst(self.local_ip, self.local_port, self.remote_ip,
+                                        self.remote_port, seg.ack, 0, with_ack=False)
+                    c["tcp.resets_sent"] += 1
+                return
+        if flags & RST:
+            if flags & ACK:  # acceptable ACK: the peer refused us
+                c["tcp.resets_received"] += 1
+                self._terminate(ConnectionRefusedError(
+                    f"connection refused by {self.layer.peer_name(self)}"))
+            return
+        if not flags & SYN:
+            return
+        opts = seg.options
+        self.irs = seg.seq
+        self.rcv_nxt = seq_add(seg.seq, 1)
+        # the window our SYN offered, unscaled
+        self.rcv_adv = seq_add(self.rcv_nxt, min(self._free_space(), 0xFFFF))
+        self._negotiate(opts, now)
+        if flags & ACK:
+            self._ack_advanced(seg, now)
+            self.snd_wnd = seg.window  # unscaled in a SYN
+            self.max_snd_wnd = self.snd_wnd
+            self.snd_wl1, self.snd_wl2 = seg.seq, seg.ack
+            self._set_state(ESTABLISHED)
+            self._ack_now = True
+            self._established()
+            if seg.payload:
+                self._receive_data(seg, now)
+        else:
+            # Simultaneous open (RFC 9293 3.10.7.3 fifth check): SYN-RECEIVED, SYN-ACK.
+            self.snd_wnd = seg.window
+            self.max_snd_wnd = self.snd_wnd
+            self.snd_wl1 = seg.seq
+            self.snd_nxt = self.iss  # the SYN-ACK re-sends our SYN
+            self._set_state(SYN_RECEIVED)
+
+    def _acceptable(self, seg: Segment, seg_len: int) -> bool:
+        """RFC 9293 3.10.7.4 first check: the four cases of segment acceptability."""
+        rcv_wnd = seq_diff(self.rcv_adv, self.rcv_nxt)
+        if rcv_wnd < 0:
+            rcv_wnd = 0
+        seq = seg.seq
+        if seg_len == 0:
+            if rcv_wnd == 0:
+                return seq == self.rcv_nxt
+            return 0 <= seq_diff(seq, self.rcv_nxt) < rcv_wnd
+        if rcv_wnd == 0:
+            return False
+        start = seq_diff(seq, self.rcv_nxt)
+        end = start + seg_len - 1
+        return 0 <= start < rcv_wnd or 0 <= end < rcv_wnd or (start < 0 and end >= rcv_wnd)
+
+    def _arrive_synchronized(self, seg: Segment, now: float) -> None:
+        """RFC 9293 3.10.7.4 in its order: sequence, RST, SYN, ACK, data, FIN."""
+        layer = self.layer
+        c = layer.counters
+        flags = seg.flags
+        seg_len = seg.seg_len
+        opts = seg.options
+        if self.state == TIME_WAIT:
+            self._arrive_time_wait(seg, now)
+            return
+        # RFC 7323 5.3 R1: PAWS, before the sequence check.
+        if self.ts_ok and opts.ts_val is not None and not flags & RST:
+            if seq_lt(opts.ts_val, self.ts_recent) and now - self.ts_recent_time < PAWS_IDLE:
+                c["tcp.paws_rejected"] += 1
+                self._ack_now = True
+                return
+        # first: sequence number
+        if not self._acceptable(seg, seg_len):
+            if not flags & RST:
+                c["tcp.out_of_window"] += 1
+                self._ack_now = True  # RFC 9293: send an ACK, drop the segment
+            else:
+                c["tcp.rst_out_of_window"] += 1
+            return
+        # RFC 7323 4.3: remember the timestamp of the segment that holds RCV.NXT.
+        if self.ts_ok and opts.ts_val is not None and seq_le(seg.seq, self._last_ack_sent) \
+                and seq_ge(opts.ts_val, self.ts_recent):
+            self.ts_recent = opts.ts_val
+            self.ts_recent_time = now
+        # second: RST (RFC 5961 3.2: only an exact match resets; in-window is challenged)
+        if flags & RST:
+            if seg.seq != self.rcv_nxt:
+                c["tcp.rst_challenged"] += 1
+                self._challenge_ack(now)
+                return
+            c["tcp.resets_received"] += 1
+            if self.state == SYN_RECEIVED and self.passive:
+                self._terminate(None, notify=False)  # back to LISTEN: the listener stays
+                return
+            if self.state == SYN_RECEIVED:
+                self._terminate(ConnectionRefusedError(
+                    f"connection refused by {layer.peer_name(self)}"))
+            elif self.state in (CLOSING, LAST_ACK):
+                self._terminate(None)
+            else:
+                self._terminate(ConnectionResetError(
+                    f"connection reset by {layer.peer_name(self)}"))
+            return
+        # fourth: SYN in a synchronized state (RFC 5961 4.2: challenge ACK)
+        if flags & SYN:
+            if self.state == SYN_RECEIVED and self.passive and seg.seq == self.irs:
+                self.snd_nxt = self.iss  # retransmitted SYN: repeat our SYN-ACK
+                return
+            c["tcp.syn_challenged"] += 1
+            self._challenge_ack(now)
+            return
+        # fifth: ACK
+        if not flags & ACK:
+            return
+        if self.state == SYN_RECEIVED:
+            if seq_gt(seg.ack, self.snd_una) and seq_le(seg.ack, self.snd_max):
+                self._set_state(ESTABLISHED)
+                self.snd_wnd = seg.window << self.snd_wscale
+                self.max_snd_wnd = max(self.max_snd_wnd, self.snd_wnd)
+                self.snd_wl1, self.snd_wl2 = seg.seq, seg.ack
+                self._ack_advanced(seg, now)
+                self._established()
+                if self.state == CLOSED:
+                    return
+            else:
+                layer.send_rst(self.local_ip, self.local_port, self.remote_ip,
+                               self.remote_port, seg.ack, 0, with_ack=False)
+                c["tcp.resets_sent"] += 1
+                return
+        else:
+            if not self._process_ack(seg, now):
+                return
+            if self.state == CLOSED:
+                return
+        # seventh: segment text
+        if seg.payload:
+            if self.state in _RECV_STATES:
+                self._receive_data(seg, now)
+            # CLOSE-WAIT, CLOSING, LAST-ACK: the peer already sent FIN; ignore the text.
+        # eighth: FIN
+        if flags & FIN:
+            fin_seq = seq_add(seg.seq, len(seg.payload))
+            if fin_seq == self.rcv_nxt:
+                self._receive_fin(now)
+            elif seq_gt(fin_seq, self.rcv_nxt):
+                c["tcp.out_of_order_fin"] += 1  # its data is missing; the peer re-sends it
+
+    def _arrive_time_wait(self, seg: Segment, now: float) -> None:
+        flags = seg.flags
+        if flags & RST:
+            return  # RFC 1337: ignore RST in TIME-WAIT
+        if flags & FIN:
+            # A retransmitted FIN: our last ACK was lost. ACK again, restart 2 MSL.
+            self._ack_now = True
+            self.t_timewait = now + 2 * self.config.msl
+            self.layer.counters["tcp.time_wait_fin_acked"] += 1
+            return
+        if seg.seg_len > 0:
+            self._ack_now = True  # anything else in TIME-WAIT is answered with an ACK
+
+    def _challenge_ack(self, now: float) -> None:
+        if self.layer.allow_challenge_ack(now):
+            self._ack_now = True
+
+    def _process_ack(self, seg: Segment, now: float) -> bool:
+        """RFC 9293 3.10.7.4 fifth check in synchronized states; False to stop here."""
+        c = self.layer.counters
+        ack = seg.ack
+        # RFC 5961 5.2: acceptable if SND.UNA - MAX.SND.WND <= SEG.ACK <= SND.NXT
+        if seq_gt(ack, self.snd_max):
+            c["tcp.ack_unsent"] += 1
+            self._challenge_ack(now)
+            return False
+        if seq_lt(ack, seq_add(self.snd_una, -max(self.max_snd_wnd, 1))):
+            c["tcp.ack_too_old"] += 1
+            self._challenge_ack(now)
+            return False
+        window = seg.window << self.snd_wscale
+        if seq_gt(ack, self.snd_una):
+            self._ack_advanced(seg, now)
+            if self.state == CLOSED:
+                return False
+        elif ack == self.snd_una:
+            self._maybe_dupack(seg, window, now)
+        # window update (RFC 9293 3.10.7.4: SND.WL1/SND.WL2 rule)
+        if seq_lt(self.snd_wl1, seg.seq) or (
+                self.snd_wl1 == seg.seq and seq_le(self.snd_wl2, ack)):
+            if window > self.snd_wnd and self.t_persist is not None:
+                self.t_persist = None  # the window opened: stop probing
+                self._persist_backoff = 0
+            self.snd_wnd = window
+            self.max_snd_wnd = max(self.max_snd_wnd, window)
+            self.snd_wl1, self.snd_wl2 = seg.seq, ack
+        # state-specific ACK processing
+        state = self.state
+        if state == FIN_WAIT_1 and self._fin_acked():
+            self._set_state(FIN_WAIT_2)
+            if self._user_closed:
+                # Like Linux's tcp_fin_timeout: an orphan does not wait forever for a FIN.
+                self.t_timewait = now + 2 * self.config.msl
+        elif state == CLOSING and self._fin_acked():
+            self._enter_time_wait(now)
+            return False
+        elif state == LAST_ACK and self._fin_acked():
+            self._terminate(None)
+            return False
+        return True
+
+    def _maybe_dupack(self, seg: Segment, window: int, now: float) -> None:
+        """RFC 5681 2: a duplicate ACK carries no data, no SYN/FIN, acknowledges SND.UNA
+        with data outstanding, and leaves the window unchanged."""
+        if seg.payload or seg.flags & (SYN | FIN) or self.snd_una == self.snd_max \
+                or window != self.snd_wnd:
+            self._dupacks = 0
+            return
+        self._dupacks += 1
+        mss = self.eff_mss
+        if self._in_recovery:
+            self.cc.on_dupack_in_recovery(mss)
+        elif self._dupacks == 3:
+            # RFC 6582 3.2 step 2: only if this loss is past the last recovery point.
+            if seq_gt(self.snd_una, self._recover) or self._recover == self.iss:
+                self.layer.counters["tcp.fast_retransmits"] += 1
+                self._in_recovery = True
+                self._recover = self.snd_max
+                self.cc.on_fast_retransmit(seq_diff(self.snd_max, self.snd_una), mss)
+                self._retransmit_first(now)
+
+    def _ack_advanced(self, seg: Segment, now: float) -> None:
+        """New data (or our SYN/FIN) acknowledged: buffers, RTT, congestion, timers."""
+        ack = seg.ack
+        acked = seq_diff(ack, self.snd_una)
+        # RTT sample (RFC 7323 4.1 timestamps, else Karn's rule on one timed segment)
+        opts = seg.options
+        if self.ts_ok and opts.ts_val is not None and opts.ts_ecr:
+            rtt = (self._ts_now(now) - opts.ts_ecr) & MASK
+            if rtt < 600_000:
+                self.rto.sample(rtt / 1000.0)
+        elif self._rtt_seq is not None and seq_gt(ack, self._rtt_seq):
+            self.rto.sample(now - self._rtt_time)
+            self._rtt_seq = None
+        self.snd_una = ack
+        if seq_lt(self.snd_nxt, ack):
+            self.snd_nxt = ack
+        self.snd_buf.acknowledge(ack if seq_le(ack, self.snd_buf.end) else self.snd_buf.end)
+        self._retries = 0
+        self._dupacks = 0
+        mss = self.eff_mss
+        if self._in_recovery:
+            if seq_ge(ack, self._recover):
+                self._in_recovery = False
+                self.cc.on_recovery_exit(seq_diff(self.snd_max, ack), mss)
+            else:
+                self.cc.on_partial_ack(acked, mss)  # RFC 6582 3.2 step 5
+                self._retransmit_first(now)
+        else:
+            self.cc.on_ack(acked, mss, False)
+        # RFC 6298 5.2/5.3: stop the timer when all is acked, else restart it.
+        if self.snd_una == self.snd_max:
+            self.t_rtx = None
+        else:
+            self.t_rtx = now + self.rto.current()
+        if self.user is not None:
+            self.user.on_acked()
+
+    def _established(self) -> None:
+        self.layer.established(self)
+        if self.config.keepalive:
+            self.t_keepalive = self.last_recv + self.config.keepalive_idle
+
+    # == receiving data ===================================================================
+
+    def _receive_data(self, seg: Segment, now: float) -> None:
+        c = self.layer.counters
+        data = seg.payload
+        seq = seg.seq
+        offset = seq_diff(self.rcv_nxt, seq)
+        if offset > 0:  # starts before RCV.NXT: trim what we already have
+            data = data[offset:]
+            seq = self.rcv_nxt
+        # trim to the window we advertised
+        room = seq_diff(self.rcv_adv, seq)
+        if len(data) > room:
+            data = data[: max(room, 0)]
+        if not data:
+            # a duplicate: the peer missed our ACK (RFC 5681 4.2: ACK it at once)
+            self._emit(self.snd_nxt, ACK, b"", now)
+            return
+        if seq != self.rcv_nxt:
+            c["tcp.out_of_order_segments"] += 1
+            if not self.ooo.add(self.rcv_nxt, seq, data):
+                c["tcp.ooo_dropped"] += 1
+            # RFC 5681 4.2: one immediate duplicate ACK per out-of-order segment, never
+            # coalesced with others of the same batch: the sender counts them.
+            self._emit(self.snd_nxt, ACK, b"", now)
+            return
+        filled_gap = bool(self.ooo.blocks)
+        self.rcv_nxt = seq_add(self.rcv_nxt, len(data))
+        self._deliver(data)
+        if filled_gap:
+            while (more := self.ooo.pop_ready(self.rcv_nxt)) is not None:
+                if more:
+                    self.rcv_nxt = seq_add(self.rcv_nxt, len(more))
+                    self._deliver(more)
+            self._ack_now = True  # RFC 5681 4.2: ACK a segment that fills a gap at once
+        # RFC 5681 4.2 / RFC 9293 3.8.6.3: ACK at least every second full-sized segment,
+        # otherwise within the delayed-ACK time.
+        self._segs_unacked += 1
+        if self._quickack > 0 or self._segs_unacked >= 2 or len(data) > self.eff_mss + 40:
+            self._ack_now = True
+        elif self.t_delack is None:
+            self.t_delack = now + self.config.delayed_ack
+
+    def _deliver(self, data: bytes | memoryview) -> None:
+        if self.reading_paused or self.user is None:
+            self._rcv_buffer += data
+        else:
+            self.user.on_data(bytes(data))
+
+    def _receive_fin(self, now: float) -> None:
+        """RFC 9293 3.10.7.4 eighth check."""
+        self.rcv_nxt = seq_add(self.rcv_nxt, 1)
+        self._ack_now = True
+        self.ooo.clear()
+        state = self.state
+        if state in (SYN_RECEIVED, ESTABLISHED):
+            self._set_state(CLOSE_WAIT)
+        elif state == FIN_WAIT_1:
+            if self._fin_acked():
+                self._enter_time_wait(now)
+            else:
+                self._set_state(CLOSING)
+        elif state == FIN_WAIT_2:
+            self._enter_time_wait(now)
+        if self.user is not None and state in (SYN_RECEIVED, ESTABLISHED, FIN_WAIT_1,
+                                               FIN_WAIT_2):
+            if self.reading_paused and self._rcv_buffer:
+                return  # EOF is reported after the buffered data, on resume
+            self.user.on_eof()
+
+    def _enter_time_wait(self, now: float) -> None:
+        self._set_state(TIME_WAIT)
+        self.t_timewait = now + 2 * self.config.msl
+        self.t_rtx = self.t_persist = self.t_keepalive = self.t_delack = None
+        self.snd_buf = SendBuffer(self.snd_buf.end)
+        self.ooo.clear()
+        self._notify_closed(None)
+
+    # == receive window ===================================================================
+
+    def _free_space(self) -> int:
+        return max(self.config.rcvbuf - len(self._rcv_buffer) - self.ooo.bytes, 0)
+
+    def _window_update_due(self) -> bool:
+        current = max(seq_diff(self.rcv_adv, self.rcv_nxt), 0)
+        threshold = min(self.config.rcvbuf // 2, self.eff_mss)
+        return self._free_space() - current >= threshold
+
+    def _window_to_advertise(self) -> int:
+        """RFC 9293 3.8.6.2.2 receiver SWS avoidance; never shrink the right edge."""
+        current = max(seq_diff(self.rcv_adv, self.rcv_nxt), 0)
+        free = self._free_space()
+        threshold = min(self.config.rcvbuf // 2, self.eff_mss)
+        wnd = free if free - current >= threshold else current
+        wnd = min(wnd, 0xFFFF << self.rcv_wscale)
+        # round down to what the scaled field can express
+        wnd = (wnd >> self.rcv_wscale) << self.rcv_wscale
+        if wnd < current:
+            wnd = current
+        edge = seq_add(self.rcv_nxt, wnd)
+        if seq_gt(edge, self.rcv_adv):
+            self.rcv_adv = edge
+        return wnd
+
+    # == output ===========================================================================
+
+    def output(self, now: float) -> None:
+        """Send whatever the state, the windows and Nagle allow; then any owed ACK."""
+        state = self.state
+        if state == CLOSED:
+            return
+        if state == SYN_SENT:
+            if self.snd_nxt == self.iss:
+                self._send_syn(now, ack=False)
+            return
+        if state == SYN_RECEIVED:
+            if self.snd_nxt == self.iss:
+                self._send_syn(now, ack=True)
+            elif self._ack_now:
+                self._emit(self.snd_nxt, ACK, b"", now)
+            return
+        sent = False
+        if state in _SEND_STATES or (state in (FIN_WAIT_1, CLOSING, LAST_ACK)
+                                     and not self._fin_sent()):
+            sent = self._send_data(now)
+        if self._ack_now and not sent:
+            self._emit(self.snd_nxt, ACK, b"", now)
+        # after a FIN the state moves; data states send FIN from _send_data
+        if self._fin_queued and self.state in (ESTABLISHED, CLOSE_WAIT) and self._fin_sent():
+            self._set_state(FIN_WAIT_1 if self.state == ESTABLISHED else LAST_ACK)
+
+    def _send_syn(self, now: float, ack: bool) -> None:
+        """SYN offers every option we support; SYN-ACK only those the peer offered
+        (RFC 7323 1.3, RFC 2018 2). The window in either is never scaled."""
+        cfg = self.config
+        rcv_window = min(self._free_space(), 0xFFFF)
+        if ack:
+            opts = build_options(mss=self.layer.mtu - 40,
+                                 wscale=self.rcv_wscale if self.ws_ok else None,
+                                 sack_permitted=self.sack_ok,
+                                 ts=(self._ts_now(now), self.ts_recent) if self.ts_ok else None)
+        else:
+            opts = build_options(mss=self.layer.mtu - 40, wscale=cfg.wscale,
+                                 sack_permitted=cfg.sack,
+                                 ts=(self._ts_now(now), 0) if cfg.timestamps else None)
+        flags = SYN | (ACK if ack else 0)
+        self.rcv_adv = seq_add(self.rcv_nxt, rcv_window) if ack else 0
+        self.layer.emit(self, self.iss, self.rcv_nxt if ack else 0, flags, rcv_window, opts,
+                        b"")
+        self.segs_out += 1
+        self.snd_nxt = seq_add(self.iss, 1)
+        if seq_gt(self.snd_nxt, self.snd_max):
+            self.snd_max = self.snd_nxt
+        if self.t_rtx is None:
+            self.t_rtx = now + self.rto.current()
+        if self._rtt_seq is None and self._retries == 0:
+            self._rtt_seq, self._rtt_time = self.iss, now
+        self._ack_now = False
+
+    def _send_data(self, now: float) -> bool:
+        """Segment by effective MSS within min(cwnd, snd_wnd); Nagle and sender SWS."""
+        sent = False
+        buf = self.snd_buf
+        mss = self.eff_mss
+        while True:
+            data_end = buf.end
+            unsent = seq_diff(data_end, self.snd_nxt)
+            if unsent < 0:
+                unsent = 0
+            cwnd = self.cc.cwnd
+            if 0 < self._dupacks < 3 and not self._in_recovery:
+                cwnd += self._dupacks * mss  # RFC 3042 limited transmit
+            window = min(self.snd_wnd, cwnd)
+            usable = window - seq_diff(self.snd_nxt, self.snd_una)
+            fin_ready = self._fin_queued and not self._fin_sent()
+            if unsent == 0:
+                if fin_ready:
+                    self._emit(self.snd_nxt, FIN | ACK, b"", now)
+                    self._after_send(1, now)
+                    sent = True
+                break
+            if usable <= 0:
+                if self.snd_wnd == 0 and self.flight_size == 0 and self.t_persist is None:
+                    self._arm_persist(now)
+                break
+            n = min(unsent, usable, mss)
+            if n < mss and n < unsent:
+                # window-limited small segment: RFC 9293 3.8.6.2.1 sender SWS avoidance
+                if n < self.max_snd_wnd // 2 or self.flight_size > 0:
+                    break
+            elif n < mss and self.flight_size > 0 and not self.nodelay and not fin_ready:
+                break  # Nagle (RFC 896): one small segment in flight at a time
+            payload = buf.get(self.snd_nxt, n)
+            last = n == unsent
+            flags = ACK | (PSH if last else 0)
+            if last and fin_ready:
+                flags |= FIN
+            self._emit(self.snd_nxt, flags, payload, now)
+            self._after_send(n + (1 if flags & FIN else 0), now)
+            sent = True
+            if flags & FIN:
+                break
+        return sent
+
+    def _after_send(self, seq_len: int, now: float) -> None:
+        start = self.snd_nxt
+        self.snd_nxt = seq_add(self.snd_nxt, seq_len)
+        if seq_gt(self.snd_nxt, self.snd_max):
+            if self._rtt_seq is None and not self.ts_ok:
+                self._rtt_seq, self._rtt_time = start, now
+            self.snd_max = self.snd_nxt
+        if self.t_rtx is None:
+            self.t_rtx = now + self.rto.current()
+
+    def _retransmit_first(self, now: float) -> None:
+        """Re-send one segment at SND.UNA (fast retransmit, NewReno partial ACK)."""
+        self._rtt_seq = None  # Karn: no sample from retransmitted data
+        self.retransmits += 1
+        self.layer.counters["tcp.retransmits"] += 1
+        seq = self.snd_una
+        avail = seq_diff(self.snd_buf.end, seq)
+        n = min(max(avail, 0), self.eff_mss)
+        flags = ACK
+        if self._fin_sent() and n == avail:
+            flags |= FIN
+        if n == 0 and not flags & FIN:
+            return
+        self._emit(seq, flags, self.snd_buf.get(seq, n), now)
+        self.t_rtx = now + self.rto.current()
+
+    def _emit(self, seq: int, flags: int, payload: bytes, now: float) -> None:
+        wnd = self._window_to_advertise()
+        ts = (self._ts_now(now), self.ts_recent) if self.ts_ok else None
+        sack = self.ooo.sack_blocks(MAX_SACK_BLOCKS) if self.sack_ok and self.ooo.blocks \
+            else ()
+        opts = build_options(ts=ts, sack_blocks=sack) if ts or sack else b""
+        if flags & ACK:
+            self._ack_now = False
+            self._segs_unacked = 0
+            self.t_delack = None
+            self._last_ack_sent = self.rcv_nxt
+            if self._quickack > 0:
+                self._quickack -= 1
+        self.layer.emit(self, seq, self.rcv_nxt, flags, wnd >> self.rcv_wscale, opts, payload)
+        self.segs_out += 1
+
+    def _arm_persist(self, now: float) -> None:
+        delay = min(max(self.rto.current(), 0.2) * (1 << self._persist_backoff), 60.0)
+        self.t_persist = now + delay
+
+    # == timers ===========================================================================
+
+    def deadline(self) -> float | None:
+        best = None
+        for t in (self.t_rtx, self.t_delack, self.t_persist, self.t_keepalive,
+                  self.t_timewait):
+            if t is not None and (best is None or t < best):
+                best = t
+        return best
+
+    def on_timer(self, now: float) -> None:
+        if self.t_timewait is not None and self.t_timewait <= now:
+            self.t_timewait = None
+            self._terminate(None)
+            return
+        if self.t_rtx is not None and self.t_rtx <= now:
+            self.t_rtx = None
+            self._on_rto(now)
+            if self.state == CLOSED:
+                return
+        if self.t_persist is not None and self.t_persist <= now:
+            self.t_persist = None
+            self._on_persist(now)
+        if self.t_delack is not None and self.t_delack <= now:
+            self.t_delack = None
+            self._ack_now = True
+        if self.t_keepalive is not None and self.t_keepalive <= now:
+            self.t_keepalive = None
+            self._on_keepalive(now)
+        if self.state != CLOSED:
+            self._mark()
+
+    def _on_rto(self, now: float) -> None:
+        """RFC 6298 5.4-5.6 and RFC 5681 3.1: back off, collapse cwnd, go back to SND.UNA."""
+        c = self.layer.counters
+        if self.snd_una == self.snd_max and self.state not in (SYN_SENT, SYN_RECEIVED):
+            return
+        self._retries += 1
+        limit = {SYN_SENT: self.config.syn_retries,
+                 SYN_RECEIVED: self.config.synack_retries}.get(self.state, self.config.retries)
+        if self._retries > limit:
+            c["tcp.timeouts"] += 1
+            if self.state == SYN_RECEIVED and self.passive:
+                self._terminate(None, notify=False)
+                return
+            self._terminate(TimeoutError(
+                f"connection to {self.layer.peer_name(self)} timed out"))
+            return
+        c["tcp.rto_expiries"] += 1
+        c["tcp.retransmits"] += 1
+        self.retransmits += 1
+        self.rto.back_off()
+        if self.state not in (SYN_SENT, SYN_RECEIVED):
+            self.cc.on_timeout(seq_diff(self.snd_max, self.snd_una), self.eff_mss)
+        self._in_recovery = False
+        self._recover = self.snd_max  # RFC 6582 4: no fast retransmit for these old dupacks
+        self._dupacks = 0
+        self._rtt_seq = None  # Karn's rule
+        self.snd_nxt = self.snd_una  # go back N: output() re-sends from SND.UNA
+        if self.state == SYN_SENT or self.state == SYN_RECEIVED:
+            self.snd_nxt = self.iss
+        self.t_rtx = now + self.rto.current()
+
+    def _on_persist(self, now: float) -> None:
+        """RFC 9293 3.8.6.1: probe a zero window with one byte, backing off."""
+        if self.snd_wnd > 0 or seq_diff(self.snd_buf.end, self.snd_una) <= 0:
+            self._persist_backoff = 0
+            return
+        self.layer.counters["tcp.window_probes"] += 1
+        seq = self.snd_una
+        self._emit(seq, ACK, self.snd_buf.get(seq, 1), now)
+        if self.snd_nxt == self.snd_una:
+            self.snd_nxt = seq_add(self.snd_una, 1)
+            if seq_gt(self.snd_nxt, self.snd_max):
+                self.snd_max = self.snd_nxt
+        self._persist_backoff = min(self._persist_backoff + 1, 10)
+        self._arm_persist(now)
+
+    def _on_keepalive(self, now: float) -> None:
+        cfg = self.config
+        if self.state != ESTABLISHED:
+            return
+        if self._keepalive_probes >= cfg.keepalive_count:
+            self.layer.counters["tcp.keepalive_timeouts"] += 1
+            self._terminate(TimeoutError(
+                f"keepalive: {self.layer.peer_name(self)} stopped answering"))
+            return
+        self._keepalive_probes += 1
+        self.layer.counters["tcp.keepalive_probes"] += 1
+        # A segment one below SND.NXT with no data: the peer must answer with an ACK.
+        self._emit(seq_add(self.snd_nxt, -1), ACK, b"", now)
+        self.t_keepalive = now + cfg.keepalive_interval
+
+    # == the end ==========================================================================
+
+    def _notify_closed(self, exc: Exception | None) -> None:
+        if not self._closed_notified:
+            self._closed_notified = True
+            if self.user is not None:
+                self.user.on_closed(exc)
+
+    def _terminate(self, exc: Exception | None, notify: bool = True) -> None:
+        """Enter CLOSED and leave no trace: timers, buffers and the table entry go."""
+        self.error = exc
+        self.t_rtx = self.t_delack = self.t_persist = self.t_keepalive = None
+        self.t_timewait = None
+        self._set_state(CLOSED)
+        self.layer.remove(self)
+        if notify:
+            self._notify_closed(exc)
+        else:
+            self._closed_notified = True
+        self.user = None

@@ -1,0 +1,323 @@
+"""The TCP layer: demultiplexing by 4-tuple, listeners, RSTs for closed ports, ISNs,
+ephemeral ports, and one timer structure for every connection.
+
+Timers: each connection has at most one entry that matters in a heap; an entry is pushed
+only when the connection's deadline moves earlier than what is scheduled, and a stale
+entry (the deadline moved later) just causes one cheap re-check. A connection with no
+timer costs nothing; a closed one leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import itertools
+import random
+from collections.abc import Callable
+
+from stack.net.counters import Counters
+from stack.net.ipv4 import IPv4Layer
+from stack.net.tcp.connection import (
+    CLOSED,
+    STATE_NAMES,
+    SYN_RECEIVED,
+    TIME_WAIT,
+    Connection,
+    TcpConfig,
+)
+from stack.net.tcp.seq import MASK, seq_add, seq_gt
+from stack.wire.errors import MalformedError
+from stack.wire.ipv4 import FLAG_DF, PROTO_TCP, IPv4Header, ip_to_str
+from stack.wire.tcp import ACK, RST, SYN, Segment, build_tcp, parse_tcp
+
+EPHEMERAL_LOW, EPHEMERAL_HIGH = 32768, 60999  # Linux's default range
+
+COUNTERS = (
+    "tcp.rx_segments", "tcp.tx_segments", "tcp.rx_truncated", "tcp.rx_bad_data_offset",
+    "tcp.rx_bad_checksum", "tcp.rx_bad_option", "tcp.rx_to_broadcast",
+    "tcp.active_opens", "tcp.passive_opens", "tcp.resets_sent", "tcp.resets_received",
+    "tcp.rx_closed_port", "tcp.retransmits", "tcp.fast_retransmits", "tcp.rto_expiries",
+    "tcp.timeouts", "tcp.out_of_order_segments", "tcp.out_of_order_fin", "tcp.ooo_dropped",
+    "tcp.out_of_window", "tcp.rst_out_of_window", "tcp.rst_challenged", "tcp.syn_challenged",
+    "tcp.ack_unsent", "tcp.ack_too_old", "tcp.paws_rejected", "tcp.challenge_acks",
+    "tcp.challenge_acks_limited", "tcp.listen_overflows", "tcp.window_probes",
+    "tcp.keepalive_probes", "tcp.keepalive_timeouts", "tcp.time_wait_reused",
+    "tcp.time_wait_fin_acked", "tcp.ephemeral_exhausted",
+)
+
+
+class Listener:
+    """A passive open on a port; `on_accept(conn)` attaches the application."""
+
+    __slots__ = ("backlog", "on_accept", "port", "syn_queue")
+
+    def __init__(self, port: int, backlog: int, on_accept: Callable[[Connection], None]):
+        self.port = port
+        self.backlog = backlog
+        self.on_accept = on_accept
+        self.syn_queue: set[Connection] = set()
+
+
+class TcpLayer:
+    def __init__(self, ipv4: IPv4Layer, counters: Counters, config: TcpConfig,
+                 rng: random.Random, challenge_ack_limit: int = 1000) -> None:
+        self.ipv4 = ipv4
+        self.counters = counters
+        self.config = config
+        self.rng = rng
+        self.address = ipv4.address
+        self.mtu = ipv4.mtu
+        self.now = 0.0
+        # (remote ip, remote port, local port): one local address per interface
+        self.connections: dict[tuple[bytes, int, int], Connection] = {}
+        self.listeners: dict[int, Listener] = {}
+        self.state_counts = [0] * len(STATE_NAMES)
+        self._dirty: dict[Connection, None] = {}
+        self._timers: list[tuple[float, int, Connection]] = []
+        self._tiebreak = itertools.count()
+        self._secret = rng.randbytes(16)
+        self._challenge_limit = challenge_ack_limit
+        self._challenge_window = -1
+        self._challenge_count = 0
+        counters.declare(*COUNTERS)
+        ipv4.handlers[PROTO_TCP] = self.receive
+
+    # == the application side ==============================================================
+
+    def listen(self, port: int, on_accept: Callable[[Connection], None],
+               backlog: int = 128) -> Listener:
+        if port in self.listeners:
+            raise OSError(98, f"TCP port {port} is already listening")
+        listener = self.listeners[port] = Listener(port, backlog, on_accept)
+        return listener
+
+    def unlisten(self, port: int) -> None:
+        listener = self.listeners.pop(port, None)
+        if listener is not None:
+            for conn in list(listener.syn_queue):
+                conn.abort()
+
+    def connect(self, remote_ip: bytes, remote_port: int, now: float,
+                local_port: int | None = None, config: TcpConfig | None = None
+                ) -> Connection:
+        """Active open (RFC 9293 3.10.1); the SYN leaves at the next poll."""
+        self.now = now
+        if local_port is None:
+            local_port = self._ephemeral_port(remote_ip, remote_port)
+        key = (remote_ip, remote_port, local_port)
+        if key in self.connections:
+            raise OSError(98, "that connection already exists")
+        conn = self._new_connection(remote_ip, remote_port, local_port, config or self.config,
+                                    now)
+        self.connections[key] = conn
+        self.counters["tcp.active_opens"] += 1
+        conn.open_active(now)
+        return conn
+
+    def _ephemeral_port(self, remote_ip: bytes, remote_port: int) -> int:
+        """RFC 6056 3.3.1 (algorithm 1): a random start, then the next free port."""
+        span = EPHEMERAL_HIGH - EPHEMERAL_LOW + 1
+        start = self.rng.randrange(span)
+        for i in range(span):
+            port = EPHEMERAL_LOW + (start + i) % span
+            if (remote_ip, remote_port, port) not in self.connections \
+                    and port not in self.listeners:
+                return port
+        self.counters["tcp.ephemeral_exhausted"] += 1
+        raise OSError(99, "no free ephemeral port")
+
+    def isn(self, local_port: int, remote_ip: bytes, remote_port: int, now: float) -> int:
+        """RFC 6528: a 4-microsecond clock plus a keyed hash of the connection's 4-tuple."""
+        digest = hashlib.blake2s(
+            self.address + local_port.to_bytes(2, "big") + remote_ip
+            + remote_port.to_bytes(2, "big"), key=self._secret, digest_size=4).digest()
+        return (int(now * 250_000) + int.from_bytes(digest, "big")) & MASK
+
+    def _new_connection(self, remote_ip: bytes, remote_port: int, local_port: int,
+                        config: TcpConfig, now: float) -> Connection:
+        iss = self.isn(local_port, remote_ip, remote_port, now)
+        conn = Connection(self, self.address, local_port, remote_ip, remote_port, iss, config,
+                          self.rng.getrandbits(32))
+        self.state_counts[CLOSED] += 1
+        return conn
+
+    # == input ============================================================================
+
+    def receive(self, ip: IPv4Header, payload: memoryview, now: float) -> None:
+        self.now = now
+        c = self.counters
+        c["tcp.rx_segments"] += 1
+        if ip.dst != self.address:
+            c["tcp.rx_to_broadcast"] += 1  # RFC 1122 4.2.3.10: TCP is unicast only
+            return
+        try:
+            seg = parse_tcp(payload, ip.src, ip.dst)
+        except MalformedError as exc:
+            c["tcp.rx_" + exc.reason] += 1
+            return
+        key = (ip.src, seg.src_port, seg.dst_port)
+        conn = self.connections.get(key)
+        if conn is not None:
+            if conn.state == TIME_WAIT and seg.flags & (SYN | ACK | RST) == SYN \
+                    and self._time_wait_reusable(conn, seg):
+                c["tcp.time_wait_reused"] += 1
+                conn._terminate(None, notify=False)
+            else:
+                conn.segment_arrives(seg, now)
+                return
+        listener = self.listeners.get(seg.dst_port)
+        if listener is not None:
+            self._listen_input(listener, ip.src, seg, now)
+        else:
+            self._closed_input(ip.src, seg)
+
+    @staticmethod
+    def _time_wait_reusable(conn: Connection, seg: Segment) -> bool:
+        """RFC 9293 3.10.7.4 / RFC 6191: a new SYN may reuse a TIME-WAIT 4-tuple when its
+        sequence number (or, with timestamps, its TSval) is beyond the old connection's."""
+        ts = seg.options.ts_val
+        if conn.ts_ok and ts is not None:
+            return seq_gt(ts, conn.ts_recent)
+        return seq_gt(seg.seq, conn.rcv_nxt)
+
+    def _listen_input(self, listener: Listener, src: bytes, seg: Segment, now: float) -> None:
+        """RFC 9293 3.10.7.2."""
+        flags = seg.flags
+        if flags & RST:
+            return
+        if flags & ACK:
+            self.send_rst(self.address, seg.dst_port, src, seg.src_port, seg.ack, 0, False)
+            self.counters["tcp.resets_sent"] += 1
+            return
+        if not flags & SYN:
+            return
+        if len(listener.syn_queue) >= listener.backlog:
+            self.counters["tcp.listen_overflows"] += 1
+            return
+        conn = self._new_connection(src, seg.src_port, seg.dst_port, self.config, now)
+        conn._listener = listener
+        listener.syn_queue.add(conn)
+        self.connections[(src, seg.src_port, seg.dst_port)] = conn
+        self.counters["tcp.passive_opens"] += 1
+        conn.open_passive(seg, now)
+
+    def _closed_input(self, src: bytes, seg: Segment) -> None:
+        """RFC 9293 3.10.7.1: answer anything but a RST with a RST."""
+        c = self.counters
+        c["tcp.rx_closed_port"] += 1
+        if seg.flags & RST:
+            return
+        if seg.flags & ACK:
+            self.send_rst(self.address, seg.dst_port, src, seg.src_port, seg.ack, 0, False)
+        else:
+            self.send_rst(self.address, seg.dst_port, src, seg.src_port, 0,
+                          seq_add(seg.seq, seg.seg_len), True)
+        c["tcp.resets_sent"] += 1
+
+    # == called by connections ============================================================
+
+    def established(self, conn: Connection) -> None:
+        listener = conn._listener
+        if listener is None:
+            if conn.user is not None:
+                conn.user.on_established()
+            return
+        listener.syn_queue.discard(conn)
+        conn._listener = None
+        if self.listeners.get(listener.port) is not listener:
+            conn.abort()  # the listener was closed meanwhile
+            return
+        listener.on_accept(conn)
+
+    def state_changed(self, conn: Connection, old: int, new: int) -> None:
+        counts = self.state_counts
+        counts[old] -= 1
+        counts[new] += 1
+
+    def mark_dirty(self, conn: Connection) -> None:
+        self._dirty[conn] = None
+
+    def remove(self, conn: Connection) -> None:
+        key = (conn.remote_ip, conn.remote_port, conn.local_port)
+        if self.connections.get(key) is conn:
+            del self.connections[key]
+        if conn._listener is not None:
+            conn._listener.syn_queue.discard(conn)
+            conn._listener = None
+        self._dirty.pop(conn, None)
+        self.state_counts[CLOSED] -= 1
+
+    def allow_challenge_ack(self, now: float) -> bool:
+        """RFC 5961 7: a global per-second budget for challenge ACKs."""
+        second = int(now)
+        if second != self._challenge_window:
+            self._challenge_window = second
+            self._challenge_count = 0
+        self._challenge_count += 1
+        if self._challenge_count > self._challenge_limit:
+            self.counters["tcp.challenge_acks_limited"] += 1
+            return False
+        self.counters["tcp.challenge_acks"] += 1
+        return True
+
+    def peer_name(self, conn: Connection) -> str:
+        return f"{ip_to_str(conn.remote_ip)}:{conn.remote_port}"
+
+    def emit(self, conn: Connection, seq: int, ack: int, flags: int, window: int,
+             options: bytes, payload: bytes) -> None:
+        segment = build_tcp(conn.local_ip, conn.remote_ip, conn.local_port, conn.remote_port,
+                            seq, ack, flags, window, options, payload)
+        self.counters["tcp.tx_segments"] += 1
+        self.ipv4.send(conn.remote_ip, PROTO_TCP, segment, self.now, flags_fragment=FLAG_DF)
+
+    def send_rst(self, local_ip: bytes, local_port: int, remote_ip: bytes, remote_port: int,
+                 seq: int, ack: int, with_ack: bool) -> None:
+        flags = RST | (ACK if with_ack else 0)
+        segment = build_tcp(local_ip, remote_ip, local_port, remote_port, seq, ack, flags, 0)
+        self.counters["tcp.tx_segments"] += 1
+        self.ipv4.send(remote_ip, PROTO_TCP, segment, self.now, flags_fragment=FLAG_DF)
+
+    # == timers and output ================================================================
+
+    def poll(self, now: float) -> None:
+        """Fire due timers, then let every connection that changed send what it can."""
+        self.now = now
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            at, _, conn = heapq.heappop(timers)
+            if conn.timer_at != at or conn.state == CLOSED:
+                continue  # stale: the deadline moved, or the connection is gone
+            conn.timer_at = None
+            conn.on_timer(now)
+            if conn.state != CLOSED:
+                self._dirty[conn] = None
+        while self._dirty:
+            dirty = self._dirty
+            self._dirty = {}
+            for conn in dirty:
+                if conn.state != CLOSED:
+                    conn.output(now)
+                    self._schedule(conn)
+
+    def _schedule(self, conn: Connection) -> None:
+        at = conn.deadline()
+        if at is not None and (conn.timer_at is None or at < conn.timer_at):
+            conn.timer_at = at
+            heapq.heappush(self._timers, (at, next(self._tiebreak), conn))
+
+    def next_deadline(self) -> float | None:
+        timers = self._timers
+        while timers and (timers[0][2].timer_at != timers[0][0]
+                          or timers[0][2].state == CLOSED):
+            heapq.heappop(timers)  # drop stale heads so an idle stack sleeps
+        return timers[0][0] if timers else None
+
+    def gauges(self) -> dict[str, int]:
+        g = {"tcp.connections": len(self.connections), "tcp.listeners": len(self.listeners)}
+        for state, name in enumerate(STATE_NAMES):
+            if state not in (CLOSED,):
+                g["tcp.state_" + name.lower().replace("-", "_")] = self.state_counts[state]
+        return g
+
+    def syn_received_count(self) -> int:
+        return self.state_counts[SYN_RECEIVED]
