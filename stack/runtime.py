@@ -15,10 +15,11 @@ import logging
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from stack.link import LinkError
+from stack.link.impair import Impairment
 from stack.link.pcap import PcapTee
 from stack.link.tap import TapLink
 from stack.net.interface import Interface
@@ -49,7 +50,8 @@ def bind_control_socket(tap: str, where: str) -> socket.socket:
 
 class Runtime:
     def __init__(self, iface: Interface, link: TapLink, pcap: PcapTee | None = None,
-                 info: dict[str, Any] | None = None) -> None:
+                 info: dict[str, Any] | None = None, impair: str | None = None,
+                 seed: int | None = None) -> None:
         self.iface = iface
         self.link = link
         self.pcap = pcap
@@ -57,14 +59,32 @@ class Runtime:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
+        self._kick_pending = False
         self._started = time.time()
         self._stopped: asyncio.Event | None = None
+        # Faults on both directions of the link (--impair): the kernel peer really sees
+        # delay, reordering, duplication and corruption. The pcap shows the clean frames
+        # tapstack received and sent, i.e. what it saw, after the fault on input.
+        self.rx_impair: Impairment | None = None
+        self.tx_impair: Impairment | None = None
+        if impair:
+            spec_seed = f",seed={seed}" if seed is not None and "seed=" not in impair else ""
+            self.rx_impair = Impairment.parse(impair + spec_seed, counters=iface.counters,
+                                              prefix="impair_rx")
+            tx_seed = self.rx_impair.rng.randrange(1 << 30)
+            self.tx_impair = Impairment.parse(impair, counters=iface.counters,
+                                              prefix="impair_tx")
+            self.tx_impair.rng.seed(tx_seed)
 
     # -- the frame path ------------------------------------------------------------------
 
     def _on_readable(self) -> None:
         frames = self.link.read_batch()
         now = self.loop.time()
+        if self.rx_impair is not None:
+            for frame in frames:
+                self.rx_impair.push(frame, now)
+            frames = self.rx_impair.pop_due(now)
         if self.pcap is not None:
             ts = time.time()
             for frame in frames:
@@ -77,10 +97,36 @@ class Runtime:
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_at = None
+        now = self.loop.time()
+        if self.rx_impair is not None:
+            receive = self.iface.receive
+            for frame in self.rx_impair.pop_due(now):
+                if self.pcap is not None:
+                    self.pcap.write(frame)
+                receive(frame, now)
+        self._flush(now)
+
+    def kick(self) -> None:
+        """The application wrote or closed: flush once, after the current callback."""
+        if not self._kick_pending:
+            self._kick_pending = True
+            self.loop.call_soon(self._on_kick)
+
+    def _on_kick(self) -> None:
+        self._kick_pending = False
         self._flush(self.loop.time())
 
     def _flush(self, now: float) -> None:
         out = self.iface.poll(now)
+        if self.tx_impair is not None:
+            if self.pcap is not None:
+                for frame in out:
+                    self.pcap.write(frame)
+            for frame in out:
+                self.tx_impair.push(frame, now)
+            for frame in self.tx_impair.pop_due(now):
+                self.link.write(frame)
+            out = []
         if out:
             write = self.link.write
             for frame in out:
@@ -93,6 +139,9 @@ class Runtime:
         elif self.pcap is not None:
             self.pcap.flush()
         deadline = self.iface.next_deadline()
+        for imp in (self.rx_impair, self.tx_impair):
+            if imp is not None and (d := imp.next_deadline()) is not None:
+                deadline = d if deadline is None else min(deadline, d)
         if deadline != self._timer_at:
             if self._timer is not None:
                 self._timer.cancel()
@@ -120,9 +169,32 @@ class Runtime:
 
     # -- lifecycle -----------------------------------------------------------------------
 
+    def attach(self) -> None:
+        """Start reading the link and announce ourselves (the loop must be running)."""
+        self.loop = asyncio.get_running_loop()
+        self.loop.add_reader(self.link.fileno(), self._on_readable)
+        now = self.loop.time()
+        self.iface.start(now)
+        self._flush(now)
+
+    def detach(self) -> None:
+        """Reset every open connection (RFC 9293 ABORT), send that, stop reading."""
+        self.iface.tcp.abort_all()
+        self._flush(self.loop.time())
+        self.loop.remove_reader(self.link.fileno())
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+            self._timer_at = None
+
+    def stop(self) -> None:
+        if self._stopped is not None:
+            self._stopped.set()
+
     async def serve(self, control: socket.socket | None,
-                    on_ready: Callable[[], None] | None = None) -> None:
-        """Run until SIGINT/SIGTERM."""
+                    on_ready: Callable[[], None] | None = None,
+                    setup: Callable[[Runtime], Awaitable[None]] | None = None) -> None:
+        """Run until SIGINT/SIGTERM (or stop())."""
         self.loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -130,19 +202,16 @@ class Runtime:
         server = None
         if control is not None:
             server = await asyncio.start_unix_server(self._serve_control, sock=control)
-        self.loop.add_reader(self.link.fileno(), self._on_readable)
-        now = self.loop.time()
-        self.iface.start(now)
-        self._flush(now)
+        self.attach()
+        if setup is not None:
+            await setup(self)
         if on_ready is not None:
             on_ready()
         try:
             await self._stopped.wait()
         finally:
             log.info("stopping")
-            self.loop.remove_reader(self.link.fileno())
-            if self._timer is not None:
-                self._timer.cancel()
+            self.detach()
             if server is not None:
                 server.close()
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -150,13 +219,14 @@ class Runtime:
 
 
 def run(runtime: Runtime, control: socket.socket | None,
-        on_ready: Callable[[], None] | None = None, use_uvloop: bool = True) -> None:
+        on_ready: Callable[[], None] | None = None, use_uvloop: bool = True,
+        setup: Callable[[Runtime], Awaitable[None]] | None = None) -> None:
     if use_uvloop:
         import uvloop
 
-        uvloop.run(runtime.serve(control, on_ready))
+        uvloop.run(runtime.serve(control, on_ready, setup))
     else:
-        asyncio.run(runtime.serve(control, on_ready))
+        asyncio.run(runtime.serve(control, on_ready, setup))
 
 
 def read_stats(tap: str, timeout: float = 3.0) -> dict[str, Any]:

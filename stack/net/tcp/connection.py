@@ -82,7 +82,7 @@ class ConnectionUser(Protocol):
 
 class Connection:
     __slots__ = (
-        "_ack_now", "_closed_notified", "_dupacks", "_fin_queued", "_in_recovery",
+        "_ack_now", "_closed_notified", "_eof_pending", "_dupacks", "_fin_queued", "_in_recovery",
         "_keepalive_probes", "_last_ack_sent", "_persist_backoff", "_quickack",
         "_rcv_buffer", "_recover", "_retries", "_rtt_seq", "_rtt_time", "_segs_unacked",
         "_ts_offset", "_user_closed", "cc", "config", "eff_mss", "iss", "irs", "layer",
@@ -137,6 +137,7 @@ class Connection:
         self.rcv_wscale = 0
         self.ooo = OutOfOrderQueue(config.ooo_limit)
         self._rcv_buffer = bytearray()  # held while the reader is paused
+        self._eof_pending = False
         self.reading_paused = False
         self._ack_now = False
         self._segs_unacked = 0
@@ -276,7 +277,7 @@ class Connection:
         """RFC 9293 3.10.5 ABORT: RST (in synchronized states) and forget everything."""
         if self.state in (SYN_RECEIVED, ESTABLISHED, FIN_WAIT_1, FIN_WAIT_2, CLOSE_WAIT):
             self.layer.send_rst(self.local_ip, self.local_port, self.remote_ip,
-                                self.remote_port, self.snd_nxt, 0, with_ack=False)
+                                self.remote_port, self.snd_max, 0, with_ack=False)
             self.layer.counters["tcp.resets_sent"] += 1
         self._terminate(None, notify=False)
 
@@ -292,6 +293,9 @@ class Connection:
             self._rcv_buffer.clear()
             if self.user is not None:
                 self.user.on_data(data)
+        if self._eof_pending and not self.reading_paused and self.user is not None:
+            self._eof_pending = False
+            self.user.on_eof()
         # A window that was closing may have reopened: tell the peer (RFC 9293 3.8.6.2.2).
         if self.state in _RECV_STATES and self._window_update_due():
             self._ack_now = True
@@ -388,13 +392,21 @@ class Connection:
                 self._ack_now = True
                 return
         # first: sequence number
+        drop_text = False
         if not self._acceptable(seg, seg_len):
-            if not flags & RST:
+            if seg.seq == self.rcv_nxt and seq_diff(self.rcv_adv, self.rcv_nxt) <= 0:
+                # RFC 9293 3.10.7.4: with a zero window, still accept valid ACKs and RSTs;
+                # only the text (and a FIN behind it) is dropped.
+                drop_text = True
+                c["tcp.zero_window_drops"] += 1
+                self._ack_now = True
+            elif not flags & RST:
                 c["tcp.out_of_window"] += 1
                 self._ack_now = True  # RFC 9293: send an ACK, drop the segment
+                return
             else:
                 c["tcp.rst_out_of_window"] += 1
-            return
+                return
         # RFC 7323 4.3: remember the timestamp of the segment that holds RCV.NXT.
         if self.ts_ok and opts.ts_val is not None and seq_le(seg.seq, self._last_ack_sent) \
                 and seq_ge(opts.ts_val, self.ts_recent):
@@ -450,6 +462,8 @@ class Connection:
                 return
             if self.state == CLOSED:
                 return
+        if drop_text:
+            return
         # seventh: segment text
         if seg.payload:
             if self.state in _RECV_STATES:
@@ -602,7 +616,7 @@ class Connection:
             data = data[: max(room, 0)]
         if not data:
             # a duplicate: the peer missed our ACK (RFC 5681 4.2: ACK it at once)
-            self._emit(self.snd_nxt, ACK, b"", now)
+            self._emit(self.snd_max, ACK, b"", now)
             return
         if seq != self.rcv_nxt:
             c["tcp.out_of_order_segments"] += 1
@@ -610,7 +624,7 @@ class Connection:
                 c["tcp.ooo_dropped"] += 1
             # RFC 5681 4.2: one immediate duplicate ACK per out-of-order segment, never
             # coalesced with others of the same batch: the sender counts them.
-            self._emit(self.snd_nxt, ACK, b"", now)
+            self._emit(self.snd_max, ACK, b"", now)
             return
         filled_gap = bool(self.ooo.blocks)
         self.rcv_nxt = seq_add(self.rcv_nxt, len(data))
@@ -653,7 +667,8 @@ class Connection:
         if self.user is not None and state in (SYN_RECEIVED, ESTABLISHED, FIN_WAIT_1,
                                                FIN_WAIT_2):
             if self.reading_paused and self._rcv_buffer:
-                return  # EOF is reported after the buffered data, on resume
+                self._eof_pending = True  # reported after the buffered data, on resume
+                return
             self.user.on_eof()
 
     def _enter_time_wait(self, now: float) -> None:
@@ -712,7 +727,9 @@ class Connection:
                                      and not self._fin_sent()):
             sent = self._send_data(now)
         if self._ack_now and not sent:
-            self._emit(self.snd_nxt, ACK, b"", now)
+            # Pure ACKs carry SND.MAX: after a go-back-N rewind an older sequence number
+            # would make the peer ignore our window updates (the SND.WL1 rule).
+            self._emit(self.snd_max, ACK, b"", now)
         # after a FIN the state moves; data states send FIN from _send_data
         if self._fin_queued and self.state in (ESTABLISHED, CLOSE_WAIT) and self._fin_sent():
             self._set_state(FIN_WAIT_1 if self.state == ESTABLISHED else LAST_ACK)
@@ -821,6 +838,10 @@ class Connection:
         ts = (self._ts_now(now), self.ts_recent) if self.ts_ok else None
         sack = self.ooo.sack_blocks(MAX_SACK_BLOCKS) if self.sack_ok and self.ooo.blocks \
             else ()
+        if sack and payload:
+            # SACK blocks must not push a full segment past the MSS: send fewer or none.
+            room = (self.peer_mss - len(payload) - (TS_OPTION_LEN if ts else 0) - 4) // 8
+            sack = sack[: max(room, 0)]
         opts = build_options(ts=ts, sack_blocks=sack) if ts or sack else b""
         if flags & ACK:
             self._ack_now = False
@@ -926,7 +947,7 @@ class Connection:
         self._keepalive_probes += 1
         self.layer.counters["tcp.keepalive_probes"] += 1
         # A segment one below SND.NXT with no data: the peer must answer with an ACK.
-        self._emit(seq_add(self.snd_nxt, -1), ACK, b"", now)
+        self._emit(seq_add(self.snd_max, -1), ACK, b"", now)
         self.t_keepalive = now + cfg.keepalive_interval
 
     # == the end ==========================================================================

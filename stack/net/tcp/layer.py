@@ -20,7 +20,6 @@ from stack.net.ipv4 import IPv4Layer
 from stack.net.tcp.connection import (
     CLOSED,
     STATE_NAMES,
-    SYN_RECEIVED,
     TIME_WAIT,
     Connection,
     TcpConfig,
@@ -42,7 +41,7 @@ COUNTERS = (
     "tcp.ack_unsent", "tcp.ack_too_old", "tcp.paws_rejected", "tcp.challenge_acks",
     "tcp.challenge_acks_limited", "tcp.listen_overflows", "tcp.window_probes",
     "tcp.keepalive_probes", "tcp.keepalive_timeouts", "tcp.time_wait_reused",
-    "tcp.time_wait_fin_acked", "tcp.ephemeral_exhausted",
+    "tcp.time_wait_fin_acked", "tcp.ephemeral_exhausted", "tcp.zero_window_drops",
 )
 
 
@@ -319,5 +318,7 @@ class TcpLayer:
                 g["tcp.state_" + name.lower().replace("-", "_")] = self.state_counts[state]
         return g
 
-    def syn_received_count(self) -> int:
-        return self.state_counts[SYN_RECEIVED]
+    def abort_all(self) -> None:
+        """Shutdown: reset every synchronized connection, forget the rest."""
+        for conn in list(self.connections.values()):
+            conn.abort()

@@ -1,0 +1,357 @@
+"""The asyncio-shaped surface of the stack (DESIGN.md rule 2).
+
+    stack = Stack(runtime)
+    server = await stack.create_server(protocol_factory, port=7)
+    transport, protocol = await stack.create_connection(protocol_factory, "10.77.0.1", 5000)
+    reader, writer = await stack.open_connection("10.77.0.1", 5000)
+    server = await stack.start_server(client_connected_cb, port=8000)
+
+The transports honour asyncio's contract, so the same Protocol runs here or on kernel
+sockets. Apps never import this module: they only see asyncio objects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from stack.net.tcp.connection import CLOSED, TIME_WAIT, Connection
+from stack.net.tcp.seq import seq_diff
+from stack.wire.ipv4 import ip_to_str
+
+if TYPE_CHECKING:
+    from stack.runtime import Runtime
+
+DEFAULT_HIGH_WATER = 64 * 1024
+DEFAULT_LOW_WATER = 16 * 1024
+
+
+def _ip(host: str) -> bytes:
+    try:
+        return ipaddress.IPv4Address(host).packed
+    except ValueError:
+        raise OSError(f"{host!r} is not an IPv4 address (tapstack does not resolve names)"
+                      ) from None
+
+
+class TcpTransport(asyncio.Transport):
+    """An asyncio Transport over one tapstack TCP connection (its ConnectionUser)."""
+
+    def __init__(self, stack: Stack, conn: Connection, protocol: asyncio.BaseProtocol,
+                 waiter: asyncio.Future | None = None) -> None:
+        super().__init__()
+        self._stack = stack
+        self._conn = conn
+        self._protocol = protocol
+        self._waiter = waiter
+        self._closing = False
+        self._lost = False
+        self._made = False
+        self._paused_writing = False
+        self._high = DEFAULT_HIGH_WATER
+        self._low = DEFAULT_LOW_WATER
+        self._peername = (ip_to_str(conn.remote_ip), conn.remote_port)
+        self._sockname = (ip_to_str(conn.local_ip), conn.local_port)
+        conn.user = self
+
+    # -- ConnectionUser: called by the engine ---------------------------------------------
+
+    def _call(self, method: Callable, *args: Any) -> Any:
+        try:
+            return method(*args)
+        except Exception as exc:  # the application's bug: report it, drop the connection
+            self._stack.loop.call_exception_handler({
+                "message": f"exception in {type(self._protocol).__name__}.{method.__name__}",
+                "exception": exc, "transport": self, "protocol": self._protocol})
+            self.abort()
+            return None
+
+    def start(self) -> None:
+        """connection_made: for accepted connections at once, for ours on establishment."""
+        self._made = True
+        self._call(self._protocol.connection_made, self)
+
+    def on_established(self) -> None:
+        self.start()
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def on_data(self, data: bytes) -> None:
+        if not self._closing and not self._lost:
+            self._call(self._protocol.data_received, data)
+
+    def on_eof(self) -> None:
+        if self._closing or self._lost:
+            return
+        keep_open = self._call(self._protocol.eof_received)
+        if not keep_open and not self._lost:
+            self.close()
+
+    def on_acked(self) -> None:
+        if self._paused_writing and self.get_write_buffer_size() <= self._low:
+            self._paused_writing = False
+            self._call(self._protocol.resume_writing)
+        if self._closing and self._conn.state not in (CLOSED,) and self._conn._fin_acked():
+            self._connection_lost(None)  # like a kernel socket: closed once our FIN is acked
+
+    def on_closed(self, exc: Exception | None) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_exception(exc or ConnectionResetError("connection closed"))
+            return
+        self._connection_lost(exc)
+
+    def _connection_lost(self, exc: Exception | None) -> None:
+        if self._lost:
+            return
+        self._lost = True
+        self._closing = True
+        if self._made:
+            self._stack.loop.call_soon(self._protocol.connection_lost, exc)
+
+    # -- asyncio.Transport ----------------------------------------------------------------
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"data must be bytes-like, not {type(data).__name__}")
+        if self._closing:
+            return  # asyncio ignores writes after close(); so do we
+        if not data:
+            return
+        self._conn.send(data)
+        self._stack.kick()
+        self._maybe_pause()
+
+    def writelines(self, list_of_data) -> None:
+        self.write(b"".join(list_of_data))
+
+    def write_eof(self) -> None:
+        if self._closing:
+            return
+        self._conn.shutdown()
+        self._stack.kick()
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        conn = self._conn
+        if conn.state in (CLOSED, TIME_WAIT):
+            self._connection_lost(None)
+            return
+        conn.close()
+        self._stack.kick()
+        if conn.state == CLOSED:
+            self._connection_lost(None)
+
+    def abort(self) -> None:
+        self._closing = True
+        if self._conn.state != CLOSED:
+            self._conn.abort()
+            self._stack.kick()
+        self._connection_lost(None)
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def pause_reading(self) -> None:
+        self._conn.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._conn.resume_reading()
+        self._stack.kick()
+
+    def is_reading(self) -> bool:
+        return not self._conn.reading_paused and not self._closing
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None
+                                ) -> None:
+        if high is None:
+            high = DEFAULT_HIGH_WATER if low is None else 4 * low
+        if low is None:
+            low = high // 4
+        if not high >= low >= 0:
+            raise ValueError(f"high ({high!r}) must be >= low ({low!r}) must be >= 0")
+        self._high, self._low = high, low
+        self._maybe_pause()
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self._low, self._high
+
+    def get_write_buffer_size(self) -> int:
+        """Bytes written and not yet sent (what sits beyond the 'socket buffer')."""
+        conn = self._conn
+        return max(seq_diff(conn.snd_buf.end, conn.snd_nxt), 0)
+
+    def _maybe_pause(self) -> None:
+        if not self._paused_writing and self.get_write_buffer_size() > self._high:
+            self._paused_writing = True
+            self._call(self._protocol.pause_writing)
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._protocol = protocol
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._protocol
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "peername":
+            return self._peername
+        if name == "sockname":
+            return self._sockname
+        if name == "tcp_info":
+            return tcp_info(self._conn)
+        if name == "peer_mac":
+            mac = self._stack.peer_mac(self._conn.remote_ip)
+            return mac
+        if name == "stack":
+            return self._stack
+        return default
+
+    def set_nodelay(self, enabled: bool = True) -> None:
+        """TCP_NODELAY: turn Nagle's algorithm off for this connection."""
+        self._conn.nodelay = enabled
+        self._stack.kick()
+
+
+def tcp_info(conn: Connection) -> dict[str, Any]:
+    """A snapshot in the spirit of Linux's TCP_INFO."""
+    rto = conn.rto
+    return {
+        "state": conn.state_name,
+        "srtt_ms": None if rto.srtt is None else round(rto.srtt * 1000, 3),
+        "rttvar_ms": round(rto.rttvar * 1000, 3),
+        "rto_ms": round(rto.current() * 1000, 1),
+        "cwnd": conn.cc.cwnd,
+        "ssthresh": conn.cc.ssthresh if conn.cc.ssthresh < (1 << 30) else None,
+        "mss": conn.eff_mss,
+        "peer_mss": conn.peer_mss,
+        "snd_wnd": conn.snd_wnd,
+        "rcv_wnd": max(seq_diff(conn.rcv_adv, conn.rcv_nxt), 0),
+        "snd_wscale": conn.snd_wscale,
+        "rcv_wscale": conn.rcv_wscale,
+        "timestamps": conn.ts_ok,
+        "sack": conn.sack_ok,
+        "unacked": conn.flight_size,
+        "segs_in": conn.segs_in,
+        "segs_out": conn.segs_out,
+        "retransmits": conn.retransmits,
+        "nodelay": conn.nodelay,
+    }
+
+
+class Server(asyncio.AbstractServer):
+    def __init__(self, stack: Stack, port: int) -> None:
+        self._stack = stack
+        self.port = port
+        self._serving = True
+        self._closed = asyncio.Event()
+
+    def close(self) -> None:
+        if self._serving:
+            self._serving = False
+            self._stack.runtime.iface.tcp.unlisten(self.port)
+            self._closed.set()
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        return self._stack.loop
+
+    def is_serving(self) -> bool:
+        return self._serving
+
+    async def start_serving(self) -> None:
+        return None
+
+    async def serve_forever(self) -> None:
+        await self._closed.wait()
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+    @property
+    def sockets(self) -> tuple:
+        return ()
+
+    async def __aenter__(self) -> Server:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+        await self.wait_closed()
+
+
+class Stack:
+    """The application's handle on a running tapstack."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self.runtime.loop
+
+    def kick(self) -> None:
+        self.runtime.kick()
+
+    def peer_mac(self, ip: bytes) -> str | None:
+        entry = self.runtime.iface.arp.cache.get(ip)
+        return None if entry is None else ":".join(f"{b:02x}" for b in entry[0])
+
+    async def create_server(self, protocol_factory: Callable[[], asyncio.BaseProtocol],
+                            host: str | None = None, port: int = 0, backlog: int = 128
+                            ) -> Server:
+        """Listen on `port` of the stack's address (`host`, if given, must be it)."""
+        iface = self.runtime.iface
+        if host not in (None, "", "0.0.0.0") and _ip(host) != iface.ipv4.address:
+            raise OSError(99, f"{host} is not this stack's address")
+
+        def on_accept(conn: Connection) -> None:
+            try:
+                protocol = protocol_factory()
+            except Exception as exc:
+                self.loop.call_exception_handler({"message": "protocol_factory failed",
+                                                  "exception": exc})
+                conn.abort()
+                return
+            TcpTransport(self, conn, protocol).start()
+
+        iface.tcp.listen(port, on_accept, backlog)
+        return Server(self, port)
+
+    async def create_connection(self, protocol_factory: Callable[[], asyncio.BaseProtocol],
+                                host: str, port: int, local_port: int | None = None,
+                                nodelay: bool = False
+                                ) -> tuple[TcpTransport, asyncio.BaseProtocol]:
+        iface = self.runtime.iface
+        waiter = self.loop.create_future()
+        conn = iface.tcp.connect(_ip(host), port, self.loop.time(), local_port)
+        conn.nodelay = nodelay
+        protocol = protocol_factory()
+        transport = TcpTransport(self, conn, protocol, waiter)
+        self.kick()
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            transport.abort()
+            raise
+        return transport, protocol
+
+    async def open_connection(self, host: str, port: int, limit: int = 2 ** 16, **kw: Any
+                              ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        reader = asyncio.StreamReader(limit=limit, loop=self.loop)
+        protocol = asyncio.StreamReaderProtocol(reader, loop=self.loop)
+        transport, _ = await self.create_connection(lambda: protocol, host, port, **kw)
+        writer = asyncio.StreamWriter(transport, protocol, reader, self.loop)
+        return reader, writer
+
+    async def start_server(self, client_connected_cb: Callable, host: str | None = None,
+                           port: int = 0, limit: int = 2 ** 16, backlog: int = 128) -> Server:
+        def factory() -> asyncio.StreamReaderProtocol:
+            reader = asyncio.StreamReader(limit=limit, loop=self.loop)
+            return asyncio.StreamReaderProtocol(reader, client_connected_cb, loop=self.loop)
+
+        return await self.create_server(factory, host, port, backlog)

@@ -1,0 +1,1 @@
+"""Applications: plain asyncio Protocols, runnable on tapstack or on kernel sockets."""
