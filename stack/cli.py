@@ -13,11 +13,15 @@ import signal
 import sys
 from typing import Any
 
+from stack.api import Stack
+from stack.apps.services import DiscardProtocol, EchoProtocol, SourceProtocol
 from stack.link import LinkError
 from stack.link import netns as ns
+from stack.link.impair import Impairment, ImpairSpecError
 from stack.link.pcap import PcapTee
 from stack.link.tap import TapLink
 from stack.net.interface import Interface, InterfaceConfig
+from stack.net.tcp.connection import TcpConfig
 from stack.runtime import Runtime, bind_control_socket, read_stats, run
 from stack.wire.ethernet import is_multicast_mac, mac_from_str
 
@@ -59,6 +63,15 @@ def _parser() -> argparse.ArgumentParser:
                    choices=["debug", "info", "warning", "error"])
     r.add_argument("--asyncio", action="store_true",
                    help="use the standard asyncio loop instead of uvloop")
+    r.add_argument("--no-services", action="store_true",
+                   help="do not start the echo (TCP 7), discard (9) and source (19) services")
+    r.add_argument("--impair", metavar="SPEC",
+                   help="faults on the link in both directions, e.g. "
+                        "'loss=1%%,delay=5ms,jitter=2ms,reorder=5%%,duplicate=1%%,"
+                        "corrupt=0.5%%,seed=7'")
+    r.add_argument("--msl", type=float, default=30.0,
+                   help="maximum segment lifetime in seconds; TIME-WAIT lasts 2*MSL "
+                        "(default: %(default)s)")
 
     s = sub.add_parser("stats", help="print the counters of a running tapstack")
     swhere = s.add_mutually_exclusive_group()
@@ -111,9 +124,16 @@ def build_config(args: argparse.Namespace) -> tuple[InterfaceConfig, str | None]
             gateway = ipaddress.IPv4Address(args.gateway).packed
         except ValueError:
             raise UsageError(f"--gateway {args.gateway!r} is not an IPv4 address") from None
+    if not 0 < args.msl <= 600:
+        raise UsageError(f"--msl {args.msl} is outside 0..600 seconds")
+    if args.impair:
+        try:
+            Impairment.parse(args.impair)
+        except ImpairSpecError as exc:
+            raise UsageError(f"--impair: {exc}") from None
     config = InterfaceConfig(mac=mac, address=address.ip.packed,
                              prefixlen=address.network.prefixlen, gateway=gateway,
-                             mtu=args.mtu)
+                             mtu=args.mtu, tcp=TcpConfig(msl=args.msl))
     return config, host_cidr
 
 
@@ -141,10 +161,22 @@ def _banner(args: argparse.Namespace, host_cidr: str | None) -> str:
         f"  {prefix}ping -c 3 {ip}",
         f"  {prefix}arping -c 3 -I {args.tap} {ip}",
         f"  {prefix}tcpdump -ni {args.tap}",
+        *([] if args.no_services else [
+            f"  {prefix}nc {ip} 7          (echo; also discard on 9)",
+            f"  echo 1000000 | {prefix}nc -N {ip} 19 | wc -c   (source: N bytes)"]),
         f"  {stats}",
         "Ctrl-C stops it and removes what it created.",
     ]
     return "\n".join(lines)
+
+
+SERVICES = {7: EchoProtocol, 9: DiscardProtocol, 19: SourceProtocol}
+
+
+async def start_services(runtime: Runtime) -> None:
+    stack = Stack(runtime)
+    for port, protocol in SERVICES.items():
+        await stack.create_server(protocol, port=port)
 
 
 def _raise_exit(signum: int, _frame: Any) -> None:
@@ -187,12 +219,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         info = {"address": args.address, "mac": args.mac, "tap": args.tap,
                 "netns": None if args.no_netns else args.netns, "mtu": args.mtu,
                 "pid": os.getpid()}
-        runtime = Runtime(iface, link, pcap, info)
+        runtime = Runtime(iface, link, pcap, info, impair=args.impair)
 
         def ready() -> None:
             print(_banner(args, host_cidr), flush=True)
 
-        run(runtime, control, ready, use_uvloop=not args.asyncio)
+        run(runtime, control, ready, use_uvloop=not args.asyncio,
+            setup=None if args.no_services else start_services)
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # cleanup is not interrupted
         link.close()

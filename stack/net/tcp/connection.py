@@ -749,6 +749,7 @@ class Connection:
                                  sack_permitted=cfg.sack,
                                  ts=(self._ts_now(now), 0) if cfg.timestamps else None)
         flags = SYN | (ACK if ack else 0)
+        self._last_ack_sent = self.rcv_nxt
         self.rcv_adv = seq_add(self.rcv_nxt, rcv_window) if ack else 0
         self.layer.emit(self, self.iss, self.rcv_nxt if ack else 0, flags, rcv_window, opts,
                         b"")
