@@ -929,10 +929,12 @@ class Connection:
         self.layer.counters["tcp.window_probes"] += 1
         seq = self.snd_una
         self._emit(seq, ACK, self.snd_buf.get(seq, 1), now)
-        if self.snd_nxt == self.snd_una:
-            self.snd_nxt = seq_add(self.snd_una, 1)
-            if seq_gt(self.snd_nxt, self.snd_max):
-                self.snd_max = self.snd_nxt
+        # The probe byte is sent beside the stream, like a retransmission: SND.NXT stays,
+        # so an opened window resends from SND.UNA (and Nagle never waits on the probe),
+        # while SND.MAX covers it in case the peer accepts and acknowledges it.
+        probe_end = seq_add(seq, 1)
+        if seq_gt(probe_end, self.snd_max):
+            self.snd_max = probe_end
         self._persist_backoff = min(self._persist_backoff + 1, 10)
         self._arm_persist(now)
 

@@ -1,0 +1,212 @@
+"""Timers and the send/receive policies, under a virtual clock; baselines.md traps as
+regression tests."""
+
+import itertools
+import struct
+
+from stack.net.tcp.connection import TcpConfig
+from tests.unit.tcp_peer import ACK, PSH, Peer, opts, parse_opts
+
+
+def established(mss=1460, window=65535, ts=False, **kw):
+    peer = Peer(TcpConfig(**kw))
+    peer.listen()
+    o = opts(mss=mss, wscale=7, sack_ok=True, ts=(100, 0) if ts else None)
+    conn, seq, ack = peer.handshake(options=o, window=window)
+    return peer, conn, seq, ack
+
+
+# -- receiving: delayed ACK ------------------------------------------------------------------
+
+
+def test_delayed_ack_waits_at_most_40ms_for_a_lone_segment():
+    peer, conn, seq, ack = established(quickack_segments=0)
+    peer.send(ACK | PSH, seq, ack, b"x" * 100)
+    assert peer.out() == []
+    assert peer.advance(0.039) == []
+    (a,) = peer.advance(0.002)
+    assert a.ack == seq + 100
+
+
+def test_trap2_every_second_full_segment_is_acked_at_once():
+    """baselines.md trap 2: ACK at least every second full-sized segment (RFC 5681 4.2)."""
+    peer, conn, seq, ack = established(quickack_segments=0)
+    peer.send(ACK, seq, ack, b"a" * 1460)
+    assert peer.out() == []
+    peer.send(ACK, seq + 1460, ack, b"b" * 1460)
+    (a,) = peer.out()
+    assert a.ack == seq + 2920
+
+
+def test_trap2_window_is_scaled_and_large():
+    """Trap 2/3: a fixed 64 KB window caps uploads; we scale a 1 MB buffer by 2**7."""
+    peer, conn, seq, ack = established()
+    peer.send(ACK | PSH, seq, ack, b"x")
+    (a,) = peer.out()
+    assert a.win << 7 >= 1_000_000
+
+
+def test_trap3_window_scale_we_announce_is_the_one_we_apply():
+    peer = Peer()
+    peer.listen()
+    peer.send(0x02, 1000, options=opts(mss=1460, wscale=7))
+    (synack,) = peer.out()
+    shift = parse_opts(synack)[3][0]
+    assert shift == 7
+    peer.send(ACK, 1001, synack.seq + 1)
+    peer.send(ACK | PSH, 1001, synack.seq + 1, b"x" * 10)
+    (a,) = peer.out()
+    conn = peer.accepted[0]
+    assert a.win << shift == conn.rcv_adv - conn.rcv_nxt  # what we honour is what we said
+
+
+def test_out_of_order_segment_is_acked_at_once_with_sack():
+    peer, conn, seq, ack = established()
+    peer.send(ACK, seq + 1000, ack, b"b" * 500)
+    (dup,) = peer.out()
+    assert dup.ack == seq
+    left, right = struct.unpack("!II", parse_opts(dup)[5])
+    assert (left, right) == (seq + 1000, seq + 1500)
+    peer.send(ACK, seq, ack, b"a" * 1000)
+    (a,) = peer.out()
+    assert a.ack == seq + 1500 and 5 not in parse_opts(a)
+    assert bytes(peer.server_user.data) == b"a" * 1000 + b"b" * 500
+
+
+def test_each_out_of_order_segment_of_a_batch_gets_its_own_dupack():
+    peer, conn, seq, ack = established()
+    for i in range(1, 4):
+        peer.send(ACK, seq + 1000 * i, ack, b"z" * 1000)
+    dups = peer.out()
+    assert [d.ack for d in dups] == [seq] * 3
+
+
+def test_overlapping_segments_are_trimmed():
+    peer, conn, seq, ack = established()
+    peer.send(ACK, seq, ack, b"0123456789")
+    peer.send(ACK, seq + 5, ack, b"56789abcde")
+    assert bytes(peer.server_user.data) == b"0123456789abcde"
+
+
+def test_paused_reader_closes_the_window_and_reopens_it():
+    peer, conn, seq, ack = established(rcvbuf=4096)
+    conn.pause_reading()
+    peer.send(ACK, seq, ack, b"q" * 4096)
+    (a,) = peer.out()
+    assert a.ack == seq + 4096 and a.win == 0
+    conn.resume_reading()
+    (update,) = peer.out()
+    assert update.win > 0 and bytes(peer.server_user.data) == b"q" * 4096
+
+
+# -- sending: Nagle, MSS, windows ---------------------------------------------------------
+
+
+def test_nagle_holds_a_small_segment_while_one_is_unacknowledged():
+    peer, conn, seq, ack = established()
+    conn.send(b"a" * 100)
+    (first,) = peer.out()
+    conn.send(b"b" * 100)
+    assert peer.out() == []
+    peer.send(ACK, seq, ack + 100)
+    (second,) = peer.out()
+    assert bytes(second.data) == b"b" * 100
+
+
+def test_nodelay_sends_small_segments_at_once():
+    peer, conn, seq, ack = established(nodelay=True)
+    conn.send(b"a" * 100)
+    peer.out()
+    conn.send(b"b" * 100)
+    assert [bytes(s.data) for s in peer.out()] == [b"b" * 100]
+
+
+def test_trap4_full_segments_with_timestamps_are_not_held_by_nagle():
+    """baselines.md trap 4: a full segment is MSS minus option bytes (1448 with
+    timestamps), and such segments never wait for an ACK."""
+    peer, conn, seq, ack = established(ts=True)
+    conn.send(b"x" * (1448 * 4))
+    segs = peer.out()
+    assert [len(s.data) for s in segs] == [1448] * 4
+    assert all(len(s.opts) == 12 for s in segs)
+
+
+def test_segments_respect_the_peer_mss_and_initial_window():
+    peer, conn, seq, ack = established(mss=1000)
+    conn.send(b"y" * 100_000)
+    segs = peer.out()
+    assert all(len(s.data) <= 1000 for s in segs)
+    assert sum(len(s.data) for s in segs) == 10_000  # RFC 6928: ten segments
+
+
+def test_trap1_sending_is_driven_by_acks_not_by_a_tick():
+    """baselines.md trap 1: every ACK releases new segments at once; nothing waits."""
+    peer, conn, seq, ack = established(mss=1000)
+    conn.send(b"y" * 200_000)
+    segs = peer.out()
+    sent = sum(len(s.data) for s in segs)
+    peer.send(ACK, seq, ack + sent)
+    more = peer.out()
+    # all of it acknowledged: cwnd grew by 2 MSS (RFC 3465, L = 2) and left at once
+    assert sum(len(s.data) for s in more) == sent + 2000
+
+
+def test_zero_window_is_probed_with_backoff_until_it_opens():
+    peer, conn, seq, ack = established()
+    conn.send(b"p" * 2920)  # two full segments
+    segs = peer.out()
+    sent = sum(len(s.data) for s in segs)
+    peer.send(ACK, seq, ack + sent, window=0)
+    conn.send(b"q" * 100)
+    assert peer.out() == []
+    probes = []
+    for _ in range(4):
+        out = peer.advance(peer.iface.next_deadline() - peer.now)
+        probes += [(round(peer.now, 3), len(s.data)) for s in out]
+    assert [n for _, n in probes] == [1, 1, 1, 1]
+    gaps = [round(b[0] - a[0], 3) for a, b in itertools.pairwise(probes)]
+    assert gaps[1] == 2 * gaps[0] and gaps[2] == 2 * gaps[1]  # backing off
+    peer.send(ACK, seq, ack + sent, window=512)  # scaled: 64 KB
+    (data,) = peer.out()
+    assert len(data.data) == 100
+
+
+# -- loss: RTO and fast retransmit ---------------------------------------------------------
+
+
+def test_rto_backs_off_exponentially_from_the_200ms_floor():
+    peer, conn, seq, ack = established()
+    conn.send(b"r" * 100)
+    (first,) = peer.out()
+    times = []
+    for _ in range(4):
+        out = peer.advance(peer.iface.next_deadline() - peer.now)
+        assert bytes(out[0].data) == b"r" * 100 and out[0].seq == first.seq
+        times.append(round(peer.now, 3))
+    # the handshake's RTT sample was ~0: RTO = max(SRTT + 4 RTTVAR, 200 ms)
+    assert times == [0.2, 0.6, 1.4, 3.0]
+    assert peer.iface.counters["tcp.rto_expiries"] == 4
+
+
+def test_gives_up_after_the_retry_limit_and_tells_the_user():
+    peer, conn, seq, ack = established(retries=3)
+    conn.send(b"r" * 100)
+    peer.out()
+    while not peer.server_user.closed and peer.now < 100:
+        peer.advance(peer.iface.next_deadline() - peer.now)
+    assert isinstance(peer.server_user.closed[0], TimeoutError)
+    assert peer.iface.tcp.connections == {}
+
+
+def test_three_dupacks_trigger_a_fast_retransmit():
+    peer, conn, seq, ack = established(mss=1000)
+    conn.send(b"f" * 10_000)
+    segs = peer.out()
+    peer.send(ACK, seq, ack + 1000)  # the first arrived, the second was lost
+    for _ in range(3):
+        peer.send(ACK, seq, ack + 1000)  # three duplicates
+    out = peer.out()
+    assert out[0].seq == ack + 1000 and len(out[0].data) == 1000
+    assert peer.iface.counters["tcp.fast_retransmits"] == 1
+    assert conn.cc.ssthresh == max(9000 // 2, 2000)
+    assert len(segs) == 10
