@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import ipaddress
 import json
 import logging
@@ -10,7 +12,9 @@ import os
 import random
 import shutil
 import signal
+import socket
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 from stack.api import Stack
@@ -40,13 +44,14 @@ def _parser() -> argparse.ArgumentParser:
                                 description="A userspace TCP/IP stack on a Linux TAP device.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    r = sub.add_parser("run", help="serve on a TAP device (in a network namespace by default)")
-    where = r.add_mutually_exclusive_group()
+    common = argparse.ArgumentParser(add_help=False)
+    where = common.add_mutually_exclusive_group()
     where.add_argument("--netns", default="tapstack",
                        help="network namespace to run in, created if missing "
                             "(default: %(default)s)")
     where.add_argument("--no-netns", action="store_true",
                        help="put the TAP in the current namespace (for a dedicated VM)")
+    r = common
     r.add_argument("--tap", default="tap0", help="TAP device name (default: %(default)s)")
     r.add_argument("--address", default="10.77.0.2/24",
                    help="tapstack's address/prefix (default: %(default)s)")
@@ -63,8 +68,6 @@ def _parser() -> argparse.ArgumentParser:
                    choices=["debug", "info", "warning", "error"])
     r.add_argument("--asyncio", action="store_true",
                    help="use the standard asyncio loop instead of uvloop")
-    r.add_argument("--no-services", action="store_true",
-                   help="do not start the echo (TCP 7), discard (9) and source (19) services")
     r.add_argument("--impair", metavar="SPEC",
                    help="faults on the link in both directions, e.g. "
                         "'loss=1%%,delay=5ms,jitter=2ms,reorder=5%%,duplicate=1%%,"
@@ -72,6 +75,17 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--msl", type=float, default=30.0,
                    help="maximum segment lifetime in seconds; TIME-WAIT lasts 2*MSL "
                         "(default: %(default)s)")
+
+    r = sub.add_parser("run", parents=[common],
+                       help="serve on a TAP device (in a network namespace by default)")
+    r.add_argument("--no-services", action="store_true",
+                   help="do not start the echo (TCP 7), discard (9) and source (19) services")
+
+    c = sub.add_parser("connect", parents=[common],
+                       help="open a TCP connection from tapstack, like nc: stdin to the "
+                            "peer, the peer to stdout")
+    c.add_argument("host", help="the peer's IPv4 address")
+    c.add_argument("port", type=int, help="the peer's TCP port")
 
     s = sub.add_parser("stats", help="print the counters of a running tapstack")
     swhere = s.add_mutually_exclusive_group()
@@ -183,11 +197,11 @@ def _raise_exit(signum: int, _frame: Any) -> None:
     raise SystemExit(0)
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level.upper(), format="tapstack: %(message)s",
-                        stream=sys.stderr)
-    config, host_cidr = build_config(args)
-    _require_root("run")
+@contextlib.contextmanager
+def stack_environment(args: argparse.Namespace, host_cidr: str | None
+                      ) -> Iterator[tuple[TapLink, socket.socket, PcapTee | None]]:
+    """Namespace, control socket, TAP and pcap for one instance; all undone on exit."""
+    _require_root(args.command)
     if not os.path.exists("/dev/net/tun"):
         raise UsageError("/dev/net/tun is missing; this kernel or container has no TUN/TAP "
                          "support")
@@ -215,17 +229,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 pcap = PcapTee(args.pcap)
             except OSError as exc:
                 raise UsageError(f"cannot write --pcap {args.pcap}: {exc.strerror}") from None
-        iface = Interface(config, random.Random())
-        info = {"address": args.address, "mac": args.mac, "tap": args.tap,
-                "netns": None if args.no_netns else args.netns, "mtu": args.mtu,
-                "pid": os.getpid()}
-        runtime = Runtime(iface, link, pcap, info, impair=args.impair)
-
-        def ready() -> None:
-            print(_banner(args, host_cidr), flush=True)
-
-        run(runtime, control, ready, use_uvloop=not args.asyncio,
-            setup=None if args.no_services else start_services)
+        yield link, control, pcap
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # cleanup is not interrupted
         link.close()
@@ -236,6 +240,83 @@ def cmd_run(args: argparse.Namespace) -> int:
         if created_netns:
             ns.delete_netns(args.netns)
             log.info("removed network namespace %s", args.netns)
+
+
+def _runtime(args: argparse.Namespace, config: InterfaceConfig, link: TapLink,
+             pcap: PcapTee | None) -> Runtime:
+    info = {"address": args.address, "mac": args.mac, "tap": args.tap,
+            "netns": None if args.no_netns else args.netns, "mtu": args.mtu,
+            "pid": os.getpid()}
+    return Runtime(Interface(config, random.Random()), link, pcap, info, impair=args.impair)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="tapstack: %(message)s",
+                        stream=sys.stderr)
+    config, host_cidr = build_config(args)
+    with stack_environment(args, host_cidr) as (link, control, pcap):
+        runtime = _runtime(args, config, link, pcap)
+
+        def ready() -> None:
+            print(_banner(args, host_cidr), flush=True)
+
+        run(runtime, control, ready, use_uvloop=not args.asyncio,
+            setup=None if args.no_services else start_services)
+    return 0
+
+
+def cmd_connect(args: argparse.Namespace) -> int:
+    """Like `nc HOST PORT`, but the TCP connection is tapstack's own (active open)."""
+    logging.basicConfig(level=args.log_level.upper(), format="tapstack: %(message)s",
+                        stream=sys.stderr)
+    config, host_cidr = build_config(args)
+    result: list[BaseException] = []
+    tasks: list[asyncio.Task] = []
+
+    async def session(runtime: Runtime) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            reader, writer = await Stack(runtime).open_connection(args.host, args.port)
+        except OSError as exc:
+            result.append(exc)
+            runtime.stop()
+            return
+        print(f"tapstack connected: {args.address.split('/')[0]}:"
+              f"{writer.get_extra_info('sockname')[1]} -> {args.host}:{args.port}",
+              file=sys.stderr, flush=True)
+
+        async def upload() -> None:
+            stdin = sys.stdin.buffer
+            while chunk := await loop.run_in_executor(None, stdin.read1, 256 * 1024):
+                writer.write(chunk)
+                await writer.drain()
+            writer.write_eof()
+
+        async def download() -> None:
+            out = sys.stdout.buffer
+            while chunk := await reader.read(256 * 1024):
+                out.write(chunk)
+            out.flush()
+
+        async def both() -> None:
+            try:
+                await asyncio.gather(upload(), download())
+                info = writer.get_extra_info("tcp_info")
+                log.info("done: %s", json.dumps(info))
+                writer.close()
+                await asyncio.sleep(0.05)  # let our FIN and last ACK leave
+            except OSError as exc:
+                result.append(exc)
+            finally:
+                runtime.stop()
+
+        tasks.append(loop.create_task(both()))
+
+    with stack_environment(args, host_cidr) as (link, control, pcap):
+        runtime = _runtime(args, config, link, pcap)
+        run(runtime, control, None, use_uvloop=not args.asyncio, setup=session)
+    if result:
+        raise UsageError(f"connect {args.host}:{args.port}: {result[0]}")
     return 0
 
 
@@ -279,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return cmd_run(args)
+        if args.command == "connect":
+            return cmd_connect(args)
         return cmd_stats(args)
     except (UsageError, LinkError) as exc:
         print(f"tapstack: {exc}", file=sys.stderr)
