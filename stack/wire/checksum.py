@@ -21,10 +21,13 @@ def ones_sum(data: Buffer, initial: int = 0) -> int:
 def internet_checksum(data: Buffer, initial: int = 0) -> int:
     """The value to put in a checksum field: the complement of the ones' complement sum.
 
-    The result is never 0 for non-empty input sums, so it is also valid as a UDP
-    checksum (where 0 means "none", RFC 768).
+    The modulo fold yields 0 where end-around-carry arithmetic yields 0xFFFF (negative
+    zero); its complement is 0x0000, never 0xFFFF (RFC 1624 3: a sender computes
+    0x0000, and Wireshark flags 0xFFFF as bad). UDP must send 0xFFFF for a computed
+    0x0000 (RFC 768): that is the UDP codec's business.
     """
-    return 0xFFFF - ones_sum(data, initial)
+    s = ones_sum(data, initial)
+    return 0xFFFF - s if s else 0
 
 
 def checksum_ok(data: Buffer, initial: int = 0) -> bool:
