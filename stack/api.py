@@ -212,6 +212,11 @@ class TcpTransport(asyncio.Transport):
             return self._stack
         return default
 
+    def set_keepalive(self, enabled: bool = True) -> None:
+        """SO_KEEPALIVE: probe an idle connection (idle/interval/count from TcpConfig)."""
+        self._conn.set_keepalive(enabled, self._stack.loop.time())
+        self._stack.kick()
+
     def set_nodelay(self, enabled: bool = True) -> None:
         """TCP_NODELAY: turn Nagle's algorithm off for this connection."""
         self._conn.nodelay = enabled

@@ -98,8 +98,16 @@ class Peer:
     def out(self) -> list[dpkt.tcp.TCP]:
         """Every TCP segment tapstack sends now (after running due timers)."""
         segs = []
-        for frame in self.iface.poll(self.now):
+        frames = self.iface.poll(self.now)
+        while frames:
+            frame = frames.pop(0)
             eth = dpkt.ethernet.Ethernet(frame)
+            if eth.type == 0x0806 and eth.data.op == 1 and eth.data.tpa == HOST_IP:
+                # the host answers ARP, as the kernel would (the cache ages out)
+                self.iface.receive(arp_frame(op=2, tpa=STACK_IP, tha=STACK_MAC,
+                                             dst=STACK_MAC), self.now)
+                frames += self.iface.poll(self.now)
+                continue
             if eth.type != 0x0800 or eth.data.p != 6:
                 continue
             ip = eth.data

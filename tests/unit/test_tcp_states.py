@@ -301,3 +301,63 @@ def test_odd_flag_combinations_do_not_break_a_connection(flags):
     peer.send(flags, seq, ack)
     peer.out()
     assert peer.iface.counters["stack.internal_errors"] == 0
+
+
+# -- the remaining arrows of the state diagram ------------------------------------------------
+
+
+def test_rst_in_syn_received_returns_to_listen():
+    peer = Peer()
+    peer.listen()
+    peer.send(SYN, 1000, options=opts(mss=1460))
+    (synack,) = peer.out()
+    peer.send(RST, 1001)
+    assert peer.iface.tcp.connections == {} and 80 in peer.iface.tcp.listeners
+    peer.send(SYN, 2000, options=opts(mss=1460))  # the listener still answers
+    assert peer.out()[0].flags == SYN | ACK
+
+
+def test_close_in_syn_received_sends_fin_after_establishment():
+    peer = Peer()
+    peer.listen()
+    peer.send(SYN, 1000, options=opts(mss=1460))
+    (synack,) = peer.out()
+    conn = peer.iface.tcp.connections[next(iter(peer.iface.tcp.connections))]
+    conn.close()
+    assert peer.out() == []  # RFC 9293 3.10.4: queue the FIN until ESTABLISHED
+    peer.send(ACK, 1001, synack.seq + 1)
+    (fin,) = peer.out()
+    assert fin.flags & FIN and conn.state_name == "FIN-WAIT-1"
+
+
+def test_close_in_syn_sent_forgets_the_connection():
+    peer = Peer()
+    conn = peer.iface.tcp.connect(bytes([10, 77, 0, 1]), 5000, peer.now)
+    conn.user = User()
+    peer.out()
+    conn.close()
+    assert peer.iface.tcp.connections == {} and peer.iface.next_deadline() is None
+
+
+def test_fin_acking_our_fin_goes_straight_to_time_wait():
+    peer = Peer(TcpConfig(msl=1.0))
+    peer.listen()
+    conn, seq, ack = peer.handshake()
+    conn.close()
+    peer.out()
+    peer.send(FIN | ACK, seq, ack + 1)  # acks our FIN and carries theirs
+    (a,) = peer.out()
+    assert a.ack == seq + 1 and conn.state_name == "TIME-WAIT"
+
+
+def test_rst_in_close_wait_and_last_ack_closes_quietly():
+    peer = Peer()
+    peer.listen()
+    conn, seq, ack = peer.handshake()
+    peer.send(FIN | ACK, seq, ack)
+    peer.out()
+    conn.close()
+    peer.out()
+    assert conn.state_name == "LAST-ACK"
+    peer.send(RST, seq + 1)
+    assert peer.iface.tcp.connections == {} and peer.server_user.closed == [None]

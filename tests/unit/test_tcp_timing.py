@@ -210,3 +210,23 @@ def test_three_dupacks_trigger_a_fast_retransmit():
     assert peer.iface.counters["tcp.fast_retransmits"] == 1
     assert conn.cc.ssthresh == max(9000 // 2, 2000)
     assert len(segs) == 10
+
+
+# -- keepalive ---------------------------------------------------------------------------------
+
+
+def test_keepalive_is_off_by_default_and_probes_when_switched_on():
+    peer, conn, seq, ack = established(keepalive_idle=60.0, keepalive_interval=5.0,
+                                       keepalive_count=3)
+    assert peer.iface.next_deadline() is None  # off: an idle connection costs nothing
+    conn.set_keepalive(True, peer.now)
+    assert peer.out() == []  # (the runtime flushes after such a call)
+    out = peer.advance(60.0)
+    (probe,) = out
+    assert probe.seq == ack - 1 and len(probe.data) == 0  # one below SND.NXT: forces an ACK
+    peer.send(ACK, seq, ack)  # the peer answers: idle timer restarts
+    assert peer.advance(59.0) == []
+    probes = peer.advance(1.0 + 5.0 * 3 + 0.1)
+    assert len(probes) == 3
+    assert isinstance(peer.server_user.closed[0], TimeoutError)
+    assert peer.iface.counters["tcp.keepalive_timeouts"] == 1

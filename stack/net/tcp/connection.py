@@ -92,7 +92,7 @@ class Connection:
         "snd_nxt", "snd_una", "snd_wl1", "snd_wl2", "snd_wnd", "snd_wscale", "state",
         "t_delack", "t_keepalive", "t_persist", "t_rtx", "t_timewait", "timer_at",
         "ts_ok", "ts_recent", "ws_ok", "ts_recent_time", "user", "last_recv", "nodelay", "error",
-        "_listener",
+        "_listener", "keepalive",
     )
 
     def __init__(self, layer: TcpLayer, local_ip: bytes, local_port: int, remote_ip: bytes,
@@ -106,6 +106,7 @@ class Connection:
         self.passive = False
         self._listener = None
         self.nodelay = config.nodelay
+        self.keepalive = config.keepalive
         self.error: Exception | None = None
         # send side
         self.iss = iss
@@ -249,6 +250,14 @@ class Connection:
         self.snd_buf.append(data)
         self._mark()
 
+    def set_keepalive(self, enabled: bool, now: float) -> None:
+        """SO_KEEPALIVE for this connection (RFC 1122 4.2.3.6: off by default)."""
+        self.keepalive = enabled
+        self._keepalive_probes = 0
+        self.t_keepalive = now + self.config.keepalive_idle \
+            if enabled and self.state == ESTABLISHED else None
+        self._mark()
+
     def send_buffer_size(self) -> int:
         """Bytes written and not yet acknowledged (asyncio's write buffer size)."""
         return len(self.snd_buf)
@@ -306,7 +315,7 @@ class Connection:
     def segment_arrives(self, seg: Segment, now: float) -> None:
         self.segs_in += 1
         self.last_recv = now
-        if self.config.keepalive and self.state == ESTABLISHED:
+        if self.keepalive and self.state == ESTABLISHED:
             self._keepalive_probes = 0
             self.t_keepalive = now + self.config.keepalive_idle
         if self.state == SYN_SENT:
@@ -597,7 +606,7 @@ class Connection:
 
     def _established(self) -> None:
         self.layer.established(self)
-        if self.config.keepalive:
+        if self.keepalive:
             self.t_keepalive = self.last_recv + self.config.keepalive_idle
 
     # == receiving data ===================================================================

@@ -305,11 +305,22 @@ class TcpLayer:
             heapq.heappush(self._timers, (at, next(self._tiebreak), conn))
 
     def next_deadline(self) -> float | None:
+        """The earliest real deadline. Stale heads are dropped and heads whose connection
+        moved its deadline later are re-filed, so an idle stack never wakes for nothing."""
         timers = self._timers
-        while timers and (timers[0][2].timer_at != timers[0][0]
-                          or timers[0][2].state == CLOSED):
-            heapq.heappop(timers)  # drop stale heads so an idle stack sleeps
-        return timers[0][0] if timers else None
+        while timers:
+            at, _, conn = timers[0]
+            if conn.timer_at != at or conn.state == CLOSED:
+                heapq.heappop(timers)
+                continue
+            actual = conn.deadline()
+            if actual is not None and actual <= at:
+                return at
+            heapq.heappop(timers)
+            conn.timer_at = None
+            if actual is not None:
+                self._schedule(conn)
+        return None
 
     def gauges(self) -> dict[str, int]:
         g = {"tcp.connections": len(self.connections), "tcp.listeners": len(self.listeners)}
