@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib
 import ipaddress
 import json
 import logging
@@ -14,10 +15,12 @@ import shutil
 import signal
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from stack.api import Stack
+from stack.apps.http.server import HttpServerProtocol
+from stack.apps.http.site import Site
 from stack.apps.services import DiscardProtocol, EchoProtocol, SourceProtocol
 from stack.link import LinkError
 from stack.link import netns as ns
@@ -80,6 +83,19 @@ def _parser() -> argparse.ArgumentParser:
                        help="serve on a TAP device (in a network namespace by default)")
     r.add_argument("--no-services", action="store_true",
                    help="do not start the echo (TCP 7), discard (9) and source (19) services")
+    _http_options(r)
+    r.add_argument("--http-port", type=int, default=80,
+                   help="port of the HTTP server (default: %(default)s)")
+    r.add_argument("--no-http", action="store_true", help="do not serve HTTP")
+
+    k = sub.add_parser("serve-kernel",
+                       help="the same HTTP server on ordinary kernel sockets (uvloop), for "
+                            "side-by-side comparisons")
+    k.add_argument("--address", default="0.0.0.0", help="address to bind (default: %(default)s)")
+    k.add_argument("--port", type=int, default=8080, help="port (default: %(default)s)")
+    k.add_argument("--log-level", default="info",
+                   choices=["debug", "info", "warning", "error"])
+    _http_options(k)
 
     c = sub.add_parser("connect", parents=[common],
                        help="open a TCP connection from tapstack, like nc: stdin to the "
@@ -169,11 +185,13 @@ def _banner(args: argparse.Namespace, host_cidr: str | None) -> str:
     if args.tap != "tap0":
         stats += f" --tap {args.tap}"
     host = f", host side {host_cidr}" if host_cidr else ""
+    port = "" if args.http_port == 80 else f":{args.http_port}"
     lines = [
         f"tapstack ready: {args.address} ({args.mac}) on {args.tap} in {where}{host}",
         "try:",
         f"  {prefix}ping -c 3 {ip}",
         f"  {prefix}arping -c 3 -I {args.tap} {ip}",
+        *([] if args.no_http else [f"  {prefix}curl http://{ip}{port}/"]),
         f"  {prefix}tcpdump -ni {args.tap}",
         *([] if args.no_services else [
             f"  {prefix}nc {ip} 7          (echo; also discard on 9)",
@@ -187,10 +205,41 @@ def _banner(args: argparse.Namespace, host_cidr: str | None) -> str:
 SERVICES = {7: EchoProtocol, 9: DiscardProtocol, 19: SourceProtocol}
 
 
-async def start_services(runtime: Runtime) -> None:
-    stack = Stack(runtime)
-    for port, protocol in SERVICES.items():
-        await stack.create_server(protocol, port=port)
+def _http_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--app", metavar="MODULE:ATTR",
+                   help="serve this ASGI application instead of the built-in site")
+    p.add_argument("--root", metavar="DIR", help="serve static files from DIR")
+
+
+def load_app(args: argparse.Namespace, stats: Callable[[], dict] | None) -> Any:
+    """The ASGI app to serve: --app module:attr, or the built-in site."""
+    if args.root and not os.path.isdir(args.root):
+        raise UsageError(f"--root {args.root} is not a directory")
+    if not args.app:
+        return Site(stats=stats, root=args.root)
+    module_name, _, attr = args.app.partition(":")
+    if not module_name or not attr:
+        raise UsageError(f"--app {args.app!r} must look like module:attribute")
+    sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+        return getattr(module, attr)
+    except (ImportError, AttributeError) as exc:
+        raise UsageError(f"--app {args.app}: cannot load it ({exc})") from None
+
+
+def start_services(args: argparse.Namespace, app: Any
+                   ) -> Callable[[Runtime], Awaitable[None]]:
+    async def setup(runtime: Runtime) -> None:
+        stack = Stack(runtime)
+        if not args.no_services:
+            for port, protocol in SERVICES.items():
+                await stack.create_server(protocol, port=port)
+        if not args.no_http:
+            await stack.create_server(lambda: HttpServerProtocol(app), port=args.http_port,
+                                      backlog=1024)
+
+    return setup
 
 
 def _raise_exit(signum: int, _frame: Any) -> None:
@@ -254,14 +303,45 @@ def cmd_run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="tapstack: %(message)s",
                         stream=sys.stderr)
     config, host_cidr = build_config(args)
+    stats_source: list[Runtime] = []
+    app = load_app(args, lambda: stats_source[0].snapshot())
     with stack_environment(args, host_cidr) as (link, control, pcap):
         runtime = _runtime(args, config, link, pcap)
+        stats_source.append(runtime)
 
         def ready() -> None:
             print(_banner(args, host_cidr), flush=True)
 
         run(runtime, control, ready, use_uvloop=not args.asyncio,
-            setup=None if args.no_services else start_services)
+            setup=start_services(args, app))
+    return 0
+
+
+def cmd_serve_kernel(args: argparse.Namespace) -> int:
+    """The same HTTP server and site on the kernel's TCP/IP, for comparisons."""
+    logging.basicConfig(level=args.log_level.upper(), format="tapstack: %(message)s",
+                        stream=sys.stderr)
+    app = load_app(args, None)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            server = await loop.create_server(lambda: HttpServerProtocol(app), args.address,
+                                              args.port, backlog=1024, reuse_address=True)
+        except OSError as exc:
+            raise UsageError(f"cannot listen on {args.address}:{args.port}: "
+                             f"{exc.strerror}") from None
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        print(f"serve-kernel ready: http://{args.address}:{args.port}/ on kernel sockets",
+              flush=True)
+        await stop.wait()
+        server.close()
+
+    import uvloop
+
+    uvloop.run(main())
     return 0
 
 
@@ -362,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(args)
         if args.command == "connect":
             return cmd_connect(args)
+        if args.command == "serve-kernel":
+            return cmd_serve_kernel(args)
         return cmd_stats(args)
     except (UsageError, LinkError) as exc:
         print(f"tapstack: {exc}", file=sys.stderr)

@@ -1,0 +1,422 @@
+"""An HTTP/1.1 server as an asyncio Protocol, speaking ASGI 3 to the application.
+
+It runs unchanged on tapstack transports and on kernel sockets. Parsing is httptools
+(llhttp, the parser uvicorn uses); everything about connections is here: persistent
+connections and pipelining, HTTP/1.0, Content-Length and chunked bodies, Expect:
+100-continue, HEAD, limits with the right status codes, an idle timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import email.utils
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote
+
+import httptools
+
+log = logging.getLogger("tapstack.http")
+
+STATUS_TEXT = {
+    100: "Continue", 200: "OK", 201: "Created", 204: "No Content", 206: "Partial Content",
+    304: "Not Modified", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+    408: "Request Timeout", 409: "Conflict", 411: "Length Required",
+    413: "Content Too Large", 414: "URI Too Long", 416: "Range Not Satisfiable",
+    431: "Request Header Fields Too Large", 500: "Internal Server Error",
+    501: "Not Implemented", 503: "Service Unavailable", 505: "HTTP Version Not Supported",
+    507: "Insufficient Storage",
+}
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+@dataclass(slots=True)
+class Limits:
+    max_url: int = 8192  # 414 beyond
+    max_header_bytes: int = 65536  # all header lines together; 431 beyond
+    max_headers: int = 100  # 431 beyond
+    max_body: int = 1 << 30  # 413 beyond (Content-Length or streamed)
+    keepalive_timeout: float = 15.0  # idle connection, or headers not complete
+    body_buffer: int = 1 << 20  # request bytes buffered before reading pauses
+
+
+class _Reject(Exception):
+    def __init__(self, status: int, close: bool = True) -> None:
+        super().__init__(status)
+        self.status = status
+        self.close = close
+
+
+class _Date:
+    """The Date header, formatted once a second."""
+
+    value = b""
+    second = -1
+
+    @classmethod
+    def get(cls) -> bytes:
+        now = int(time.time())
+        if now != cls.second:
+            cls.second = now
+            cls.value = email.utils.formatdate(now, usegmt=True).encode()
+        return cls.value
+
+
+def simple_response(status: int, body: bytes | None = None, extra: list | None = None,
+                    close: bool = False, head: bool = False) -> bytes:
+    text = STATUS_TEXT.get(status, "Unknown")
+    if body is None:
+        body = f"{status} {text}\n".encode()
+    lines = [f"HTTP/1.1 {status} {text}".encode(), b"Date: " + _Date.get(),
+             b"Server: tapstack", b"Content-Type: text/plain; charset=utf-8",
+             b"Content-Length: " + str(len(body)).encode()]
+    for name, value in extra or ():
+        lines.append(name + b": " + value)
+    if close:
+        lines.append(b"Connection: close")
+    return b"\r\n".join(lines) + b"\r\n\r\n" + (b"" if head else body)
+
+
+class _Request:
+    __slots__ = ("body", "body_bytes", "complete", "event", "expect_continue", "headers",
+                 "keep_alive", "method", "url", "version")
+
+    def __init__(self) -> None:
+        self.url = bytearray()
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.method = ""
+        self.version = "1.1"
+        self.keep_alive = True
+        self.body: collections.deque[bytes] = collections.deque()
+        self.body_bytes = 0
+        self.complete = False
+        self.event = asyncio.Event()
+        self.expect_continue = False
+
+
+class HttpServerProtocol(asyncio.Protocol):
+    def __init__(self, app: Any, limits: Limits | None = None, scheme: str = "http",
+                 extra_scope: dict | None = None) -> None:
+        self.app = app
+        self.limits = limits or Limits()
+        self.scheme = scheme
+        self.extra_scope = extra_scope or {}
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.pipeline: collections.deque[_Request] = collections.deque()
+        self.current: _Request | None = None  # being parsed
+        self.runner: asyncio.Task | None = None
+        self.closing = False
+        self.header_bytes = 0
+        self.paused_reading = False
+        self.can_write = asyncio.Event()
+        self.can_write.set()
+        self.idle_handle: asyncio.TimerHandle | None = None
+        self.closing_after_pipeline = False
+        self.loop = asyncio.get_event_loop()
+
+    # -- asyncio.Protocol -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        sock = transport.get_extra_info("sockname")
+        self.client = (peer[0], peer[1]) if peer else None
+        self.server = (sock[0], sock[1]) if sock else None
+        self._arm_idle()
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        try:
+            self.parser.feed_data(data)
+        except _Reject as exc:
+            self._reject(exc.status)
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            self._reject(cause.status if isinstance(cause, _Reject) else 400)
+        except httptools.HttpParserInvalidMethodError:
+            self._reject(501)
+        except httptools.HttpParserUpgrade:
+            pass  # no upgrades offered: the request is served as plain HTTP/1.1
+        except httptools.HttpParserError:
+            self._reject(400)
+
+    def eof_received(self) -> bool:
+        # The client half-closed: finish what it asked for, then close.
+        if self.runner is None or self.runner.done():
+            return False
+        self.closing_after_pipeline = True
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        self._cancel_idle()
+        for req in list(self.pipeline) + ([self.current] if self.current else []):
+            req.event.set()
+        self.can_write.set()
+        if self.runner is not None and not self.runner.done():
+            self.runner.cancel()
+
+    def pause_writing(self) -> None:
+        self.can_write.clear()
+
+    def resume_writing(self) -> None:
+        self.can_write.set()
+
+    # -- httptools callbacks -----------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.current = _Request()
+        self.header_bytes = 0
+
+    def on_url(self, url: bytes) -> None:
+        self.current.url += url
+        if len(self.current.url) > self.limits.max_url:
+            raise _Reject(414)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        req = self.current
+        self.header_bytes += len(name) + len(value) + 4
+        req.headers.append((name.lower(), value))
+        if self.header_bytes > self.limits.max_header_bytes or \
+                len(req.headers) > self.limits.max_headers:
+            raise _Reject(431)
+
+    def on_headers_complete(self) -> None:
+        req = self.current
+        parser = self.parser
+        req.method = parser.get_method().decode("ascii", "replace")
+        req.version = parser.get_http_version()
+        req.keep_alive = parser.should_keep_alive()
+        if req.version not in ("1.0", "1.1"):
+            raise _Reject(505)
+        if req.method not in KNOWN_METHODS:
+            raise _Reject(501)
+        headers = dict(req.headers)
+        length = headers.get(b"content-length")
+        chunked = b"chunked" in headers.get(b"transfer-encoding", b"").lower()
+        if length is not None:
+            if not length.isdigit():
+                raise _Reject(400)
+            if int(length) > self.limits.max_body:
+                raise _Reject(413)
+        elif req.method in BODY_METHODS and not chunked:
+            raise _Reject(411)
+        if headers.get(b"expect", b"").lower() == b"100-continue" and (length or chunked):
+            # Answer at once: curl otherwise waits a second before sending the body.
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self._cancel_idle()
+        self.pipeline.append(req)
+        if self.runner is None or self.runner.done():
+            self.runner = self.loop.create_task(self._run_pipeline())
+
+    def on_body(self, body: bytes) -> None:
+        req = self.current
+        req.body_bytes += len(body)
+        if req.body_bytes > self.limits.max_body:
+            raise _Reject(413)
+        req.body.append(body)
+        req.event.set()
+        if not self.paused_reading and sum(map(len, req.body)) > self.limits.body_buffer:
+            self.paused_reading = True
+            self.transport.pause_reading()
+
+    def on_message_complete(self) -> None:
+        req = self.current
+        req.complete = True
+        req.event.set()
+        self.current = None
+
+    # -- running requests ----------------------------------------------------------------------
+
+    async def _run_pipeline(self) -> None:
+        while self.pipeline and not self.closing:
+            req = self.pipeline[0]
+            keep = await self._run_one(req)
+            self.pipeline.popleft()
+            if not keep:
+                self._close()
+                return
+        if self.closing_after_pipeline:
+            self._close()
+        elif not self.closing and self.current is None:
+            self._arm_idle()
+
+    async def _run_one(self, req: _Request) -> bool:
+        path_bytes, _, query = bytes(req.url).partition(b"?")
+        path = unquote(path_bytes.decode("latin-1"), errors="replace")
+        scope = {
+            "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"},
+            "http_version": req.version, "method": req.method, "scheme": self.scheme,
+            "path": path, "raw_path": path_bytes, "query_string": query,
+            "root_path": "", "headers": req.headers, "client": self.client,
+            "server": self.server, "extensions": {},
+        }
+        scope.update(self.extra_scope)
+        tcp_info = self.transport.get_extra_info("tcp_info")
+        if tcp_info is not None:  # on tapstack: what the stack knows of this connection
+            scope["extensions"]["tapstack"] = {
+                "tcp_info": tcp_info, "peer_mac": self.transport.get_extra_info("peer_mac")}
+        state = _ResponseState(req)
+        receive_done = False
+
+        async def receive() -> dict:
+            nonlocal receive_done
+            while True:
+                if self.closing:
+                    return {"type": "http.disconnect"}
+                if req.body:
+                    chunk = req.body.popleft()
+                    if self.paused_reading and sum(map(len, req.body)) < \
+                            self.limits.body_buffer // 4:
+                        self.paused_reading = False
+                        self.transport.resume_reading()
+                    return {"type": "http.request", "body": chunk,
+                            "more_body": not (req.complete and not req.body)}
+                if req.complete:
+                    if not receive_done:
+                        receive_done = True
+                        return {"type": "http.request", "body": b"", "more_body": False}
+                    req.event.clear()
+                    await req.event.wait()  # until disconnect
+                    continue
+                req.event.clear()
+                await req.event.wait()
+
+        async def send(message: dict) -> None:
+            await self._send(state, message)
+
+        try:
+            await self.app(scope, receive, send)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("ASGI application failed on %s %s", req.method, path)
+            if not state.started:
+                self.transport.write(simple_response(500, close=True))
+            return False
+        if not state.started:
+            self.transport.write(simple_response(500, close=True))
+            return False
+        if not state.finished:
+            await self._send(state, {"type": "http.response.body", "body": b"",
+                                     "more_body": False})
+        # A request whose body the app did not read: drain it or give up the connection.
+        if not req.complete:
+            return False
+        return state.keep_alive and not self.closing
+
+    async def _send(self, state: _ResponseState, message: dict) -> None:
+        if self.closing:
+            return
+        kind = message["type"]
+        req = state.req
+        if kind == "http.response.start":
+            if state.started:
+                raise RuntimeError("response already started")
+            state.started = True
+            state.status = message["status"]
+            state.headers = [(bytes(k).lower(), bytes(v)) for k, v in
+                             message.get("headers", [])]
+            return
+        if kind != "http.response.body" or not state.started or state.finished:
+            raise RuntimeError(f"unexpected ASGI message {kind}")
+        body = message.get("body", b"")
+        more = message.get("more_body", False)
+        write = self.transport.write
+        if not state.headers_sent:
+            write(self._head(state, None if more else len(body)))
+            state.headers_sent = True
+        if req.method != "HEAD" and state.status not in (204, 304) and body:
+            if state.chunked:
+                write(b"%x\r\n" % len(body) + body + b"\r\n")
+            else:
+                write(body)
+        if not more:
+            state.finished = True
+            if state.chunked and req.method != "HEAD":
+                write(b"0\r\n\r\n")
+        if not self.can_write.is_set():
+            await self.can_write.wait()
+
+    def _head(self, state: _ResponseState, body_length: int | None) -> bytes:
+        req = state.req
+        names = {k for k, _ in state.headers}
+        keep = req.keep_alive
+        lines = [f"HTTP/1.1 {state.status} {STATUS_TEXT.get(state.status, 'Unknown')}"
+                 .encode()]
+        if b"date" not in names:
+            lines.append(b"Date: " + _Date.get())
+        if b"server" not in names:
+            lines.append(b"Server: tapstack")
+        for k, v in state.headers:
+            if k == b"connection":
+                keep = keep and v.lower() != b"close"
+                continue
+            lines.append(k + b": " + v)
+        if b"content-length" not in names and state.status not in (204, 304) \
+                and not 100 <= state.status < 200:
+            if body_length is not None:
+                lines.append(b"Content-Length: " + str(body_length).encode())
+            elif req.version == "1.1":
+                lines.append(b"Transfer-Encoding: chunked")
+                state.chunked = True
+            else:
+                keep = False  # HTTP/1.0 without a length: the end of the body is the close
+        if not keep:
+            lines.append(b"Connection: close")
+        elif req.version == "1.0":
+            lines.append(b"Connection: keep-alive")
+        state.keep_alive = keep
+        return b"\r\n".join(lines) + b"\r\n\r\n"
+
+    # -- errors, timers, closing -------------------------------------------------------------
+
+    def _reject(self, status: int) -> None:
+        """A request we will not serve: the status, then close (the stream is unusable)."""
+        if self.transport is None or self.closing:
+            return
+        head = self.current is not None and self.parser.get_method() == b"HEAD"
+        self.transport.write(simple_response(status, close=True, head=head))
+        self._close()
+
+    def _close(self) -> None:
+        if not self.closing:
+            self.closing = True
+            self._cancel_idle()
+            self.transport.close()
+
+    def _arm_idle(self) -> None:
+        self._cancel_idle()
+        self.idle_handle = self.loop.call_later(self.limits.keepalive_timeout, self._idle)
+
+    def _cancel_idle(self) -> None:
+        if self.idle_handle is not None:
+            self.idle_handle.cancel()
+            self.idle_handle = None
+
+    def _idle(self) -> None:
+        self.idle_handle = None
+        if self.current is not None and not self.closing:
+            self.transport.write(simple_response(408, close=True))  # headers never came
+        self._close()
+
+
+class _ResponseState:
+    __slots__ = ("chunked", "finished", "headers", "headers_sent", "keep_alive", "req",
+                 "started", "status")
+
+    def __init__(self, req: _Request) -> None:
+        self.req = req
+        self.started = False
+        self.headers_sent = False
+        self.finished = False
+        self.chunked = False
+        self.keep_alive = True
+        self.status = 200
+        self.headers: list[tuple[bytes, bytes]] = []
