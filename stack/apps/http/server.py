@@ -143,8 +143,9 @@ class HttpServerProtocol(asyncio.Protocol):
             self._reject(501)
         except httptools.HttpParserUpgrade:
             pass  # no upgrades offered: the request is served as plain HTTP/1.1
-        except httptools.HttpParserError:
-            self._reject(400)
+        except httptools.HttpParserError as exc:
+            # llhttp refuses versions it does not know (HTTP/3.0) before our own check
+            self._reject(505 if "HTTP version" in str(exc) else 400)
 
     def eof_received(self) -> bool:
         # The client half-closed: finish what it asked for, then close.

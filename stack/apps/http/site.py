@@ -96,6 +96,8 @@ class Site:
             return
         path = scope["path"]
         method = scope["method"]
+        if path == "/" and self.root and os.path.isfile(os.path.join(self.root, "index.html")):
+            return await self._static(scope, send, path)  # the user's own front page
         if path == "/":
             if method not in ("GET", "HEAD"):
                 return await self._not_allowed(send, "GET, HEAD")
