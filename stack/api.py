@@ -249,6 +249,79 @@ def tcp_info(conn: Connection) -> dict[str, Any]:
     }
 
 
+class UdpTransport(asyncio.DatagramTransport):
+    """An asyncio DatagramTransport over a tapstack UDP endpoint (its DatagramUser)."""
+
+    def __init__(self, stack: Stack, protocol: asyncio.DatagramProtocol, local_port: int,
+                 remote: tuple[str, int] | None) -> None:
+        super().__init__()
+        self._stack = stack
+        self._protocol = protocol
+        self._closing = False
+        udp = stack.runtime.iface.udp
+        self._remote = remote
+        self._endpoint = udp.bind(local_port, self,
+                                  (_ip(remote[0]), remote[1]) if remote else None)
+        self._sockname = (ip_to_str(stack.runtime.iface.ipv4.address), self._endpoint.port)
+
+    # DatagramUser
+    def on_datagram(self, data: bytes, addr: tuple[str, int]) -> None:
+        if not self._closing:
+            self._protocol.datagram_received(data, addr)
+
+    def on_error(self, exc: Exception) -> None:
+        if not self._closing:
+            self._protocol.error_received(exc)
+
+    # asyncio.DatagramTransport
+    def sendto(self, data: bytes | bytearray | memoryview,
+               addr: tuple[str, int] | None = None) -> None:
+        if self._closing:
+            return
+        if addr is None:
+            if self._remote is None:
+                raise ValueError("an address is required on an unconnected endpoint")
+            addr = self._remote
+        elif self._remote is not None and tuple(addr) != self._remote:
+            raise ValueError(f"invalid address: must be None or {self._remote}")
+        try:
+            self._stack.runtime.iface.udp.sendto(self._endpoint, bytes(data), _ip(addr[0]),
+                                                 addr[1], self._stack.loop.time())
+        except OSError as exc:
+            self._protocol.error_received(exc)  # as asyncio reports send errors
+            return
+        self._stack.kick()
+
+    def abort(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self._stack.runtime.iface.udp.unbind(self._endpoint)
+        self._stack.loop.call_soon(self._protocol.connection_lost, None)
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "sockname":
+            return self._sockname
+        if name == "peername":
+            return self._remote if self._remote is not None else default
+        return default
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._protocol
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._protocol = protocol
+
+
 class Server(asyncio.AbstractServer):
     def __init__(self, stack: Stack, port: int) -> None:
         self._stack = stack
@@ -343,6 +416,25 @@ class Stack:
         except asyncio.CancelledError:
             transport.abort()
             raise
+        return transport, protocol
+
+    async def create_datagram_endpoint(
+            self, protocol_factory: Callable[[], asyncio.DatagramProtocol],
+            local_addr: tuple[str, int] | None = None,
+            remote_addr: tuple[str, int] | None = None
+    ) -> tuple[UdpTransport, asyncio.DatagramProtocol]:
+        iface = self.runtime.iface
+        port = 0
+        if local_addr is not None:
+            host, port = local_addr
+            if host not in (None, "", "0.0.0.0") and _ip(host) != iface.ipv4.address:
+                raise OSError(99, f"{host} is not this stack's address")
+        if remote_addr is not None:
+            _ip(remote_addr[0])
+            remote_addr = (remote_addr[0], remote_addr[1])
+        protocol = protocol_factory()
+        transport = UdpTransport(self, protocol, port, remote_addr)
+        protocol.connection_made(transport)
         return transport, protocol
 
     async def open_connection(self, host: str, port: int, limit: int = 2 ** 16, **kw: Any

@@ -21,7 +21,12 @@ from typing import Any
 from stack.api import Stack
 from stack.apps.http.server import HttpServerProtocol
 from stack.apps.http.site import Site
-from stack.apps.services import DiscardProtocol, EchoProtocol, SourceProtocol
+from stack.apps.services import (
+    DiscardProtocol,
+    EchoProtocol,
+    SourceProtocol,
+    UdpEchoProtocol,
+)
 from stack.link import LinkError
 from stack.link import netns as ns
 from stack.link.impair import Impairment, ImpairSpecError
@@ -82,7 +87,8 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", parents=[common],
                        help="serve on a TAP device (in a network namespace by default)")
     r.add_argument("--no-services", action="store_true",
-                   help="do not start the echo (TCP 7), discard (9) and source (19) services")
+                   help="do not start the echo (TCP and UDP 7), discard (9) and source (19) "
+                        "services")
     _http_options(r)
     r.add_argument("--http-port", type=int, default=80,
                    help="port of the HTTP server (default: %(default)s)")
@@ -194,7 +200,7 @@ def _banner(args: argparse.Namespace, host_cidr: str | None) -> str:
         *([] if args.no_http else [f"  {prefix}curl http://{ip}{port}/"]),
         f"  {prefix}tcpdump -ni {args.tap}",
         *([] if args.no_services else [
-            f"  {prefix}nc {ip} 7          (echo; also discard on 9)",
+            f"  {prefix}nc {ip} 7          (echo; also discard on 9, UDP echo: nc -u)",
             f"  echo 1000000 | {prefix}nc -N {ip} 19 | wc -c   (source: N bytes)"]),
         f"  {stats}",
         "Ctrl-C stops it and removes what it created.",
@@ -235,6 +241,7 @@ def start_services(args: argparse.Namespace, app: Any
         if not args.no_services:
             for port, protocol in SERVICES.items():
                 await stack.create_server(protocol, port=port)
+            await stack.create_datagram_endpoint(UdpEchoProtocol, local_addr=("", 7))
         if not args.no_http:
             await stack.create_server(lambda: HttpServerProtocol(app), port=args.http_port,
                                       backlog=1024)

@@ -117,3 +117,16 @@ class SourceProtocol(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         return self.remaining > 0  # keep sending if the client half-closed after asking
+
+
+class UdpEchoProtocol(asyncio.DatagramProtocol):
+    """RFC 862 over UDP: each datagram goes back to its sender."""
+
+    def connection_made(self, transport: asyncio.DatagramTransport) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.transport.sendto(data, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        pass  # an ICMP error about an earlier reply: nothing to do for echo

@@ -16,8 +16,10 @@ from stack.net.arp import ArpConfig, ArpEngine
 from stack.net.counters import Counters
 from stack.net.icmp import IcmpEngine
 from stack.net.ipv4 import IPv4Layer
+from stack.net.reassembly import ReassemblyConfig
 from stack.net.tcp.connection import TcpConfig
 from stack.net.tcp.layer import TcpLayer
+from stack.net.udp import UdpLayer
 from stack.wire.ethernet import (
     BROADCAST_MAC,
     ETH_HEADER,
@@ -42,6 +44,7 @@ class InterfaceConfig:
     mtu: int = 1500
     arp: ArpConfig = field(default_factory=ArpConfig)
     tcp: TcpConfig = field(default_factory=TcpConfig)
+    reassembly: ReassemblyConfig = field(default_factory=ReassemblyConfig)
 
 
 class Interface:
@@ -55,9 +58,11 @@ class Interface:
         self.arp = ArpEngine(config.mac, config.address, config.arp, self.counters,
                              self._tx.append)
         self.ipv4 = IPv4Layer(config.mac, config.address, config.prefixlen, config.gateway,
-                              config.mtu, self.arp, self.counters, self._tx.append, self.rng)
+                              config.mtu, self.arp, self.counters, self._tx.append, self.rng,
+                              config.reassembly)
         self.icmp = IcmpEngine(self.ipv4, self.counters)
         self.tcp = TcpLayer(self.ipv4, self.counters, config.tcp, self.rng)
+        self.udp = UdpLayer(self.ipv4, self.counters, self.rng)
         self.last_internal_error: str | None = None
 
     def start(self, now: float) -> None:
@@ -92,6 +97,7 @@ class Interface:
     def poll(self, now: float) -> list[bytes]:
         """Run timers that are due and hand over every frame waiting to be sent."""
         self.arp.poll(now)
+        self.ipv4.poll(now)
         self.tcp.poll(now)
         if not self._tx:
             return []
@@ -103,17 +109,19 @@ class Interface:
         return out
 
     def next_deadline(self) -> float | None:
-        arp = self.arp.next_deadline()
-        tcp = self.tcp.next_deadline()
-        if arp is None:
-            return tcp
-        return arp if tcp is None else min(arp, tcp)
+        times = [t for t in (self.arp.next_deadline(), self.ipv4.next_deadline(),
+                             self.tcp.next_deadline()) if t is not None]
+        return min(times) if times else None
 
     def gauges(self) -> dict[str, int]:
         """Current sizes of the bounded tables, for stats."""
         return {
             "arp.cache_entries": len(self.arp.cache),
             "arp.pending_resolutions": len(self.arp.pending),
+            "ipv4.reasm_datagrams_held": len(self.ipv4.reassembler.pending),
+            "ipv4.reasm_bytes_held": self.ipv4.reassembler.bytes,
+            "ipv4.pmtu_entries": len(self.ipv4.pmtu),
+            "udp.endpoints": len(self.udp.endpoints),
             **self.tcp.gauges(),
         }
 

@@ -245,8 +245,8 @@ MALFORMED = [
     ("source is loopback", eth(ip_packet(echo_request(), src=bytes([127, 0, 0, 1]))),
      "ipv4.rx_bad_source"),
     ("TTL 0", eth(ip_packet(echo_request(), ttl=0)), "ipv4.rx_ttl_zero"),
-    ("fragment", eth(ip_packet(echo_request(), mf=1)), "ipv4.rx_fragments_dropped"),
-    ("unknown protocol", eth(ip_packet(b"abcd", p=200)), "ipv4.rx_unknown_protocol"),
+    ("unknown protocol to broadcast", eth(ip_packet(b"abcd", p=200, dst=b"\xff" * 4),
+                                          dst=BROADCAST), "ipv4.rx_unknown_protocol"),
     ("truncated ICMP", eth(ip_packet(b"\x08\x00\x00")), "icmp.rx_truncated"),
     ("bad ICMP checksum", with_byte(GOOD, len(GOOD) - 1, GOOD[-1] ^ 1),
      "icmp.rx_bad_checksum"),
@@ -275,3 +275,15 @@ def test_malformed_frame_is_dropped_and_counted(frame, counter):
     iface.receive(ping_frame(seq=77), 2.0)
     (reply,) = iface.poll(2.0)
     assert parse(reply).data.data.data.seq == 77
+
+
+def test_unknown_protocol_gets_protocol_unreachable():
+    iface = make_iface()
+    learn_host(iface)
+    iface.receive(eth(ip_packet(b"abcdefghij", p=200)), 1.0)
+    (frame,) = iface.poll(1.0)
+    ip = parse(frame).data
+    assert (ip.p, ip.data.type, ip.data.code) == (1, 3, 2)
+    quoted = dpkt.ip.IP(bytes(ip.data.data.data))  # RFC 792: header + 8 bytes quoted
+    assert quoted.p == 200 and bytes(quoted.data)[:8] == b"abcdefgh"
+    assert iface.counters["icmp.tx_errors"] == 1

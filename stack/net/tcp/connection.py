@@ -198,11 +198,28 @@ class Connection:
         return self._fin_queued and seq_gt(self.snd_una, self._fin_seq())
 
     def _setup_mss(self, peer_mss: int | None) -> None:
-        """RFC 9293 3.7.1: send at most the peer's MSS minus our option bytes (RFC 6691)."""
+        """RFC 9293 3.7.1: send at most the peer's MSS (and what the path carries), minus
+        our option bytes (RFC 6691)."""
         local_max = self.layer.mtu - 40
         self.peer_mss = min(peer_mss if peer_mss else 536, local_max)
-        self.eff_mss = max(self.peer_mss - (TS_OPTION_LEN if self.ts_ok else 0), 64)
+        self.eff_mss = self._mss_for(self.layer.path_mtu(self.remote_ip))
         self.cc = NewReno(self.eff_mss)
+
+    def _mss_for(self, path_mtu: int) -> int:
+        return max(min(self.peer_mss, path_mtu - 40) - (TS_OPTION_LEN if self.ts_ok else 0),
+                   64)
+
+    def path_mtu_changed(self, path_mtu: int) -> None:
+        """RFC 1191: a smaller path MTU; segments in flight are sent again, re-cut to the
+        new size (like Linux's tcp_simple_retransmit: no congestion response)."""
+        mss = self._mss_for(path_mtu)
+        if mss >= self.eff_mss:
+            return
+        self.eff_mss = mss
+        if self.state not in (SYN_SENT, SYN_RECEIVED) and self.snd_nxt != self.snd_una:
+            self.snd_nxt = self.snd_una
+            self._rtt_seq = None
+        self._mark()
 
     # == opening ===========================================================================
 

@@ -13,6 +13,7 @@ import hashlib
 import heapq
 import itertools
 import random
+import struct
 from collections.abc import Callable
 
 from stack.net.counters import Counters
@@ -20,16 +21,18 @@ from stack.net.ipv4 import IPv4Layer
 from stack.net.tcp.connection import (
     CLOSED,
     STATE_NAMES,
+    SYN_SENT,
     TIME_WAIT,
     Connection,
     TcpConfig,
 )
-from stack.net.tcp.seq import MASK, seq_add, seq_gt
+from stack.net.tcp.seq import MASK, seq_add, seq_ge, seq_gt, seq_lt
 from stack.wire.errors import MalformedError
 from stack.wire.ipv4 import FLAG_DF, PROTO_TCP, IPv4Header, ip_to_str
 from stack.wire.tcp import ACK, RST, SYN, Segment, build_tcp, parse_tcp
 
 EPHEMERAL_LOW, EPHEMERAL_HIGH = 32768, 60999  # Linux's default range
+_QUOTED_TCP = struct.Struct("!HHI")  # the 8 quoted bytes: ports and sequence number
 
 COUNTERS = (
     "tcp.rx_segments", "tcp.tx_segments", "tcp.rx_truncated", "tcp.rx_bad_data_offset",
@@ -42,6 +45,7 @@ COUNTERS = (
     "tcp.challenge_acks_limited", "tcp.listen_overflows", "tcp.window_probes",
     "tcp.keepalive_probes", "tcp.keepalive_timeouts", "tcp.time_wait_reused",
     "tcp.time_wait_fin_acked", "tcp.ephemeral_exhausted", "tcp.zero_window_drops",
+    "tcp.icmp_errors", "tcp.icmp_bad_seq",
 )
 
 
@@ -80,6 +84,7 @@ class TcpLayer:
         self._challenge_count = 0
         counters.declare(*COUNTERS)
         ipv4.handlers[PROTO_TCP] = self.receive
+        ipv4.error_handlers[PROTO_TCP] = self.receive_error
 
     # == the application side ==============================================================
 
@@ -169,6 +174,35 @@ class TcpLayer:
             self._listen_input(listener, ip.src, seg, now)
         else:
             self._closed_input(ip.src, seg)
+
+    def receive_error(self, icmp_type: int, code: int, mtu: int, header: IPv4Header,
+                      data: memoryview, now: float) -> None:
+        """An ICMP error quoting one of our segments (RFC 1122 4.2.3.9, RFC 5927)."""
+        self.now = now
+        c = self.counters
+        sport, dport, seq = _QUOTED_TCP.unpack_from(data, 0)
+        conn = self.connections.get((header.dst, dport, sport))
+        if conn is None:
+            c["icmp.rx_errors_unmatched"] += 1
+            return
+        # RFC 5927 4.1: believe only errors about a sequence number still in flight
+        if not (seq_ge(seq, conn.snd_una) and seq_lt(seq, conn.snd_max)):
+            c["tcp.icmp_bad_seq"] += 1
+            return
+        c["tcp.icmp_errors"] += 1
+        if icmp_type == 3 and code == 4:
+            new = self.ipv4.update_pmtu(header.dst, mtu, now)
+            if new is not None:
+                for other in list(self.connections.values()):
+                    if other.remote_ip == header.dst:
+                        other.path_mtu_changed(new)
+        elif icmp_type == 3 and code in (2, 3) and conn.state == SYN_SENT:
+            conn._terminate(ConnectionRefusedError(
+                f"connection refused by {self.peer_name(conn)} (ICMP)"))
+        # other errors are soft (RFC 1122 4.2.3.9): the retransmission timer decides
+
+    def path_mtu(self, dst: bytes) -> int:
+        return self.ipv4.path_mtu(dst, self.now)
 
     @staticmethod
     def _time_wait_reusable(conn: Connection, seg: Segment) -> bool:
