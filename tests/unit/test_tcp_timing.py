@@ -179,12 +179,14 @@ def test_rto_backs_off_exponentially_from_the_200ms_floor():
     conn.send(b"r" * 100)
     (first,) = peer.out()
     times = []
-    for _ in range(4):
+    for _ in range(5):
         out = peer.advance(peer.iface.next_deadline() - peer.now)
         assert bytes(out[0].data) == b"r" * 100 and out[0].seq == first.seq
         times.append(round(peer.now, 3))
-    # the handshake's RTT sample was ~0: RTO = max(SRTT + 4 RTTVAR, 200 ms)
-    assert times == [0.2, 0.6, 1.4, 3.0]
+    # first a tail loss probe after 2 SRTT + 40 ms (RFC 8985; SRTT ~0 here), then the RTO:
+    # max(SRTT + 4 RTTVAR, 200 ms), doubling each time
+    assert times == [0.04, 0.24, 0.64, 1.44, 3.04]
+    assert peer.iface.counters["tcp.tlp_probes"] == 1
     assert peer.iface.counters["tcp.rto_expiries"] == 4
 
 
@@ -230,3 +232,28 @@ def test_keepalive_is_off_by_default_and_probes_when_switched_on():
     assert len(probes) == 3
     assert isinstance(peer.server_user.closed[0], TimeoutError)
     assert peer.iface.counters["tcp.keepalive_timeouts"] == 1
+
+
+def sack_opt(*blocks):
+    body = b"".join(struct.pack("!II", left & 0xFFFFFFFF, right & 0xFFFFFFFF)
+                    for left, right in blocks)
+    return b"\x01\x01" + bytes([5, 2 + len(body)]) + body
+
+
+def test_sack_recovery_repairs_every_hole_without_waiting_a_round_trip_each():
+    peer, conn, seq, ack = established(mss=1000)
+    conn.send(b"s" * 10_000)
+    segs = peer.out()
+    assert len(segs) == 10
+    base = ack  # segment i covers [base + 1000 i, base + 1000 (i + 1))
+    peer.send(ACK, seq, base + 1000)  # segment 0 arrived; 1 and 4 were lost
+    blocks = [(base + 2000, base + 4000), (base + 5000, base + 10_000)]
+    for i in range(3):
+        peer.send(ACK, seq, base + 1000, options=sack_opt(*blocks[: 1 + (i > 0)]))
+    out = peer.out()
+    resent = sorted({s.seq - base for s in out if len(s.data)})
+    assert resent[:2] == [1000, 4000]  # both holes at once, nothing SACKed re-sent
+    assert all(r not in (2000, 3000, 5000, 6000, 7000, 8000, 9000) for r in resent)
+    assert peer.iface.counters["tcp.sack_retransmits"] == 2
+    peer.send(ACK, seq, base + 10_000)
+    assert conn.snd_una == base + 10_000 and not conn._in_recovery

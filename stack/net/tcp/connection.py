@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Protocol
 from stack.net.tcp.buffers import OutOfOrderQueue, SendBuffer
 from stack.net.tcp.congestion import NewReno
 from stack.net.tcp.rto import RtoEstimator
+from stack.net.tcp.sack import SackScoreboard
 from stack.net.tcp.seq import (
     MASK,
     seq_add,
@@ -40,6 +41,7 @@ STATE_NAMES = ("CLOSED", "LISTEN", "SYN-SENT", "SYN-RECEIVED", "ESTABLISHED", "F
 
 # States in which we may still send data, and in which received data is delivered.
 _SEND_STATES = frozenset({ESTABLISHED, CLOSE_WAIT})
+_PROBE_STATES = frozenset({ESTABLISHED, CLOSE_WAIT, FIN_WAIT_1, CLOSING, LAST_ACK})
 _RECV_STATES = frozenset({ESTABLISHED, FIN_WAIT_1, FIN_WAIT_2})
 
 TS_OPTION_LEN = 12  # NOP NOP TS: what every data segment carries when timestamps are on
@@ -92,7 +94,8 @@ class Connection:
         "snd_nxt", "snd_una", "snd_wl1", "snd_wl2", "snd_wnd", "snd_wscale", "state",
         "t_delack", "t_keepalive", "t_persist", "t_rtx", "t_timewait", "timer_at",
         "ts_ok", "ts_recent", "ws_ok", "ts_recent_time", "user", "last_recv", "nodelay", "error",
-        "_listener", "keepalive",
+        "_listener", "keepalive", "_sack", "_sack_recovery", "_high_rxt", "_tlp_armed",
+        "_tlp_done",
     )
 
     def __init__(self, layer: TcpLayer, local_ip: bytes, local_port: int, remote_ip: bytes,
@@ -126,6 +129,11 @@ class Connection:
         self.rto = RtoEstimator(config.initial_rto, config.min_rto, config.max_rto)
         self._dupacks = 0
         self._in_recovery = False
+        self._sack = SackScoreboard()  # what the peer told us it holds beyond SND.UNA
+        self._sack_recovery = False  # this recovery is driven by the scoreboard
+        self._high_rxt = iss  # RFC 6675 HighRxt: retransmitted up to here
+        self._tlp_armed = False  # t_rtx is a tail loss probe timer, not the RTO
+        self._tlp_done = False  # one probe per flight (RFC 8985 7.2)
         self._recover = iss
         self._retries = 0
         self._rtt_seq: int | None = None
@@ -534,12 +542,18 @@ class Connection:
             self._challenge_ack(now)
             return False
         window = seg.window << self.snd_wscale
+        old_una = self.snd_una
+        if self.sack_ok and (seg.options.sack_blocks or self._sack):
+            # an old (reordered) ACK still carries valid blocks; the board stays on SND.UNA
+            base = ack if seq_gt(ack, old_una) else old_una
+            self._sack.update(seg.options.sack_blocks, base, self.snd_max, old_una)
         if seq_gt(ack, self.snd_una):
             self._ack_advanced(seg, now)
             if self.state == CLOSED:
                 return False
         elif ack == self.snd_una:
             self._maybe_dupack(seg, window, now)
+        self._detect_loss(now)
         # window update (RFC 9293 3.10.7.4: SND.WL1/SND.WL2 rule)
         if seq_lt(self.snd_wl1, seg.seq) or (
                 self.snd_wl1 == seg.seq and seq_le(self.snd_wl2, ack)):
@@ -572,17 +586,81 @@ class Connection:
             self._dupacks = 0
             return
         self._dupacks += 1
+        if self._in_recovery and not self._sack_recovery:
+            self.cc.on_dupack_in_recovery(self.eff_mss)
+
+    def _detect_loss(self, now: float) -> None:
+        """Enter fast recovery on DupThresh duplicate ACKs, or when SACKs show more than
+        (DupThresh - 1) segments above SND.UNA (RFC 6675 5), with RFC 5827's early
+        retransmit lowering DupThresh when little is outstanding and nothing is waiting."""
+        if self._in_recovery or self.snd_una == self.snd_max:
+            return
         mss = self.eff_mss
-        if self._in_recovery:
-            self.cc.on_dupack_in_recovery(mss)
-        elif self._dupacks == 3:
-            # RFC 6582 3.2 step 2: only if this loss is past the last recovery point.
-            if seq_gt(self.snd_una, self._recover) or self._recover == self.iss:
-                self.layer.counters["tcp.fast_retransmits"] += 1
-                self._in_recovery = True
-                self._recover = self.snd_max
-                self.cc.on_fast_retransmit(seq_diff(self.snd_max, self.snd_una), mss)
-                self._retransmit_first(now)
+        outstanding = seq_diff(self.snd_max, self.snd_una)
+        thresh = 3
+        segments = -(-outstanding // mss)
+        if segments < 4 and seq_diff(self.snd_buf.end, self.snd_nxt) <= 0:
+            thresh = max(segments - 1, 1)
+        lost = self._dupacks >= thresh
+        if not lost and self._sack:
+            lost = self._sack.sacked_bytes() > (thresh - 1) * mss
+        # RFC 6582 3.2 step 2: only for losses past the last recovery point.
+        if not lost or not (seq_gt(self.snd_una, self._recover) or self._recover == self.iss):
+            return
+        self.layer.counters["tcp.fast_retransmits"] += 1
+        self._in_recovery = True
+        self._recover = self.snd_max
+        self._tlp_armed = False
+        if self._sack:
+            self._sack_recovery = True
+            self._high_rxt = self.snd_una
+            self.cc.on_fast_retransmit(outstanding, mss)
+            self.cc.cwnd = self.cc.ssthresh  # RFC 6675: pipe, not inflation, paces it
+            self._sack_retransmit(now)
+        else:
+            self._sack_recovery = False
+            self.cc.on_fast_retransmit(outstanding, mss)
+            self._retransmit_first(now)
+
+    def _pipe(self) -> int:
+        """RFC 6675 4 SetPipe: bytes believed to be in the network."""
+        una = self.snd_una
+        outstanding = seq_diff(self.snd_max, una)
+        if not self._sack:
+            return outstanding
+        rtx = max(seq_diff(self._high_rxt, una), 0)
+        pipe = outstanding - self._sack.sacked_bytes()
+        for s, e, lost in self._sack.holes(2 * self.eff_mss):
+            if lost:
+                pipe -= (e - s) - max(0, min(e, rtx) - s)
+        return pipe
+
+    def _sack_retransmit(self, now: float) -> None:
+        """RFC 6675 NextSeg rule 1: re-send lost holes while cwnd - pipe allows."""
+        mss = self.eff_mss
+        una = self.snd_una
+        data_end = seq_diff(self.snd_buf.end, una)
+        while self.cc.cwnd - self._pipe() >= mss:
+            rtx = max(seq_diff(self._high_rxt, una), 0)
+            target = None
+            for s, e, lost in self._sack.holes(2 * mss):
+                if lost and e > rtx:
+                    start = max(s, rtx)
+                    target = (start, min(e, start + mss, data_end))
+                    break
+            if target is None or target[1] <= target[0]:
+                return
+            start, end = target
+            seq = seq_add(una, start)
+            self._emit(seq, ACK, self.snd_buf.get(seq, end - start), now)
+            self._high_rxt = seq_add(una, end)
+            self._rtt_seq = None  # Karn
+            self.retransmits += 1
+            self.layer.counters["tcp.retransmits"] += 1
+            self.layer.counters["tcp.sack_retransmits"] += 1
+            if self.t_rtx is None or self._tlp_armed:
+                self._tlp_armed = False
+                self.t_rtx = now + self.rto.current()
 
     def _ack_advanced(self, seg: Segment, now: float) -> None:
         """New data (or our SYN/FIN) acknowledged: buffers, RTT, congestion, timers."""
@@ -607,17 +685,18 @@ class Connection:
         if self._in_recovery:
             if seq_ge(ack, self._recover):
                 self._in_recovery = False
+                self._sack_recovery = False
                 self.cc.on_recovery_exit(seq_diff(self.snd_max, ack), mss)
-            else:
+            elif not self._sack_recovery:
                 self.cc.on_partial_ack(acked, mss)  # RFC 6582 3.2 step 5
                 self._retransmit_first(now)
+            # with SACK, output() re-sends the next holes as the pipe drains
         else:
             self.cc.on_ack(acked, mss, False)
-        # RFC 6298 5.2/5.3: stop the timer when all is acked, else restart it.
-        if self.snd_una == self.snd_max:
-            self.t_rtx = None
-        else:
-            self.t_rtx = now + self.rto.current()
+        # RFC 6298 5.2/5.3: stop the timer when all is acked, else restart it (or the
+        # tail loss probe in its place, RFC 8985 7.2).
+        self._tlp_done = False
+        self._arm_rtx(now)
         if self.user is not None:
             self.user.on_acked()
 
@@ -749,6 +828,8 @@ class Connection:
                 self._emit(self.snd_nxt, ACK, b"", now)
             return
         sent = False
+        if self._sack_recovery:
+            self._sack_retransmit(now)
         if state in _SEND_STATES or (state in (FIN_WAIT_1, CLOSING, LAST_ACK)
                                      and not self._fin_sent()):
             sent = self._send_data(now)
@@ -803,7 +884,22 @@ class Connection:
             if 0 < self._dupacks < 3 and not self._in_recovery:
                 cwnd += self._dupacks * mss  # RFC 3042 limited transmit
             window = min(self.snd_wnd, cwnd)
-            usable = window - seq_diff(self.snd_nxt, self.snd_una)
+            if self._sack_recovery:
+                usable = min(cwnd - self._pipe(),
+                             self.snd_wnd - seq_diff(self.snd_nxt, self.snd_una))
+            else:
+                usable = window - seq_diff(self.snd_nxt, self.snd_una)
+            room = unsent
+            if self._sack:
+                # after an RTO rewind, do not send again what the peer said it holds
+                off = seq_diff(self.snd_nxt, self.snd_una)
+                skip_to = self._sack.covering(off)
+                if skip_to is not None:
+                    self.snd_nxt = seq_add(self.snd_una, skip_to)
+                    continue
+                nxt_block = self._sack.next_start(off)
+                if nxt_block is not None:
+                    room = nxt_block - off  # stop short of data the peer already holds
             fin_ready = self._fin_queued and not self._fin_sent()
             if unsent == 0:
                 if fin_ready:
@@ -815,8 +911,8 @@ class Connection:
                 if self.snd_wnd == 0 and self.flight_size == 0 and self.t_persist is None:
                     self._arm_persist(now)
                 break
-            n = min(unsent, usable, mss)
-            if n < mss and n < unsent:
+            n = min(unsent, usable, mss, room)
+            if n < mss and n < unsent and n < room:
                 # window-limited small segment: RFC 9293 3.8.6.2.1 sender SWS avoidance
                 if n < self.max_snd_wnd // 2 or self.flight_size > 0:
                     break
@@ -842,7 +938,56 @@ class Connection:
                 self._rtt_seq, self._rtt_time = start, now
             self.snd_max = self.snd_nxt
         if self.t_rtx is None:
-            self.t_rtx = now + self.rto.current()
+            self._arm_rtx(now)
+
+    def _arm_rtx(self, now: float) -> None:
+        """The retransmission timer, or a tail loss probe before it (RFC 8985 7.2): after
+        2 SRTT (plus the delayed-ACK time when one segment is out) a probe makes the peer
+        report a lost tail through SACK or duplicate ACKs, instead of waiting for RTO."""
+        if self.snd_una == self.snd_max:
+            self.t_rtx = None
+            self._tlp_armed = False
+            return
+        rto = self.rto.current()
+        srtt = self.rto.srtt
+        if srtt is not None and not self._tlp_done and not self._in_recovery \
+                and self.rto.backoff == 0 and self.state in _PROBE_STATES:
+            pto = 2 * srtt
+            if self.flight_size <= self.eff_mss:
+                pto += self.config.delayed_ack
+            pto = max(pto, 0.01)
+            if pto < rto:
+                self.t_rtx = now + pto
+                self._tlp_armed = True
+                return
+        self.t_rtx = now + rto
+        self._tlp_armed = False
+
+    def _on_pto(self, now: float) -> None:
+        """RFC 8985 7.3: send one new segment if we can, else the last one again."""
+        self._tlp_armed = False
+        self._tlp_done = True
+        self.layer.counters["tcp.tlp_probes"] += 1
+        mss = self.eff_mss
+        unsent = seq_diff(self.snd_buf.end, self.snd_nxt)
+        if unsent > 0 and self.snd_wnd > self.flight_size:
+            n = min(unsent, mss, self.snd_wnd - self.flight_size)
+            self._emit(self.snd_nxt, ACK | PSH, self.snd_buf.get(self.snd_nxt, n), now)
+            self._after_send(n, now)
+        else:
+            data_end = self.snd_buf.end
+            start = data_end if seq_diff(data_end, self.snd_una) <= 0 \
+                else seq_add(data_end, -min(mss, seq_diff(data_end, self.snd_una)))
+            flags = ACK | (FIN if self._fin_sent() else 0)
+            n = seq_diff(data_end, start)
+            if n <= 0 and not flags & FIN:
+                self.t_rtx = now + self.rto.current()
+                return
+            self._emit(start, flags, self.snd_buf.get(start, n), now)
+            self._rtt_seq = None
+            self.retransmits += 1
+            self.layer.counters["tcp.retransmits"] += 1
+        self.t_rtx = now + self.rto.current()
 
     def _retransmit_first(self, now: float) -> None:
         """Re-send one segment at SND.UNA (fast retransmit, NewReno partial ACK)."""
@@ -901,7 +1046,10 @@ class Connection:
             return
         if self.t_rtx is not None and self.t_rtx <= now:
             self.t_rtx = None
-            self._on_rto(now)
+            if self._tlp_armed:
+                self._on_pto(now)
+            else:
+                self._on_rto(now)
             if self.state == CLOSED:
                 return
         if self.t_persist is not None and self.t_persist <= now:
@@ -939,6 +1087,7 @@ class Connection:
         if self.state not in (SYN_SENT, SYN_RECEIVED):
             self.cc.on_timeout(seq_diff(self.snd_max, self.snd_una), self.eff_mss)
         self._in_recovery = False
+        self._sack_recovery = False
         self._recover = self.snd_max  # RFC 6582 4: no fast retransmit for these old dupacks
         self._dupacks = 0
         self._rtt_seq = None  # Karn's rule

@@ -45,7 +45,7 @@ COUNTERS = (
     "tcp.challenge_acks_limited", "tcp.listen_overflows", "tcp.window_probes",
     "tcp.keepalive_probes", "tcp.keepalive_timeouts", "tcp.time_wait_reused",
     "tcp.time_wait_fin_acked", "tcp.ephemeral_exhausted", "tcp.zero_window_drops",
-    "tcp.icmp_errors", "tcp.icmp_bad_seq",
+    "tcp.icmp_errors", "tcp.icmp_bad_seq", "tcp.sack_retransmits", "tcp.tlp_probes",
 )
 
 
