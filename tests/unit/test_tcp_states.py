@@ -74,13 +74,60 @@ def test_ack_to_a_listener_gets_rst():
     assert rst.flags == RST and rst.seq == 4242
 
 
-def test_listen_backlog_is_bounded():
+def test_listen_backlog_is_bounded_and_overflow_gets_a_syn_cookie():
     peer = Peer()
     peer.listen(backlog=2)
     for port in (40001, 40002, 40003):
         peer.send(SYN, 1, sport=port)
-    assert len(peer.out()) == 2
+    assert len(peer.out()) == 3  # two from the SYN queue, the third stateless
+    assert len(peer.iface.tcp.connections) == 2
     assert peer.iface.counters["tcp.listen_overflows"] == 1
+    assert peer.iface.counters["tcp.syncookies_sent"] == 1
+
+
+def test_syn_cookie_handshake_establishes_with_options_from_the_timestamp():
+    peer = Peer()
+    peer.listen(backlog=0)  # every SYN overflows
+    peer.send(SYN, 7000, options=opts(mss=1400, wscale=6, sack_ok=True, ts=(111, 0)))
+    (synack,) = peer.out()
+    assert peer.iface.tcp.connections == {}  # nothing kept
+    o = parse_opts(synack)
+    ts_val = struct.unpack("!II", o[8])[0]
+    assert o[3] == bytes([7]) and 4 in o
+    peer.send(ACK | PSH, 7001, synack.seq + 1, b"GET / HTTP/1.1\r\n",
+              options=opts(ts=(112, ts_val)))
+    (conn,) = peer.iface.tcp.connections.values()
+    assert conn.state_name == "ESTABLISHED" and conn.peer_mss == 1400  # from the table
+    assert conn.snd_wscale == 6 and conn.sack_ok and conn.ts_ok
+    assert bytes(peer.server_user.data) == b"GET / HTTP/1.1\r\n"
+    assert peer.iface.counters["tcp.syncookies_ok"] == 1
+    conn.send(b"reply")
+    (d,) = [s for s in peer.out() if s.data]
+    assert bytes(d.data) == b"reply" and d.seq == synack.seq + 1
+
+
+def test_a_forged_cookie_is_refused():
+    peer = Peer()
+    peer.listen(backlog=0)
+    peer.send(SYN, 7000, options=opts(mss=1460))
+    (synack,) = peer.out()
+    peer.send(ACK, 7001, synack.seq + 12345)
+    (rst,) = peer.out()
+    assert rst.flags == RST and peer.iface.tcp.connections == {}
+    assert peer.iface.counters["tcp.syncookies_failed"] == 1
+
+
+def test_connection_limits_total_and_per_source():
+    peer = Peer(TcpConfig(max_connections=3))
+    peer.listen()
+    for port in range(40001, 40006):
+        peer.send(SYN, 1, sport=port)
+    assert len(peer.out()) == 3 and peer.iface.counters["tcp.connection_limit"] == 2
+    peer = Peer(TcpConfig(max_per_source=2))
+    peer.listen()
+    for port in range(40001, 40005):
+        peer.send(SYN, 1, sport=port)
+    assert len(peer.out()) == 2 and peer.iface.counters["tcp.per_source_limit"] == 2
 
 
 def test_active_open_and_refused():

@@ -61,7 +61,7 @@ class TcpConfig:
     min_rto: float = 0.2
     max_rto: float = 120.0
     syn_retries: int = 6  # like Linux tcp_syn_retries
-    synack_retries: int = 5
+    synack_retries: int = 4  # the handshake timeout: SYN-ACKs at 1+2+4+8+16 s, then gone
     retries: int = 15  # data retransmissions without progress before giving up
     delayed_ack: float = 0.04
     quickack_segments: int = 16  # ACK every segment at first, so the peer's slow start runs
@@ -70,6 +70,9 @@ class TcpConfig:
     keepalive_interval: float = 75.0
     keepalive_count: int = 9
     nodelay: bool = False
+    syncookies: bool = True  # answer with SYN cookies when a SYN queue is full
+    max_connections: int = 65536  # in the table, all states; new ones are refused beyond
+    max_per_source: int = 0  # per remote address; 0: no limit
 
 
 class ConnectionUser(Protocol):
@@ -263,6 +266,35 @@ class Connection:
         self.last_recv = now
         self._set_state(SYN_RECEIVED)
         self._mark()
+
+    def open_from_cookie(self, seg: Segment, mss: int, wscale: int | None, sack_ok: bool,
+                         now: float) -> None:
+        """ESTABLISHED straight from a valid SYN-cookie ACK (RFC 4987 3.6)."""
+        self.passive = True
+        cfg = self.config
+        self.irs = seq_add(seg.seq, -1)
+        self.rcv_nxt = seg.seq
+        self.snd_una = self.snd_nxt = self.snd_max = seg.ack
+        self.snd_buf = SendBuffer(seg.ack)
+        self._recover = self._high_rxt = self.iss
+        if wscale is not None and cfg.wscale is not None:
+            self.ws_ok = True
+            self.snd_wscale, self.rcv_wscale = wscale, cfg.wscale
+        self.sack_ok = sack_ok and cfg.sack
+        if cfg.timestamps and seg.options.ts_val is not None and seg.options.ts_ecr:
+            self.ts_ok = True
+            self.ts_recent = seg.options.ts_val
+            self.ts_recent_time = now
+        self.peer_mss = min(mss, self.layer.mtu - 40)
+        self.eff_mss = self._mss_for(self.layer.path_mtu(self.remote_ip))
+        self.cc = NewReno(self.eff_mss)
+        self.snd_wnd = seg.window << self.snd_wscale
+        self.max_snd_wnd = self.snd_wnd
+        self.snd_wl1, self.snd_wl2 = seg.seq, seg.ack
+        self.rcv_adv = seq_add(self.rcv_nxt, 0xFFFF)  # the SYN-ACK offered 65535
+        self._last_ack_sent = self.rcv_nxt
+        self.last_recv = now
+        self._set_state(ESTABLISHED)
 
     # == user calls =======================================================================
 

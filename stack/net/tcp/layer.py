@@ -27,9 +27,10 @@ from stack.net.tcp.connection import (
     TcpConfig,
 )
 from stack.net.tcp.seq import MASK, seq_add, seq_ge, seq_gt, seq_lt
+from stack.net.tcp.syncookie import check_cookie, decode_options, encode_options, make_cookie
 from stack.wire.errors import MalformedError
 from stack.wire.ipv4 import FLAG_DF, PROTO_TCP, IPv4Header, ip_to_str
-from stack.wire.tcp import ACK, RST, SYN, Segment, build_tcp, parse_tcp
+from stack.wire.tcp import ACK, RST, SYN, Segment, build_options, build_tcp, parse_tcp
 
 EPHEMERAL_LOW, EPHEMERAL_HIGH = 32768, 60999  # Linux's default range
 _QUOTED_TCP = struct.Struct("!HHI")  # the 8 quoted bytes: ports and sequence number
@@ -46,6 +47,8 @@ COUNTERS = (
     "tcp.keepalive_probes", "tcp.keepalive_timeouts", "tcp.time_wait_reused",
     "tcp.time_wait_fin_acked", "tcp.ephemeral_exhausted", "tcp.zero_window_drops",
     "tcp.icmp_errors", "tcp.icmp_bad_seq", "tcp.sack_retransmits", "tcp.tlp_probes",
+    "tcp.syncookies_sent", "tcp.syncookies_ok", "tcp.syncookies_failed",
+    "tcp.connection_limit", "tcp.per_source_limit",
 )
 
 
@@ -75,6 +78,7 @@ class TcpLayer:
         self.connections: dict[tuple[bytes, int, int], Connection] = {}
         self.listeners: dict[int, Listener] = {}
         self.state_counts = [0] * len(STATE_NAMES)
+        self.per_source: dict[bytes, int] = {}  # remote address -> connections
         self._dirty: dict[Connection, None] = {}
         self._timers: list[tuple[float, int, Connection]] = []
         self._tiebreak = itertools.count()
@@ -143,6 +147,7 @@ class TcpLayer:
         conn = Connection(self, self.address, local_port, remote_ip, remote_port, iss, config,
                           self.rng.getrandbits(32))
         self.state_counts[CLOSED] += 1
+        self.per_source[remote_ip] = self.per_source.get(remote_ip, 0) + 1
         return conn
 
     # == input ============================================================================
@@ -219,13 +224,20 @@ class TcpLayer:
         if flags & RST:
             return
         if flags & ACK:
+            if not flags & SYN and self.config.syncookies and \
+                    self._accept_cookie(listener, src, seg, now):
+                return
             self.send_rst(self.address, seg.dst_port, src, seg.src_port, seg.ack, 0, False)
             self.counters["tcp.resets_sent"] += 1
             return
         if not flags & SYN:
             return
+        if not self._admit(src):
+            return
         if len(listener.syn_queue) >= listener.backlog:
             self.counters["tcp.listen_overflows"] += 1
+            if self.config.syncookies:
+                self._send_cookie(src, seg, now)
             return
         conn = self._new_connection(src, seg.src_port, seg.dst_port, self.config, now)
         conn._listener = listener
@@ -233,6 +245,72 @@ class TcpLayer:
         self.connections[(src, seg.src_port, seg.dst_port)] = conn
         self.counters["tcp.passive_opens"] += 1
         conn.open_passive(seg, now)
+
+    # -- limits and SYN cookies -------------------------------------------------------------
+
+    def _admit(self, src: bytes) -> bool:
+        """Room for one more connection, in total and from this source?"""
+        cfg = self.config
+        if len(self.connections) >= cfg.max_connections:
+            self.counters["tcp.connection_limit"] += 1
+            return False
+        if cfg.max_per_source and self.per_source.get(src, 0) >= cfg.max_per_source:
+            self.counters["tcp.per_source_limit"] += 1
+            return False
+        return True
+
+    def _four_tuple(self, src: bytes, seg: Segment) -> bytes:
+        return self.address + seg.dst_port.to_bytes(2, "big") + src + \
+            seg.src_port.to_bytes(2, "big")
+
+    def _send_cookie(self, src: bytes, seg: Segment, now: float) -> None:
+        """Answer the SYN statelessly (RFC 4987 3.6): all we need is in the ISN."""
+        opts = seg.options
+        cookie = make_cookie(self._secret, self._four_tuple(src, seg), seg.seq,
+                             opts.mss or 536, now)
+        cfg = self.config
+        ts = None
+        if cfg.timestamps and opts.ts_val is not None:
+            ts_val = encode_options((int(now * 1000)) & MASK,
+                                    cfg.wscale if opts.wscale is not None else None,
+                                    cfg.sack and opts.sack_permitted)
+            ts = (ts_val, opts.ts_val)
+        options = build_options(mss=self.mtu - 40,
+                                wscale=cfg.wscale if ts and opts.wscale is not None else None,
+                                sack_permitted=bool(ts) and cfg.sack and opts.sack_permitted,
+                                ts=ts)
+        segment = build_tcp(self.address, src, seg.dst_port, seg.src_port, cookie,
+                            seq_add(seg.seq, 1), SYN | ACK, 0xFFFF, options)
+        self.counters["tcp.tx_segments"] += 1
+        self.counters["tcp.syncookies_sent"] += 1
+        self.ipv4.send(src, PROTO_TCP, segment, now, flags_fragment=FLAG_DF)
+
+    def _accept_cookie(self, listener: Listener, src: bytes, seg: Segment, now: float
+                       ) -> bool:
+        """The third segment of a cookie handshake: rebuild the connection, ESTABLISHED."""
+        c = self.counters
+        client_isn = seq_add(seg.seq, -1)
+        cookie = seq_add(seg.ack, -1)
+        mss = check_cookie(self._secret, self._four_tuple(src, seg), client_isn, cookie, now)
+        if mss is None:
+            if c["tcp.syncookies_sent"]:
+                c["tcp.syncookies_failed"] += 1
+            return False
+        if not self._admit(src):
+            return True  # valid, but no room: drop it, the client will retry
+        wscale, sack_ok = None, False
+        ts = seg.options.ts_val
+        if ts is not None and seg.options.ts_ecr:
+            wscale, sack_ok = decode_options(seg.options.ts_ecr)
+        conn = self._new_connection(src, seg.src_port, seg.dst_port, self.config, now)
+        conn.iss = cookie
+        self.connections[(src, seg.src_port, seg.dst_port)] = conn
+        c["tcp.syncookies_ok"] += 1
+        c["tcp.passive_opens"] += 1
+        conn.open_from_cookie(seg, mss, wscale, sack_ok, now)
+        listener.on_accept(conn)
+        conn.segment_arrives(seg, now)  # any data riding on the ACK
+        return True
 
     def _closed_input(self, src: bytes, seg: Segment) -> None:
         """RFC 9293 3.10.7.1: answer anything but a RST with a RST."""
@@ -279,6 +357,11 @@ class TcpLayer:
             conn._listener = None
         self._dirty.pop(conn, None)
         self.state_counts[CLOSED] -= 1
+        left = self.per_source.get(conn.remote_ip, 0) - 1
+        if left > 0:
+            self.per_source[conn.remote_ip] = left
+        else:
+            self.per_source.pop(conn.remote_ip, None)
 
     def allow_challenge_ack(self, now: float) -> bool:
         """RFC 5961 7: a global per-second budget for challenge ACKs."""
