@@ -271,8 +271,9 @@ class TcpLayer:
         cfg = self.config
         ts = None
         if cfg.timestamps and opts.ts_val is not None:
+            # the peer's window scale (ours is in the config) and whether SACK is on
             ts_val = encode_options((int(now * 1000)) & MASK,
-                                    cfg.wscale if opts.wscale is not None else None,
+                                    opts.wscale if cfg.wscale is not None else None,
                                     cfg.sack and opts.sack_permitted)
             ts = (ts_val, opts.ts_val)
         options = build_options(mss=self.mtu - 40,
