@@ -2,7 +2,7 @@
 VENV := .venv
 ARGS ?=
 
-.PHONY: run test unit integration lint clean
+.PHONY: run test unit integration lint clean fuzz soak
 
 run:
 	@tools/bootstrap.sh run
@@ -20,6 +20,17 @@ unit:
 integration:
 	@tools/bootstrap.sh test
 	$(VENV)/bin/pytest tests/integration
+
+# Long fuzzing of Interface.receive (hypothesis); a crash becomes a regression test.
+fuzz:
+	@tools/bootstrap.sh lint
+	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-100000} $(VENV)/bin/pytest -x \
+		tests/unit/test_fuzz_transport.py tests/unit/test_receive_fuzz.py
+
+# Ten minutes of wrk with kernel-made loss; RSS over time in bench/results/soak.png.
+soak:
+	@tools/bootstrap.sh test
+	$(VENV)/bin/python tools/soak.py --duration $${DURATION:-600}
 
 lint:
 	@tools/bootstrap.sh lint
