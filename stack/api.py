@@ -108,7 +108,13 @@ class TcpTransport(asyncio.Transport):
         self._lost = True
         self._closing = True
         if self._made:
-            self._stack.loop.call_soon(self._protocol.connection_lost, exc)
+            self._stack.loop.call_soon(self._call_connection_lost, exc)
+
+    def _call_connection_lost(self, exc: Exception | None) -> None:
+        try:
+            self._protocol.connection_lost(exc)
+        finally:
+            self._protocol = None  # as asyncio's transports do: no cycles left behind
 
     # -- asyncio.Transport ----------------------------------------------------------------
 

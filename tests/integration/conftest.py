@@ -6,6 +6,7 @@ nothing is addressed outside them. Processes are stopped by PID; namespaces are 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -154,3 +155,23 @@ def require_tool(name: str) -> str:
     if path is None:
         pytest.fail(f"{name} is not installed (make test installs it)")
     return path
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="session")
+def random_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    files = {}
+    for name, size in (("5m", 5_000_000), ("20m", 20_000_000), ("50m", 50_000_000)):
+        p = d / name
+        with open(p, "wb") as f:
+            f.write(os.urandom(size))
+        files[name] = p
+    return files

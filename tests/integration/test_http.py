@@ -11,8 +11,7 @@ import time
 import pytest
 
 from stack.apps.services import deterministic_bytes, deterministic_sha256
-from tests.integration.conftest import STACK_IP, in_ns, require_tool
-from tests.integration.test_tcp import random_files, sha256_file  # noqa: F401 (fixture)
+from tests.integration.conftest import STACK_IP, in_ns, require_tool, sha256_file
 
 URL = f"http://{STACK_IP}"
 
@@ -61,7 +60,7 @@ def test_store_methods(web):
     assert do("-X", "DELETE", key)[0] == 404
 
 
-def test_upload_20mb_with_100_continue_and_no_stall(web, random_files):  # noqa: F811
+def test_upload_20mb_with_100_continue_and_no_stall(web, random_files):
     r = curl(web.ns, "-T", str(random_files["20m"]), "-w",
              "\n%{time_pretransfer} %{time_starttransfer}", URL + "/upload", timeout=120)
     body, _, times = r.stdout.rpartition(b"\n")
@@ -72,7 +71,7 @@ def test_upload_20mb_with_100_continue_and_no_stall(web, random_files):  # noqa:
     assert start - pre < 0.5, (pre, start)
 
 
-def test_chunked_upload(web, random_files):  # noqa: F811
+def test_chunked_upload(web, random_files):
     with open(random_files["5m"], "rb") as f:
         r = subprocess.run(["ip", "netns", "exec", web.ns, "curl", "-sS", "-H",
                             "Transfer-Encoding: chunked", "-T", "-", URL + "/upload"],

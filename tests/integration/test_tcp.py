@@ -2,39 +2,22 @@
 
 from __future__ import annotations
 
-import hashlib
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from stack.apps.services import deterministic_sha256
-from tests.integration.conftest import HOST_IP, REPO, STACK_IP, in_ns, tapstack_cmd
+from tests.integration.conftest import (
+    HOST_IP,
+    REPO,
+    STACK_IP,
+    in_ns,
+    sha256_file,
+    tapstack_cmd,
+)
 
 HERE = Path(__file__).parent
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-@pytest.fixture(scope="module")
-def random_files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    files = {}
-    for name, size in (("5m", 5_000_000), ("20m", 20_000_000), ("50m", 50_000_000)):
-        p = d / name
-        with open(p, "wb") as f:
-            f.write(os.urandom(size))
-        files[name] = p
-    return files
 
 
 def nc_through(ns: str, src: Path, dst: Path, port: int, timeout: float) -> float:

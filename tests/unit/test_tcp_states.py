@@ -104,6 +104,8 @@ def test_syn_cookie_handshake_establishes_with_options_from_the_timestamp():
     conn.send(b"reply")
     (d,) = [s for s in peer.out() if s.data]
     assert bytes(d.data) == b"reply" and d.seq == synack.seq + 1
+    later_ts = struct.unpack("!II", parse_opts(d)[8])[0]
+    assert (later_ts - ts_val) % (1 << 32) < 1 << 31  # later TSvals are newer (PAWS)
 
 
 def test_a_forged_cookie_is_refused():

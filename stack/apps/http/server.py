@@ -130,7 +130,7 @@ class HttpServerProtocol(asyncio.Protocol):
         self._arm_idle()
 
     def data_received(self, data: bytes) -> None:
-        if self.closing:
+        if self.closing or self.parser is None:
             return
         try:
             self.parser.feed_data(data)
@@ -162,6 +162,7 @@ class HttpServerProtocol(asyncio.Protocol):
         self.can_write.set()
         if self.runner is not None and not self.runner.done():
             self.runner.cancel()
+        self.parser = None  # the parser holds us through its callbacks: break the cycle
 
     def pause_writing(self) -> None:
         self.can_write.clear()

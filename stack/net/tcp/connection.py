@@ -285,6 +285,9 @@ class Connection:
             self.ts_ok = True
             self.ts_recent = seg.options.ts_val
             self.ts_recent_time = now
+            # the cookie's TSval came from the bare clock: continue from it, or the peer's
+            # PAWS would see our next TSval as older and drop every segment
+            self._ts_offset = 0
         self.peer_mss = min(mss, self.layer.mtu - 40)
         self.eff_mss = self._mss_for(self.layer.path_mtu(self.remote_ip))
         self.cc = NewReno(self.eff_mss)
@@ -814,7 +817,9 @@ class Connection:
         self.t_rtx = self.t_persist = self.t_keepalive = self.t_delack = None
         self.snd_buf = SendBuffer(self.snd_buf.end)
         self.ooo.clear()
+        self._sack.clear()
         self._notify_closed(None)
+        self.user = None  # TIME-WAIT keeps only sequence numbers, not the application
 
     # == receive window ===================================================================
 

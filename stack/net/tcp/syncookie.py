@@ -50,8 +50,10 @@ def check_cookie(secret: bytes, four_tuple: bytes, client_isn: int, cookie: int,
 
 
 def encode_options(ts_val: int, wscale: int | None, sack_ok: bool) -> int:
+    """Options in the low 6 bits of a TSval taken 64 ms in the past, so that every later
+    TSval of the connection is newer than it (or the peer's PAWS would drop them)."""
     bits = (WS_NONE if wscale is None else min(wscale, 14)) | (0x10 if sack_ok else 0)
-    return (ts_val & ~0x3F) | bits
+    return (((ts_val - 0x40) & ~0x3F) | bits) & 0xFFFFFFFF
 
 
 def decode_options(ts_ecr: int) -> tuple[int | None, bool]:
