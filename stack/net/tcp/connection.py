@@ -98,7 +98,7 @@ class Connection:
         "t_delack", "t_keepalive", "t_persist", "t_rtx", "t_timewait", "timer_at",
         "ts_ok", "ts_recent", "ws_ok", "ts_recent_time", "user", "last_recv", "nodelay", "error",
         "_listener", "keepalive", "_sack", "_sack_recovery", "_high_rxt", "_tlp_armed",
-        "_tlp_done",
+        "_tlp_done", "_rack_armed", "_rack_left",
     )
 
     def __init__(self, layer: TcpLayer, local_ip: bytes, local_port: int, remote_ip: bytes,
@@ -137,6 +137,8 @@ class Connection:
         self._high_rxt = iss  # RFC 6675 HighRxt: retransmitted up to here
         self._tlp_armed = False  # t_rtx is a tail loss probe timer, not the RTO
         self._tlp_done = False  # one probe per flight (RFC 8985 7.2)
+        self._rack_armed = False  # t_rtx waits for a retransmission's ACK (see below)
+        self._rack_left = 3  # timer-driven re-sends allowed before the RTO decides
         self._recover = iss
         self._retries = 0
         self._rtt_seq: int | None = None
@@ -636,16 +638,18 @@ class Connection:
         segments = -(-outstanding // mss)
         if segments < 4 and seq_diff(self.snd_buf.end, self.snd_nxt) <= 0:
             thresh = max(segments - 1, 1)
-        lost = self._dupacks >= thresh
-        if not lost and self._sack:
-            lost = self._sack.sacked_bytes() > (thresh - 1) * mss
-        # RFC 6582 3.2 step 2: only for losses past the last recovery point.
-        if not lost or not (seq_gt(self.snd_una, self._recover) or self._recover == self.iss):
+        sack_says = bool(self._sack) and self._sack.sacked_bytes() > (thresh - 1) * mss
+        past_recovery = seq_gt(self.snd_una, self._recover) or self._recover == self.iss
+        # RFC 6582 3.2 step 2 keeps duplicate ACKs from before the last recovery point
+        # (they may be old) from starting another one; SACK blocks name the bytes held, so
+        # they may: after an RTO, a lost retransmission is recovered without another RTO.
+        if not (sack_says or (self._dupacks >= thresh and past_recovery)):
             return
         self.layer.counters["tcp.fast_retransmits"] += 1
         self._in_recovery = True
         self._recover = self.snd_max
         self._tlp_armed = False
+        self._rack_left = 3
         if self._sack:
             self._sack_recovery = True
             self._high_rxt = self.snd_una
@@ -693,9 +697,40 @@ class Connection:
             self.retransmits += 1
             self.layer.counters["tcp.retransmits"] += 1
             self.layer.counters["tcp.sack_retransmits"] += 1
-            if self.t_rtx is None or self._tlp_armed:
+            if start == 0:
+                self._arm_recovery_timer(now)
+            elif self.t_rtx is None or self._tlp_armed:
                 self._tlp_armed = False
                 self.t_rtx = now + self.rto.current()
+
+    def _arm_recovery_timer(self, now: float) -> None:
+        """After re-sending SND.UNA in recovery, expect its ACK within about two round
+        trips; if none comes, that retransmission was lost too (RACK's reasoning,
+        RFC 8985 6.3) and it goes again, a few times, before the RTO takes over."""
+        srtt = self.rto.srtt
+        if srtt is None or self._rack_left <= 0:
+            self._rack_armed = False
+            self._tlp_armed = False
+            self.t_rtx = now + self.rto.current()
+            return
+        self._rack_armed = True
+        self._tlp_armed = False
+        self.t_rtx = now + min(max(2 * srtt + 0.002, 0.01), self.rto.current())
+
+    def _on_recovery_timer(self, now: float) -> None:
+        self._rack_armed = False
+        if not self._in_recovery or self.snd_una == self.snd_max:
+            self._arm_rtx(now)
+            return
+        self._rack_left -= 1
+        self.layer.counters["tcp.lost_retransmits"] += 1
+        if self._sack_recovery:
+            self._high_rxt = self.snd_una  # the holes from the first are lost again
+            self._sack_retransmit(now)
+            if self.t_rtx is None:
+                self._arm_rtx(now)
+        else:
+            self._retransmit_first(now)
 
     def _ack_advanced(self, seg: Segment, now: float) -> None:
         """New data (or our SYN/FIN) acknowledged: buffers, RTT, congestion, timers."""
@@ -716,6 +751,7 @@ class Connection:
         self.snd_buf.acknowledge(ack if seq_le(ack, self.snd_buf.end) else self.snd_buf.end)
         self._retries = 0
         self._dupacks = 0
+        self._rack_left = 3
         mss = self.eff_mss
         if self._in_recovery:
             if seq_ge(ack, self._recover):
@@ -981,6 +1017,7 @@ class Connection:
         """The retransmission timer, or a tail loss probe before it (RFC 8985 7.2): after
         2 SRTT (plus the delayed-ACK time when one segment is out) a probe makes the peer
         report a lost tail through SACK or duplicate ACKs, instead of waiting for RTO."""
+        self._rack_armed = False
         if self.snd_una == self.snd_max:
             self.t_rtx = None
             self._tlp_armed = False
@@ -1040,7 +1077,7 @@ class Connection:
         if n == 0 and not flags & FIN:
             return
         self._emit(seq, flags, self.snd_buf.get(seq, n), now)
-        self.t_rtx = now + self.rto.current()
+        self._arm_recovery_timer(now)
 
     def _emit(self, seq: int, flags: int, payload: bytes, now: float) -> None:
         wnd = self._window_to_advertise()
@@ -1083,7 +1120,9 @@ class Connection:
             return
         if self.t_rtx is not None and self.t_rtx <= now:
             self.t_rtx = None
-            if self._tlp_armed:
+            if self._rack_armed:
+                self._on_recovery_timer(now)
+            elif self._tlp_armed:
                 self._on_pto(now)
             else:
                 self._on_rto(now)

@@ -48,7 +48,7 @@ COUNTERS = (
     "tcp.time_wait_fin_acked", "tcp.ephemeral_exhausted", "tcp.zero_window_drops",
     "tcp.icmp_errors", "tcp.icmp_bad_seq", "tcp.sack_retransmits", "tcp.tlp_probes",
     "tcp.syncookies_sent", "tcp.syncookies_ok", "tcp.syncookies_failed",
-    "tcp.connection_limit", "tcp.per_source_limit",
+    "tcp.connection_limit", "tcp.per_source_limit", "tcp.lost_retransmits",
 )
 
 
