@@ -80,6 +80,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="faults on the link in both directions, e.g. "
                         "'loss=1%%,delay=5ms,jitter=2ms,reorder=5%%,duplicate=1%%,"
                         "corrupt=0.5%%,seed=7'")
+    r.add_argument("--offload", action="store_true",
+                   help="open the TAP with virtio-net headers: checksum offload, TSO out, "
+                        "GSO super-frames in")
     r.add_argument("--msl", type=float, default=30.0,
                    help="maximum segment lifetime in seconds; TIME-WAIT lasts 2*MSL "
                         "(default: %(default)s)")
@@ -167,9 +170,12 @@ def build_config(args: argparse.Namespace) -> tuple[InterfaceConfig, str | None]
             Impairment.parse(args.impair)
         except ImpairSpecError as exc:
             raise UsageError(f"--impair: {exc}") from None
+        if args.offload:
+            raise UsageError("--impair works on plain frames; drop --offload to use it")
     config = InterfaceConfig(mac=mac, address=address.ip.packed,
                              prefixlen=address.network.prefixlen, gateway=gateway,
-                             mtu=args.mtu, tcp=TcpConfig(msl=args.msl))
+                             mtu=args.mtu, tcp=TcpConfig(msl=args.msl),
+                             offload=args.offload)
     return config, host_cidr
 
 
@@ -265,7 +271,7 @@ def stack_environment(args: argparse.Namespace, host_cidr: str | None
     signal.signal(signal.SIGTERM, _raise_exit)
     where = "the current namespace" if args.no_netns else f"namespace {args.netns}"
     created_netns = False
-    link = TapLink(args.tap)
+    link = TapLink(args.tap, vnet_hdr=args.offload)
     control = None
     pcap = None
     try:

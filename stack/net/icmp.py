@@ -53,7 +53,7 @@ class IcmpEngine:
         except MalformedError as exc:
             c["icmp.rx_" + exc.reason] += 1
             return
-        if ones_sum(message) != 0:
+        if not self.ipv4.rx_checksum_trusted and ones_sum(message) != 0:
             c["icmp.rx_bad_checksum"] += 1
             return
         if icmp_type == TYPE_ECHO_REQUEST:

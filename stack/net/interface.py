@@ -45,6 +45,7 @@ class InterfaceConfig:
     arp: ArpConfig = field(default_factory=ArpConfig)
     tcp: TcpConfig = field(default_factory=TcpConfig)
     reassembly: ReassemblyConfig = field(default_factory=ReassemblyConfig)
+    offload: bool = False  # the link takes virtio-net headers: checksum offload and TSO
 
 
 class Interface:
@@ -54,7 +55,8 @@ class Interface:
         self.counters = Counters()
         self.counters.declare(*COUNTERS)
         self.rng = rng or random.Random()
-        self._tx: list[bytes] = []
+        # frames to send: bytes, or (frame, virtio-net header) when offloaded
+        self._tx: list[bytes | tuple[bytes, bytes]] = []
         self.arp = ArpEngine(config.mac, config.address, config.arp, self.counters,
                              self._tx.append)
         self.ipv4 = IPv4Layer(config.mac, config.address, config.prefixlen, config.gateway,
@@ -63,13 +65,16 @@ class Interface:
         self.icmp = IcmpEngine(self.ipv4, self.counters)
         self.tcp = TcpLayer(self.ipv4, self.counters, config.tcp, self.rng)
         self.udp = UdpLayer(self.ipv4, self.counters, self.rng)
+        self.tcp.offload = config.offload
         self.last_internal_error: str | None = None
 
     def start(self, now: float) -> None:
         self.arp.start(now)
 
-    def receive(self, frame: bytes | bytearray | memoryview, now: float) -> None:
-        """Process one Ethernet frame (without FCS). Never raises."""
+    def receive(self, frame: bytes | bytearray | memoryview, now: float,
+                checksum_trusted: bool = False) -> None:
+        """Process one Ethernet frame (without FCS). Never raises. `checksum_trusted`:
+        the link's virtio-net header says the kernel owns or verified the checksums."""
         c = self.counters
         c["link.rx_frames"] += 1
         c["link.rx_bytes"] += len(frame)
@@ -85,7 +90,7 @@ class Interface:
             return
         try:
             if ethertype == ETHERTYPE_IPV4:
-                self.ipv4.receive(memoryview(frame)[ETH_HLEN:], now)
+                self.ipv4.receive(memoryview(frame)[ETH_HLEN:], now, checksum_trusted)
             elif ethertype == ETHERTYPE_ARP:
                 self.arp.receive(memoryview(frame)[ETH_HLEN:], now)
             else:
@@ -94,7 +99,7 @@ class Interface:
             c["stack.internal_errors"] += 1
             self.last_internal_error = f"{type(exc).__name__}: {exc}"
 
-    def poll(self, now: float) -> list[bytes]:
+    def poll(self, now: float) -> list[bytes | tuple[bytes, bytes]]:
         """Run timers that are due and hand over every frame waiting to be sent."""
         self.arp.poll(now)
         self.ipv4.poll(now)
@@ -105,7 +110,7 @@ class Interface:
         self._tx.clear()
         c = self.counters
         c["link.tx_frames"] += len(out)
-        c["link.tx_bytes"] += sum(map(len, out))
+        c["link.tx_bytes"] += sum(len(f) if type(f) is not tuple else len(f[0]) for f in out)
         return out
 
     def next_deadline(self) -> float | None:

@@ -88,6 +88,9 @@ class IPv4Layer:
         self.reassembler = Reassembler(reassembly or ReassemblyConfig(), counters)
         self.pmtu: dict[bytes, tuple[int, float]] = {}  # dst -> (path MTU, expires)
         self.current_header = b""  # header of the datagram being delivered, for ICMP
+        # The frame being delivered came with a checksum the kernel owns or verified
+        # (virtio-net header): transports skip their own verification.
+        self.rx_checksum_trusted = False
         self.last_error = 0  # errno of the last send() that returned False
         counters.declare(*COUNTERS)
 
@@ -103,7 +106,8 @@ class IPv4Layer:
         return (src == self.address or first == 0 or first == 127 or first >= 224
                 or src == self.directed_broadcast)
 
-    def receive(self, packet: memoryview, now: float) -> None:
+    def receive(self, packet: memoryview, now: float, checksum_trusted: bool = False) -> None:
+        self.rx_checksum_trusted = checksum_trusted
         c = self.counters
         c["ipv4.rx_packets"] += 1
         try:
@@ -180,15 +184,32 @@ class IPv4Layer:
 
     # -- output --------------------------------------------------------------------------
 
+    def can_offload(self, dst: bytes, now: float) -> bool:
+        """Unicast with a resolved next hop: a frame may leave with an offload header."""
+        hop = self.next_hop(dst)
+        return hop is not None and self.arp.lookup(hop, now) is not None
+
     def next_hop(self, dst: bytes) -> bytes | None:
         if _to_int(dst) & self._mask == self._network:
             return dst
         return self.gateway
 
     def send(self, dst: bytes, protocol: int, payload: bytes, now: float, ttl: int = 64,
-             tos: int = 0, flags_fragment: int = 0) -> bool:
+             tos: int = 0, flags_fragment: int = 0, offload: bytes | None = None) -> bool:
         """Route, fragment if needed, address and transmit one datagram. False when it was
-        dropped here; `last_error` then says why (EMSGSIZE, EHOSTUNREACH)."""
+        dropped here; `last_error` then says why (EMSGSIZE, EHOSTUNREACH).
+
+        `offload` is a virtio-net header for the link (checksum offload or TSO): the
+        datagram may then be up to 64 KB and leaves unfragmented; the caller made sure
+        the next hop is resolved (see can_offload)."""
+        if offload is not None:
+            self._ident = (self._ident + 1) & 0xFFFF
+            mac = self.arp.lookup(self.next_hop(dst), now)
+            packet = build_ipv4(self.address, dst, protocol, len(payload), self._ident, ttl,
+                                tos, flags_fragment) + payload
+            self.counters["ipv4.tx_packets"] += 1
+            self._transmit((build_ethernet(mac, self.mac, ETHERTYPE_IPV4) + packet, offload))
+            return True
         c = self.counters
         mtu = self.path_mtu(dst, now) if self.pmtu else self.mtu
         hop = None

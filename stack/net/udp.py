@@ -83,7 +83,8 @@ class UdpLayer:
         c = self.counters
         c["udp.rx_datagrams"] += 1
         try:
-            sport, dport, data = parse_udp(payload, ip.src, ip.dst)
+            sport, dport, data = parse_udp(payload, ip.src, ip.dst,
+                                           verify_checksum=not self.ipv4.rx_checksum_trusted)
         except MalformedError as exc:
             c["udp.rx_" + exc.reason] += 1
             return

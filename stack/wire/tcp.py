@@ -155,3 +155,15 @@ def build_tcp(src: bytes, dst: bytes, sport: int, dport: int, seq: int, ack: int
     pseudo = int.from_bytes(src + dst, "big") + 6 + len(segment)
     csum = internet_checksum(segment, pseudo)
     return segment[:16] + csum.to_bytes(2, "big") + segment[18:]
+
+
+def build_tcp_offloaded(src: bytes, dst: bytes, sport: int, dport: int, seq: int, ack: int,
+                        flags: int, window: int, options: bytes = b"",
+                        payload: bytes | bytearray = b"") -> bytes:
+    """Like build_tcp, for checksum offload: the field holds the folded, non-inverted
+    pseudo-header sum and the kernel adds the rest (virtio NEEDS_CSUM)."""
+    hlen = TCP_HLEN + len(options)
+    length = hlen + len(payload)
+    seed = (int.from_bytes(src + dst, "big") + 6 + length) % 0xFFFF or 0xFFFF
+    return TCP_HEADER.pack(sport, dport, seq, ack, (hlen >> 2) << 4, flags, window, seed,
+                           0) + options + payload

@@ -34,8 +34,10 @@ class NewReno(CongestionControl):
         if in_recovery:
             return
         if self.cwnd < self.ssthresh:
-            # Slow start with appropriate byte counting, L = 2 (RFC 3465, RFC 5681 3.1).
-            self.cwnd += min(acked, 2 * mss)
+            # Slow start counting every byte acknowledged (RFC 3465 without the L limit,
+            # as Linux does): stretch ACKs are the norm with GRO and TSO, and L = 2 would
+            # grow the window by two segments per 64 KB acknowledged.
+            self.cwnd += acked
         else:
             # Congestion avoidance: one MSS per cwnd of data acknowledged.
             self._avoid_acc += acked

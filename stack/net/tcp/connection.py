@@ -948,6 +948,7 @@ class Connection:
         sent = False
         buf = self.snd_buf
         mss = self.eff_mss
+        seg_limit = self.layer.tso_limit(self)  # one MSS, or up to 64 KB with TSO
         while True:
             data_end = buf.end
             unsent = seq_diff(data_end, self.snd_nxt)
@@ -984,7 +985,7 @@ class Connection:
                 if self.snd_wnd == 0 and self.flight_size == 0 and self.t_persist is None:
                     self._arm_persist(now)
                 break
-            n = min(unsent, usable, mss, room)
+            n = min(unsent, usable, seg_limit, room)
             if n < mss and n < unsent and n < room:
                 # window-limited small segment: RFC 9293 3.8.6.2.1 sender SWS avoidance
                 if n < self.max_snd_wnd // 2 or self.flight_size > 0:

@@ -30,7 +30,17 @@ from stack.net.tcp.seq import MASK, seq_add, seq_ge, seq_gt, seq_lt
 from stack.net.tcp.syncookie import check_cookie, decode_options, encode_options, make_cookie
 from stack.wire.errors import MalformedError
 from stack.wire.ipv4 import FLAG_DF, PROTO_TCP, IPv4Header, ip_to_str
-from stack.wire.tcp import ACK, RST, SYN, Segment, build_options, build_tcp, parse_tcp
+from stack.wire.tcp import (
+    ACK,
+    RST,
+    SYN,
+    Segment,
+    build_options,
+    build_tcp,
+    build_tcp_offloaded,
+    parse_tcp,
+)
+from stack.wire.virtio import tcp_offload_header
 
 EPHEMERAL_LOW, EPHEMERAL_HIGH = 32768, 60999  # Linux's default range
 _QUOTED_TCP = struct.Struct("!HHI")  # the 8 quoted bytes: ports and sequence number
@@ -49,6 +59,7 @@ COUNTERS = (
     "tcp.icmp_errors", "tcp.icmp_bad_seq", "tcp.sack_retransmits", "tcp.tlp_probes",
     "tcp.syncookies_sent", "tcp.syncookies_ok", "tcp.syncookies_failed",
     "tcp.connection_limit", "tcp.per_source_limit", "tcp.lost_retransmits",
+    "tcp.tso_frames",
 )
 
 
@@ -73,6 +84,7 @@ class TcpLayer:
         self.rng = rng
         self.address = ipv4.address
         self.mtu = ipv4.mtu
+        self.offload = False  # TSO and checksum offload through the link (--offload)
         self.now = 0.0
         # (remote ip, remote port, local port): one local address per interface
         self.connections: dict[tuple[bytes, int, int], Connection] = {}
@@ -160,7 +172,8 @@ class TcpLayer:
             c["tcp.rx_to_broadcast"] += 1  # RFC 1122 4.2.3.10: TCP is unicast only
             return
         try:
-            seg = parse_tcp(payload, ip.src, ip.dst)
+            seg = parse_tcp(payload, ip.src, ip.dst,
+                            verify_checksum=not self.ipv4.rx_checksum_trusted)
         except MalformedError as exc:
             c["tcp.rx_" + exc.reason] += 1
             return
@@ -380,11 +393,29 @@ class TcpLayer:
     def peer_name(self, conn: Connection) -> str:
         return f"{ip_to_str(conn.remote_ip)}:{conn.remote_port}"
 
+    def tso_limit(self, conn: Connection) -> int:
+        """The most payload one segment may carry: one MSS, or with TSO as many MSS as fit
+        a 64 KB IPv4 datagram (the kernel cuts them)."""
+        if not self.offload or not self.ipv4.can_offload(conn.remote_ip, self.now):
+            return conn.eff_mss
+        mss = conn.eff_mss
+        return max((65535 - 20 - 60) // mss, 1) * mss
+
     def emit(self, conn: Connection, seq: int, ack: int, flags: int, window: int,
              options: bytes, payload: bytes) -> None:
+        self.counters["tcp.tx_segments"] += 1
+        if self.offload and self.ipv4.can_offload(conn.remote_ip, self.now):
+            segment = build_tcp_offloaded(conn.local_ip, conn.remote_ip, conn.local_port,
+                                          conn.remote_port, seq, ack, flags, window, options,
+                                          payload)
+            header = tcp_offload_header(20, 20 + len(options), len(payload), conn.eff_mss)
+            if len(payload) > conn.eff_mss:
+                self.counters["tcp.tso_frames"] += 1
+            self.ipv4.send(conn.remote_ip, PROTO_TCP, segment, self.now,
+                           flags_fragment=FLAG_DF, offload=header)
+            return
         segment = build_tcp(conn.local_ip, conn.remote_ip, conn.local_port, conn.remote_port,
                             seq, ack, flags, window, options, payload)
-        self.counters["tcp.tx_segments"] += 1
         self.ipv4.send(conn.remote_ip, PROTO_TCP, segment, self.now, flags_fragment=FLAG_DF)
 
     def send_rst(self, local_ip: bytes, local_port: int, remote_ip: bytes, remote_port: int,
