@@ -735,7 +735,6 @@ class Connection:
     def _ack_advanced(self, seg: Segment, now: float) -> None:
         """New data (or our SYN/FIN) acknowledged: buffers, RTT, congestion, timers."""
         ack = seg.ack
-        acked = seq_diff(ack, self.snd_una)
         # RTT sample (RFC 7323 4.1 timestamps, else Karn's rule on one timed segment)
         opts = seg.options
         if self.ts_ok and opts.ts_val is not None and opts.ts_ecr:
@@ -748,7 +747,9 @@ class Connection:
         self.snd_una = ack
         if seq_lt(self.snd_nxt, ack):
             self.snd_nxt = ack
-        self.snd_buf.acknowledge(ack if seq_le(ack, self.snd_buf.end) else self.snd_buf.end)
+        # data bytes acknowledged (SYN and FIN occupy sequence space, not the window)
+        acked = self.snd_buf.acknowledge(
+            ack if seq_le(ack, self.snd_buf.end) else self.snd_buf.end)
         self._retries = 0
         self._dupacks = 0
         self._rack_left = 3
