@@ -2,7 +2,7 @@
 VENV := .venv
 ARGS ?=
 
-.PHONY: run test unit integration lint clean fuzz soak
+.PHONY: run test unit integration lint clean fuzz soak bench
 
 run:
 	@tools/bootstrap.sh run
@@ -26,6 +26,12 @@ fuzz:
 	@tools/bootstrap.sh lint
 	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-100000} $(VENV)/bin/pytest -x \
 		tests/unit/test_fuzz_transport.py tests/unit/test_receive_fuzz.py
+
+# tapstack (plain, --offload) against the kernel with the same app and clients; a few
+# minutes. `make bench ARGS=--quick` is the one-minute smoke run.
+bench:
+	@tools/bootstrap.sh test
+	$(VENV)/bin/python tools/bench.py $(ARGS)
 
 # Ten minutes of wrk with kernel-made loss; RSS over time in bench/results/soak.png.
 soak:

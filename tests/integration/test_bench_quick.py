@@ -1,0 +1,25 @@
+"""`tools/bench.py --quick` produces every figure for every target (nothing about speed)."""
+
+import json
+import subprocess
+import sys
+
+from tests.integration.conftest import REPO, require_tool
+
+
+def test_bench_quick_produces_every_figure(tmp_path):
+    for tool in ("wrk", "ab", "curl", "ping"):
+        require_tool(tool)
+    r = subprocess.run([sys.executable, "tools/bench.py", "--quick", "--out", str(tmp_path)],
+                       cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    results = json.loads((tmp_path / "quick.json").read_text())
+    assert set(results) == {"tapstack", "tapstack --offload", "kernel"}
+    keys = {"download", "upload", "wrk1", "wrk1_p99", "wrk50", "wrk50_p99", "ab",
+            "ping_p50", "ping_p99", "idle_kb", "idle_cpu"}
+    for name, figures in results.items():
+        assert set(figures) == keys, name
+        assert all(figures[k] > 0 for k in keys - {"idle_cpu"}), (name, figures)
+    table = (tmp_path / "quick.md").read_text()
+    assert "| bulk download, curl /bytes/ (MB/s) |" in table
+    assert (tmp_path / "quick.png").stat().st_size > 1000

@@ -1,0 +1,286 @@
+"""make bench: tapstack (plain and --offload) against the kernel, same app, same clients.
+
+    python tools/bench.py           three runs per figure, medians (a few minutes)
+    python tools/bench.py --quick   one short run per figure (under a minute), a smoke test
+
+tapstack runs on a TAP in its own namespace; the kernel runs the very same HTTP server
+(`tapstack serve-kernel`) in a namespace joined to the client's by a veth pair. Every
+client (curl, wrk, ab, ping, a Python socket client) runs in a namespace of this run;
+everything is removed at the end. Writes bench/results/latest.{md,json} and ratios.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TAP_IP = "10.77.0.2"
+VETH_SERVER, VETH_CLIENT = "10.78.0.2", "10.78.0.1"
+
+IDLE_CLIENT = r"""
+import resource, socket, sys, time
+n = int(sys.argv[2])
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, n + 100), max(hard, n + 100)))
+socks = []
+for i in range(n):
+    s = socket.create_connection((sys.argv[1], 80), timeout=10)
+    socks.append(s)
+print("open", len(socks), flush=True)
+sys.stdin.readline()
+"""
+
+
+def sh(ns: str, *cmd: str, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", "netns", "exec", ns, *cmd], capture_output=True, text=True,
+                          timeout=timeout, **kw)
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(ln.split()[1]) for ln in f if ln.startswith("VmRSS:"))
+
+
+class Target:
+    """One server under test: where it listens, where clients run, its process."""
+
+    def __init__(self, name: str, client_ns: str, ip: str, pid: int, cleanup) -> None:
+        self.name, self.client_ns, self.ip, self.pid = name, client_ns, ip, pid
+        self.cleanup = cleanup
+
+
+def start_tapstack(offload: bool) -> Target:
+    ns = f"bench-{uuid.uuid4().hex[:6]}"
+    args = [sys.executable, "-m", "stack.cli", "run", "--netns", ns, "--log-level",
+            "warning"] + (["--offload"] if offload else [])
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, text=True)
+    if not proc.stdout.readline().startswith("tapstack ready"):
+        raise SystemExit("bench: tapstack did not start")
+
+    def cleanup() -> None:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=15)
+        subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
+
+    return Target("tapstack" + (" --offload" if offload else ""), ns, TAP_IP, proc.pid,
+                  cleanup)
+
+
+def start_kernel() -> Target:
+    tag = uuid.uuid4().hex[:6]
+    srv, cli = f"bench-ks-{tag}", f"bench-kc-{tag}"
+    for ns in (srv, cli):
+        subprocess.run(["ip", "netns", "add", ns], check=True)
+        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+    subprocess.run(["ip", "link", "add", "bk0", "netns", srv, "type", "veth", "peer", "name",
+                    "bk1", "netns", cli], check=True)
+    subprocess.run(["ip", "-n", srv, "addr", "add", f"{VETH_SERVER}/24", "dev", "bk0"],
+                   check=True)
+    subprocess.run(["ip", "-n", cli, "addr", "add", f"{VETH_CLIENT}/24", "dev", "bk1"],
+                   check=True)
+    for ns, dev in ((srv, "bk0"), (cli, "bk1")):
+        subprocess.run(["ip", "-n", ns, "link", "set", dev, "up"], check=True)
+    proc = subprocess.Popen(["ip", "netns", "exec", srv, sys.executable, "-m", "stack.cli",
+                             "serve-kernel", "--port", "80", "--log-level", "warning"],
+                            cwd=REPO, stdout=subprocess.PIPE, text=True)
+    if "ready" not in proc.stdout.readline():
+        raise SystemExit("bench: serve-kernel did not start")
+
+    def cleanup() -> None:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=15)
+        for ns in (srv, cli):
+            subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
+
+    return Target("kernel", cli, VETH_SERVER, proc.pid, cleanup)
+
+
+# -- figures -------------------------------------------------------------------------------
+
+
+def download(t: Target, size: int) -> float:
+    r = sh(t.client_ns, "curl", "-sS", "-o", "/dev/null", "-w", "%{speed_download}",
+           f"http://{t.ip}/bytes/{size}")
+    return float(r.stdout) / 1e6
+
+
+def upload(t: Target, path: str) -> float:
+    r = sh(t.client_ns, "curl", "-sS", "-o", "/dev/null", "-w", "%{speed_upload}", "-T", path,
+           f"http://{t.ip}/upload")
+    return float(r.stdout) / 1e6
+
+
+def wrk(t: Target, connections: int, seconds: int) -> tuple[float, float]:
+    r = sh(t.client_ns, "wrk", "-d", f"{seconds}s", "-c", str(connections), "-t",
+           "2" if connections > 1 else "1", "--latency", f"http://{t.ip}/bytes/100",
+           timeout=seconds + 30)
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", r.stdout).group(1))
+    m = re.search(r"99%\s+([\d.]+)(us|ms|s)", r.stdout)
+    p99 = float(m.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[m.group(2)]
+    return rps, p99
+
+
+def ab(t: Target, n: int) -> float:
+    r = sh(t.client_ns, "ab", "-q", "-n", str(n), "-c", "10", f"http://{t.ip}/bytes/100")
+    return float(re.search(r"Requests per second:\s+([\d.]+)", r.stdout).group(1))
+
+
+def ping(t: Target, count: int) -> tuple[float, float]:
+    r = sh(t.client_ns, "ping", "-c", str(count), "-i", "0.005", "-W", "1", t.ip)
+    times = sorted(float(x) for x in re.findall(r"time=([\d.]+) ms", r.stdout))
+    return times[len(times) // 2], times[min(len(times) - 1, int(len(times) * 0.99))]
+
+
+def idle(t: Target, n: int) -> tuple[float, float]:
+    """Memory per idle keep-alive connection (KB of server RSS) and server CPU % over
+    five idle seconds with all of them open."""
+    before = rss_kb(t.pid)
+    client = subprocess.Popen(["ip", "netns", "exec", t.client_ns, sys.executable, "-c",
+                               IDLE_CLIENT, t.ip, str(n)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        line = client.stdout.readline()
+        if not line.startswith("open"):
+            raise RuntimeError(f"idle client failed: {line!r}")
+        time.sleep(1.0)
+        held = rss_kb(t.pid)
+        cpu0, wall0 = proc_cpu_seconds(t.pid), time.monotonic()
+        time.sleep(5.0)
+        cpu = (proc_cpu_seconds(t.pid) - cpu0) / (time.monotonic() - wall0) * 100
+    finally:
+        client.stdin.close()
+        client.wait(timeout=30)
+    return (held - before) / n, cpu
+
+
+FIGURES = [
+    ("download", "bulk download, curl /bytes/ (MB/s)", True),
+    ("upload", "bulk upload, curl -T /upload (MB/s)", True),
+    ("wrk1", "keep-alive GETs, wrk -c 1 (req/s)", True),
+    ("wrk1_p99", "wrk -c 1 p99 latency (ms)", False),
+    ("wrk50", "keep-alive GETs, wrk -c 50 (req/s)", True),
+    ("wrk50_p99", "wrk -c 50 p99 latency (ms)", False),
+    ("ab", "new connection per request, ab -c 10 (req/s)", True),
+    ("ping_p50", "ping RTT p50 (ms)", False),
+    ("ping_p99", "ping RTT p99 (ms)", False),
+    ("idle_kb", "memory per idle keep-alive connection (KB, server RSS)", False),
+    ("idle_cpu", "server CPU with them all idle (%)", False),
+]
+
+
+def measure(t: Target, quick: bool, upfile: str) -> dict[str, float]:
+    runs = 1 if quick else 3
+    size = 20_000_000 if quick else 209_715_200
+    seconds = 2 if quick else 5
+    out: dict[str, list[float]] = {k: [] for k, _, _ in FIGURES}
+    for _ in range(runs):
+        out["download"].append(download(t, size))
+        out["upload"].append(upload(t, upfile))
+        rps, p99 = wrk(t, 1, seconds)
+        out["wrk1"].append(rps)
+        out["wrk1_p99"].append(p99)
+        rps, p99 = wrk(t, 50, seconds)
+        out["wrk50"].append(rps)
+        out["wrk50_p99"].append(p99)
+        out["ab"].append(ab(t, 1000 if quick else 5000))
+        p50, p99 = ping(t, 50 if quick else 200)
+        out["ping_p50"].append(p50)
+        out["ping_p99"].append(p99)
+    kb, cpu = idle(t, 1000 if quick else 10_000)
+    out["idle_kb"].append(kb)
+    out["idle_cpu"].append(cpu)
+    return {k: round(statistics.median(v), 3) for k, v in out.items()}
+
+
+def table(results: dict[str, dict[str, float]]) -> str:
+    names = list(results)
+    kernel = results["kernel"]
+    head = "| figure | " + " | ".join(names) + " | " + " | ".join(
+        f"{n} / kernel" for n in names if n != "kernel") + " |"
+    lines = [head, "|" + "---|" * (1 + len(names) * 2 - 1)]
+    for key, label, _ in FIGURES:
+        vals = [results[n][key] for n in names]
+        ratios = [f"{results[n][key] / kernel[key]:.2f}" if kernel[key] else "-"
+                  for n in names if n != "kernel"]
+        lines.append(f"| {label} | " + " | ".join(f"{v:,.3g}" if v < 100 else f"{v:,.0f}"
+                                                   for v in vals)
+                     + " | " + " | ".join(ratios) + " |")
+    return "\n".join(lines)
+
+
+def chart(results: dict[str, dict[str, float]], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    kernel = results["kernel"]
+    keys = [k for k, _, higher in FIGURES if higher]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.38
+    for i, name in enumerate(n for n in results if n != "kernel"):
+        ratios = [results[name][k] / kernel[k] if kernel[k] else 0 for k in keys]
+        ax.bar([x + i * width for x in range(len(keys))], ratios, width, label=name)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks([x + width / 2 for x in range(len(keys))], keys)
+    ax.set_ylabel("tapstack / kernel (higher is better)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="one short run of each figure")
+    p.add_argument("--out", default=str(REPO / "bench" / "results"))
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict[str, float]] = {}
+    with tempfile.NamedTemporaryFile(prefix="bench-up-", dir="/tmp") as up:
+        up.write(os.urandom(10_000_000 if args.quick else 100_000_000))
+        up.flush()
+        for start in (lambda: start_tapstack(False), lambda: start_tapstack(True),
+                      start_kernel):
+            target = start()
+            try:
+                time.sleep(0.5)
+                results[target.name] = measure(target, args.quick, up.name)
+            finally:
+                target.cleanup()
+            print(target.name, json.dumps(results[target.name]), flush=True)
+    md = (f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on "
+          f"{os.cpu_count()} CPUs{' (--quick: one short run)' if args.quick else ''}; "
+          "medians of 3 runs.\n\n" + table(results) + "\n")
+    name = "quick" if args.quick else "latest"
+    (out / f"{name}.md").write_text(md)
+    (out / f"{name}.json").write_text(json.dumps(results, indent=1))
+    chart(results, out / f"{name}.png")
+    print(md)
+    missing = [k for r in results.values() for k, v in r.items() if v is None]
+    return 1 if missing else 0
+
+
+if __name__ == "__main__":
+    if os.geteuid() != 0:
+        sys.exit("bench: needs root (network namespaces, a TAP, veth)")
+    sys.exit(main())
