@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import collections.abc
 import email.utils
 import logging
 import time
@@ -117,6 +118,7 @@ class HttpServerProtocol(asyncio.Protocol):
         self.can_write.set()
         self.idle_handle: asyncio.TimerHandle | None = None
         self.closing_after_pipeline = False
+        self.on_tapstack = False
         self.loop = asyncio.get_event_loop()
 
     # -- asyncio.Protocol -------------------------------------------------------------------
@@ -127,6 +129,7 @@ class HttpServerProtocol(asyncio.Protocol):
         sock = transport.get_extra_info("sockname")
         self.client = (peer[0], peer[1]) if peer else None
         self.server = (sock[0], sock[1]) if sock else None
+        self.on_tapstack = transport.get_extra_info("stack") is not None
         self._arm_idle()
 
     def data_received(self, data: bytes) -> None:
@@ -260,10 +263,8 @@ class HttpServerProtocol(asyncio.Protocol):
             "server": self.server, "extensions": {},
         }
         scope.update(self.extra_scope)
-        tcp_info = self.transport.get_extra_info("tcp_info")
-        if tcp_info is not None:  # on tapstack: what the stack knows of this connection
-            scope["extensions"]["tapstack"] = {
-                "tcp_info": tcp_info, "peer_mac": self.transport.get_extra_info("peer_mac")}
+        if self.on_tapstack:  # what the stack knows of this connection, read on demand
+            scope["extensions"]["tapstack"] = _ConnectionInfo(self.transport)
         state = _ResponseState(req)
         receive_done = False
 
@@ -407,6 +408,27 @@ class HttpServerProtocol(asyncio.Protocol):
         if self.current is not None and not self.closing:
             self.transport.write(simple_response(408, close=True))  # headers never came
         self._close()
+
+
+class _ConnectionInfo(collections.abc.Mapping):
+    """scope["extensions"]["tapstack"]: tcp_info and peer_mac, computed when read (most
+    requests never look, and a tcp_info snapshot is not free)."""
+
+    KEYS = ("tcp_info", "peer_mac")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self.KEYS:
+            raise KeyError(key)
+        return self._transport.get_extra_info(key)
+
+    def __iter__(self):
+        return iter(self.KEYS)
+
+    def __len__(self) -> int:
+        return len(self.KEYS)
 
 
 class _ResponseState:

@@ -13,23 +13,21 @@ class SendBuffer:
     so an ACK costs O(1) instead of a memmove of the whole buffer.
     """
 
-    __slots__ = ("_buf", "_off", "start")
+    __slots__ = ("_buf", "_off", "end", "start")
 
     def __init__(self, start: int) -> None:
         self._buf = bytearray()
         self._off = 0
         self.start = start
+        self.end = start  # sequence number just past the last byte held (kept, not derived:
+        # it is read several times per segment on the hot path)
 
     def __len__(self) -> int:
         return len(self._buf) - self._off
 
-    @property
-    def end(self) -> int:
-        """Sequence number just past the last byte held."""
-        return seq_add(self.start, len(self))
-
     def append(self, data: bytes | bytearray | memoryview) -> None:
         self._buf += data
+        self.end = (self.end + len(data)) & MASK
 
     def acknowledge(self, upto: int) -> int:
         """Drop bytes before `upto`; returns how many were dropped."""
