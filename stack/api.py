@@ -39,6 +39,9 @@ def _ip(host: str) -> bytes:
 class TcpTransport(asyncio.Transport):
     """An asyncio Transport over one tapstack TCP connection (its ConnectionUser)."""
 
+    __slots__ = ("_closing", "_conn", "_high", "_lost", "_low", "_made", "_paused_writing",
+                 "_peername", "_protocol", "_sockname", "_stack", "_waiter")
+
     def __init__(self, stack: Stack, conn: Connection, protocol: asyncio.BaseProtocol,
                  waiter: asyncio.Future | None = None) -> None:
         super().__init__()

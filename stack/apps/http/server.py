@@ -100,6 +100,11 @@ class _Request:
 
 
 class HttpServerProtocol(asyncio.Protocol):
+    __slots__ = ("app", "can_write", "client", "closing", "closing_after_pipeline",
+                 "current", "extra_scope", "header_bytes", "idle_handle", "limits", "loop",
+                 "on_tapstack", "parser", "paused_reading", "pipeline", "runner", "scheme",
+                 "server", "transport")
+
     def __init__(self, app: Any, limits: Limits | None = None, scheme: str = "http",
                  extra_scope: dict | None = None) -> None:
         self.app = app
@@ -108,14 +113,15 @@ class HttpServerProtocol(asyncio.Protocol):
         self.extra_scope = extra_scope or {}
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
-        self.pipeline: collections.deque[_Request] = collections.deque()
+        self.pipeline: list[_Request] = []  # requests parsed, answered in order
         self.current: _Request | None = None  # being parsed
         self.runner: asyncio.Task | None = None
         self.closing = False
         self.header_bytes = 0
         self.paused_reading = False
-        self.can_write = asyncio.Event()
-        self.can_write.set()
+        # set while the transport asked us to pause; made only then (an idle keep-alive
+        # connection should cost little)
+        self.can_write: asyncio.Event | None = None
         self.idle_handle: asyncio.TimerHandle | None = None
         self.closing_after_pipeline = False
         self.on_tapstack = False
@@ -162,16 +168,20 @@ class HttpServerProtocol(asyncio.Protocol):
         self._cancel_idle()
         for req in list(self.pipeline) + ([self.current] if self.current else []):
             req.event.set()
-        self.can_write.set()
+        if self.can_write is not None:
+            self.can_write.set()
         if self.runner is not None and not self.runner.done():
             self.runner.cancel()
         self.parser = None  # the parser holds us through its callbacks: break the cycle
 
     def pause_writing(self) -> None:
+        if self.can_write is None:
+            self.can_write = asyncio.Event()
         self.can_write.clear()
 
     def resume_writing(self) -> None:
-        self.can_write.set()
+        if self.can_write is not None:
+            self.can_write.set()
 
     # -- httptools callbacks -----------------------------------------------------------------
 
@@ -243,7 +253,7 @@ class HttpServerProtocol(asyncio.Protocol):
         while self.pipeline and not self.closing:
             req = self.pipeline[0]
             keep = await self._run_one(req)
-            self.pipeline.popleft()
+            del self.pipeline[0]
             if not keep:
                 self._close()
                 return
@@ -344,7 +354,7 @@ class HttpServerProtocol(asyncio.Protocol):
             state.finished = True
             if state.chunked and req.method != "HEAD":
                 write(b"0\r\n\r\n")
-        if not self.can_write.is_set():
+        if self.can_write is not None and not self.can_write.is_set():
             await self.can_write.wait()
 
     def _head(self, state: _ResponseState, body_length: int | None) -> bytes:
