@@ -257,3 +257,16 @@ def test_sack_recovery_repairs_every_hole_without_waiting_a_round_trip_each():
     assert peer.iface.counters["tcp.sack_retransmits"] == 2
     peer.send(ACK, seq, base + 10_000)
     assert conn.snd_una == base + 10_000 and not conn._in_recovery
+
+
+def test_header_prediction_takes_plain_acks_and_nothing_else():
+    peer, conn, seq, ack = established(mss=1000)
+    conn.send(b"h" * 5000)
+    peer.out()
+    peer.send(ACK, seq, ack + 2000)  # pure ACK of new data: predicted
+    assert conn.snd_una == ack + 2000
+    peer.send(ACK, seq, ack + 2000)  # a duplicate: the full path counts it
+    peer.send(ACK, seq, ack + 3000, window=100)  # the window changed: full path
+    assert conn.snd_una == ack + 3000 and conn.snd_wnd == 100 << 7
+    assert peer.iface.counters["tcp.predicted_acks"] == 1
+    assert conn._dupacks == 0
