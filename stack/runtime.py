@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno
+import gc
 import json
 import logging
 import signal
@@ -25,6 +27,11 @@ from stack.link.tap import TapLink
 from stack.net.interface import Interface
 
 log = logging.getLogger("tapstack")
+
+try:  # glibc: return free heap pages to the system (absent elsewhere: then only gc)
+    _malloc_trim = ctypes.CDLL(None).malloc_trim
+except (OSError, AttributeError):
+    _malloc_trim = None
 
 
 def control_address(tap: str) -> str:
@@ -60,6 +67,8 @@ class Runtime:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._kick_pending = False
+        self._had_connections = False  # since the last memory trim
+        self._trim_handle: asyncio.TimerHandle | None = None
         self._started = time.time()
         self._stopped: asyncio.Event | None = None
         # Faults on both directions of the link (--impair): the kernel peer really sees
@@ -122,6 +131,17 @@ class Runtime:
                 receive(frame, now)
         self._flush(now)
 
+    def _trim_memory(self) -> None:
+        """The connection table emptied: collect cycles and give freed heap back to the
+        system, so a burst of connections does not leave the process at its peak."""
+        self._trim_handle = None
+        if self.iface.tcp.connections:
+            return
+        self._had_connections = False
+        gc.collect()
+        if _malloc_trim is not None:
+            _malloc_trim(0)
+
     def kick(self) -> None:
         """The application wrote or closed: flush once, after the current callback."""
         if not self._kick_pending:
@@ -157,6 +177,10 @@ class Runtime:
                 self.pcap.flush()
         elif self.pcap is not None:
             self.pcap.flush()
+        if self.iface.tcp.connections:
+            self._had_connections = True
+        elif self._had_connections and self._trim_handle is None:
+            self._trim_handle = self.loop.call_later(2.0, self._trim_memory)
         deadline = self.iface.next_deadline()
         for imp in (self.rx_impair, self.tx_impair):
             if imp is not None and (d := imp.next_deadline()) is not None:

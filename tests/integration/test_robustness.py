@@ -190,14 +190,14 @@ def test_twenty_thousand_short_connections(start_stack):
               and k != "state_time_wait"}
     assert others == {} and tcp["state_time_wait"] > 0
     peak = rss_kb(st.proc.pid)
-    time.sleep(4.5)  # 2 x MSL
+    time.sleep(7.0)  # 2 x MSL, then the trim that follows an empty table (2 s)
     tcp = st.stats()["tcp"]
     assert tcp["connections"] == 0
     after = rss_kb(st.proc.pid)
     rate = re.search(r"Requests per second:\s+([\d.]+)", r.stdout).group(1)
     print(f"churn: {rate} req/s, RSS {before // 1024} -> {peak // 1024} -> "
           f"{after // 1024} MiB")
-    assert after - before < 64 * 1024
+    assert after - before < 16 * 1024  # back close to where it started
 
 
 def test_soak_30_seconds():
