@@ -248,12 +248,17 @@ def frag_needed(seg: dpkt.tcp.TCP, mtu: int, seq: int | None = None) -> bytes:
     return eth(bytes(dpkt.ip.IP(src=HOST_IP, dst=STACK_IP, p=1, ttl=64, data=icmp)))
 
 
-def test_frag_needed_shrinks_the_segments_of_that_connection():
+def sending(size: int):
+    """A connection that has just sent `size` bytes: (peer, conn, seq, ack, segments)."""
     peer = Peer()
     peer.listen()
     conn, seq, ack = peer.handshake(options=opts(mss=1460))
-    conn.send(b"d" * 20000)
-    first = peer.out()
+    conn.send(b"d" * size)
+    return peer, conn, seq, ack, peer.out()
+
+
+def test_frag_needed_shrinks_the_segments_of_that_connection():
+    peer, conn, seq, ack, first = sending(20000)
     assert max(len(s.data) for s in first) == 1460
     peer.iface.receive(frag_needed(first[0], 1000), peer.now)
     again = peer.out()  # what was in flight goes again, re-cut
@@ -264,21 +269,13 @@ def test_frag_needed_shrinks_the_segments_of_that_connection():
 
 
 def test_frag_needed_with_a_wrong_sequence_number_is_ignored():
-    peer = Peer()
-    peer.listen()
-    conn, seq, ack = peer.handshake(options=opts(mss=1460))
-    conn.send(b"d" * 5000)
-    first = peer.out()
+    peer, conn, seq, ack, first = sending(5000)
     peer.iface.receive(frag_needed(first[0], 1000, seq=ack + 1_000_000), peer.now)
     assert peer.out() == [] and conn.eff_mss == 1460
     assert peer.iface.counters["tcp.icmp_bad_seq"] == 1
 
 
 def test_frag_needed_below_552_is_clamped():
-    peer = Peer()
-    peer.listen()
-    conn, seq, ack = peer.handshake(options=opts(mss=1460))
-    conn.send(b"d" * 5000)
-    first = peer.out()
+    peer, conn, seq, ack, first = sending(5000)
     peer.iface.receive(frag_needed(first[0], 300), peer.now)
     assert conn.eff_mss == 552 - 40
