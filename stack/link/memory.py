@@ -19,8 +19,6 @@ class MemoryWire:
         self.a_to_b = a_to_b or Impairment(prefix="wire_ab")
         self.b_to_a = b_to_a or Impairment(prefix="wire_ba")
         self.now = now
-        self.frames_ab: list[bytes] = []  # every frame a sent (before faults), if recording
-        self.record = False
 
     def start(self) -> None:
         self.a.start(self.now)
@@ -32,8 +30,6 @@ class MemoryWire:
         now = self.now
         for src, imp in ((self.a, self.a_to_b), (self.b, self.b_to_a)):
             for frame in src.poll(now):
-                if self.record and src is self.a:
-                    self.frames_ab.append(frame)
                 imp.push(frame, now)
         delivered = False
         for dst, imp in ((self.b, self.a_to_b), (self.a, self.b_to_a)):
@@ -61,11 +57,3 @@ class MemoryWire:
             if not self.step():
                 break
         return self.now
-
-    def run_for(self, seconds: float) -> None:
-        end = self.now + seconds
-        while self.now < end:
-            if not self.step():
-                self.now = end
-                break
-        self.now = max(self.now, end)

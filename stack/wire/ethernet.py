@@ -8,7 +8,6 @@ from stack.wire.errors import MalformedError
 
 ETH_HEADER = struct.Struct("!6s6sH")
 ETH_HLEN = 14
-ETH_MIN_FRAME = 60  # without FCS: shorter frames are padded by the sender
 
 ETHERTYPE_IPV4 = 0x0800
 ETHERTYPE_ARP = 0x0806

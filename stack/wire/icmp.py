@@ -7,7 +7,6 @@ import struct
 from stack.wire.checksum import internet_checksum
 from stack.wire.errors import MalformedError
 
-ICMP_HEADER = struct.Struct("!BBH")
 ICMP_ECHO = struct.Struct("!BBHHH")
 ICMP_HLEN = 8
 
@@ -28,14 +27,6 @@ QUOTE_LIMIT = 576 - 20 - 8  # RFC 1812 4.3.2.3: the error datagram fits in 576 b
 
 # Error messages (RFC 1122 3.2.2): never answered with another error.
 ERROR_TYPES = frozenset({3, 4, 5, 11, 12})
-
-
-def parse_icmp(message: bytes | memoryview) -> tuple[int, int]:
-    """(type, code) after checking length; the checksum is checked by the caller."""
-    if len(message) < ICMP_HLEN:
-        raise MalformedError("truncated")
-    icmp_type, code, _ = ICMP_HEADER.unpack_from(message, 0)
-    return icmp_type, code
 
 
 def parse_echo(message: bytes | memoryview) -> tuple[int, int, int, int]:

@@ -96,7 +96,7 @@ class Connection:
         "rto", "sack_ok", "segs_in", "segs_out", "retransmits", "snd_buf", "snd_max",
         "snd_nxt", "snd_una", "snd_wl1", "snd_wl2", "snd_wnd", "snd_wscale", "state",
         "t_delack", "t_keepalive", "t_persist", "t_rtx", "t_timewait", "timer_at",
-        "ts_ok", "ts_recent", "ws_ok", "ts_recent_time", "user", "last_recv", "nodelay", "error",
+        "ts_ok", "ts_recent", "ws_ok", "ts_recent_time", "user", "last_recv", "nodelay",
         "_listener", "keepalive", "_sack", "_sack_recovery", "_high_rxt", "_tlp_armed",
         "_tlp_done", "_rack_armed", "_rack_left",
     )
@@ -113,7 +113,6 @@ class Connection:
         self._listener = None
         self.nodelay = config.nodelay
         self.keepalive = config.keepalive
-        self.error: Exception | None = None
         # send side
         self.iss = iss
         self.snd_una = iss
@@ -1244,7 +1243,6 @@ class Connection:
 
     def _terminate(self, exc: Exception | None, notify: bool = True) -> None:
         """Enter CLOSED and leave no trace: timers, buffers and the table entry go."""
-        self.error = exc
         self.t_rtx = self.t_delack = self.t_persist = self.t_keepalive = None
         self.t_timewait = None
         self._set_state(CLOSED)

@@ -3,7 +3,7 @@ peer holds, which holes are lost, and how much is really in the network (pipe)."
 
 from __future__ import annotations
 
-from stack.net.tcp.seq import seq_add, seq_diff
+from stack.net.tcp.seq import seq_diff
 
 MAX_BLOCKS = 64  # a peer cannot make us keep more (each SACK option carries at most 4)
 
@@ -77,9 +77,3 @@ class SackScoreboard:
                 return s
         return None
 
-    def highest(self) -> int:
-        return self.blocks[-1][1] if self.blocks else 0
-
-    @staticmethod
-    def absolute(una: int, offset: int) -> int:
-        return seq_add(una, offset)

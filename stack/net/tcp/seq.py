@@ -29,8 +29,3 @@ def seq_gt(a: int, b: int) -> bool:
 
 def seq_ge(a: int, b: int) -> bool:
     return ((a - b) & MASK) < HALF
-
-
-def seq_between(low: int, x: int, high: int) -> bool:
-    """low <= x < high, modulo 2**32."""
-    return ((x - low) & MASK) < ((high - low) & MASK)
