@@ -72,23 +72,23 @@ class Reassembler:
         end = offset + len(data)
         if ip.more_fragments and (len(data) == 0 or len(data) % 8):
             c["ipv4.reasm_bad_length"] += 1  # RFC 791: all but the last are 8-byte multiples
-            return self._kill(key, entry)
+            return self._kill(entry)
         if ip.header_length + end > MAX_DATAGRAM:
             c["ipv4.reasm_too_big"] += 1
-            return self._kill(key, entry)
+            return self._kill(entry)
         if offset == 0:
             if len(data) < MIN_FIRST.get(ip.protocol, 0):
                 c["ipv4.reasm_tiny_first"] += 1
-                return self._kill(key, entry)
+                return self._kill(entry)
             entry.first_header = bytes(packet[:ip.header_length]) + data[:8]
         if not ip.more_fragments:
             if entry.total is not None and entry.total != end:
                 c["ipv4.reasm_overlaps"] += 1  # two different ends
-                return self._kill(key, entry)
+                return self._kill(entry)
             entry.total = end
         if entry.total is not None and end > entry.total:
             c["ipv4.reasm_overlaps"] += 1
-            return self._kill(key, entry)
+            return self._kill(entry)
         # place the piece; any overlap that is not an exact duplicate kills the datagram
         pieces = entry.pieces
         i = 0
@@ -99,7 +99,7 @@ class Reassembler:
                 c["ipv4.reasm_duplicates"] += 1
                 return None
             c["ipv4.reasm_overlaps"] += 1
-            return self._kill(key, entry)
+            return self._kill(entry)
         pieces.insert(i, (offset, data))
         entry.bytes += len(data)
         self.bytes += len(data)
@@ -126,7 +126,7 @@ class Reassembler:
         self._enforce_bounds(key)
         return entry
 
-    def _kill(self, key: tuple, entry: _Pending) -> None:
+    def _kill(self, entry: _Pending) -> None:
         """Drop what is held, keep a tombstone so later fragments are swallowed too."""
         self.bytes -= entry.bytes
         entry.pieces = []
@@ -148,7 +148,7 @@ class Reassembler:
                 self.counters["ipv4.reasm_evicted"] += 1
         if self.bytes > cfg.max_bytes and keep in self.pending:
             self.counters["ipv4.reasm_evicted"] += 1
-            self._kill(keep, self.pending[keep])
+            self._kill(self.pending[keep])
 
     def expire(self, now: float) -> list[bytes]:
         """Drop datagrams whose time is up; returns the quotes for ICMP Time Exceeded."""

@@ -616,7 +616,7 @@ class Connection:
             if self.state == CLOSED:
                 return False
         elif ack == self.snd_una:
-            self._maybe_dupack(seg, window, now)
+            self._maybe_dupack(seg, window)
         self._detect_loss(now)
         # window update (RFC 9293 3.10.7.4: SND.WL1/SND.WL2 rule)
         if seq_lt(self.snd_wl1, seg.seq) or (
@@ -642,7 +642,7 @@ class Connection:
             return False
         return True
 
-    def _maybe_dupack(self, seg: Segment, window: int, now: float) -> None:
+    def _maybe_dupack(self, seg: Segment, window: int) -> None:
         """RFC 5681 2: a duplicate ACK carries no data, no SYN/FIN, acknowledges SND.UNA
         with data outstanding, and leaves the window unchanged."""
         if seg.payload or seg.flags & (SYN | FIN) or self.snd_una == self.snd_max \
