@@ -16,10 +16,12 @@ declare -A pkg_of=(
     [ip]=iproute2 [ping]=iputils-ping [arping]=iputils-arping [tcpdump]=tcpdump
     [tshark]=tshark [curl]=curl [nc]=netcat-openbsd [socat]=socat [iptables]=iptables
     [hping3]=hping3 [gcc]=gcc [wrk]=wrk [ab]=apache2-utils [nmap]=nmap
+    [shellcheck]=shellcheck [vagrant]=vagrant
 )
 case "$target" in
     run) wanted=(ip gcc) ;;
-    test) wanted=(ip ping arping tcpdump tshark curl nc socat iptables hping3 gcc wrk ab nmap) ;;
+    test) wanted=(ip ping arping tcpdump tshark curl nc socat iptables hping3 gcc wrk ab nmap
+                 shellcheck vagrant) ;;
     *) wanted=() ;;
 esac
 
