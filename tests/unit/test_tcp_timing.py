@@ -190,6 +190,57 @@ def test_rto_backs_off_exponentially_from_the_200ms_floor():
     assert peer.iface.counters["tcp.rto_expiries"] == 4
 
 
+def tsval(seg) -> int:
+    return struct.unpack("!II", parse_opts(seg)[8])[0]
+
+
+def stalled_flight(data: int):
+    """A timestamped connection whose peer stalls: a flight leaves, the tail loss probe
+    and then the RTO fire, and the RTO re-sends the first segment."""
+    peer, conn, seq, ack = established(mss=1000, ts=True)
+    conn.send(b"e" * data)
+    flight = peer.out()
+    assert len(flight) == 10 and flight[0].seq == ack
+    first_rto = None
+    while first_rto is None:
+        for s in peer.advance(peer.iface.next_deadline() - peer.now):
+            if s.seq == ack:
+                first_rto = s
+    assert peer.iface.counters["tcp.rto_expiries"] == 1
+    return peer, conn, seq, ack, flight, first_rto
+
+
+def test_a_spurious_rto_is_undone_eifel_and_the_window_is_not_sent_again():
+    """RFC 3522/4015: the peer was only slow. Its ACK for the original flight echoes the
+    original timestamp, so only the one segment is sent twice, and sending resumes with
+    new data at the congestion window the timeout took away."""
+    peer, conn, seq, ack, flight, rtx = stalled_flight(30_000)
+    assert tsval(rtx) > tsval(flight[0])
+    cwnd_before = 10 * conn.eff_mss  # the initial window (RFC 6928) the flight used
+    assert conn.cc.cwnd == conn.eff_mss  # what the timeout left
+    end = flight[-1].seq + len(flight[-1].data)
+    peer.send(ACK, seq, end, options=opts(ts=(200, tsval(flight[-1]))))
+    after = peer.out()
+    assert after and all(s.seq >= end for s in after), "old data sent again"
+    assert peer.iface.counters["tcp.spurious_rtos"] == 1
+    assert conn.cc.cwnd >= cwnd_before
+    assert conn.cc.ssthresh == 1 << 30  # still slow-starting, as before the stall
+
+
+def test_a_needed_rto_goes_back_n_and_counts_every_resend():
+    """The ACK echoes the retransmission's timestamp: the flight really was lost, so the
+    rest of it goes again (go back N), and each resend is counted."""
+    peer, conn, seq, ack, flight, rtx = stalled_flight(10_000)
+    retransmits = peer.iface.counters["tcp.retransmits"]
+    mss = conn.eff_mss  # 1000 less the timestamp option
+    peer.send(ACK, seq, ack + mss, options=opts(ts=(200, tsval(rtx))))
+    after = peer.out()
+    assert [s.seq for s in after] == [ack + mss, ack + 2 * mss]  # slow start from 1 MSS
+    assert peer.iface.counters["tcp.spurious_rtos"] == 0
+    assert peer.iface.counters["tcp.retransmits"] == retransmits + 2
+    assert conn.cc.cwnd == 2 * mss
+
+
 def test_gives_up_after_the_retry_limit_and_tells_the_user():
     peer, conn, seq, ack = established(retries=3)
     conn.send(b"r" * 100)

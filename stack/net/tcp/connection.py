@@ -98,7 +98,7 @@ class Connection:
         "t_delack", "t_keepalive", "t_persist", "t_rtx", "t_timewait", "timer_at",
         "ts_ok", "ts_recent", "ws_ok", "ts_recent_time", "user", "last_recv", "nodelay",
         "_listener", "keepalive", "_sack", "_sack_recovery", "_high_rxt", "_tlp_armed",
-        "_tlp_done", "_rack_armed", "_rack_left",
+        "_tlp_done", "_rack_armed", "_rack_left", "_eifel",
     )
 
     def __init__(self, layer: TcpLayer, local_ip: bytes, local_port: int, remote_ip: bytes,
@@ -139,6 +139,9 @@ class Connection:
         self._rack_armed = False  # t_rtx waits for a retransmission's ACK (see below)
         self._rack_left = 3  # timer-driven re-sends allowed before the RTO decides
         self._recover = iss
+        # RFC 3522/4015 (Eifel): after an RTO, (TSval of the retransmission, cwnd and
+        # ssthresh before it) until the first ACK tells whether the timeout was spurious
+        self._eifel: tuple[int, int, int] | None = None
         self._retries = 0
         self._rtt_seq: int | None = None
         self._rtt_time = 0.0
@@ -771,6 +774,8 @@ class Connection:
         elif self._rtt_seq is not None and seq_gt(ack, self._rtt_seq):
             self.rto.sample(now - self._rtt_time)
             self._rtt_seq = None
+        if self._eifel is not None:
+            self._eifel_check(seg, ack)
         self.snd_una = ack
         if seq_lt(self.snd_nxt, ack):
             self.snd_nxt = ack
@@ -798,6 +803,22 @@ class Connection:
         self._arm_rtx(now)
         if self.user is not None:
             self.user.on_acked()
+
+    def _eifel_check(self, seg: Segment, ack: int) -> None:
+        """RFC 3522 detection on the first ACK of new data after an RTO: if it echoes a
+        timestamp older than the retransmission's, it was sent for the original, and the
+        timeout was spurious (a stalled peer or path, not a loss). RFC 4015 response:
+        resume with new data at SND.MAX instead of sending the whole window again, and
+        give back the congestion window the timeout took."""
+        rtx_ts, cwnd, ssthresh = self._eifel
+        self._eifel = None
+        ecr = seg.options.ts_ecr
+        if ecr is None or not seq_lt(ecr, rtx_ts):
+            return  # the retransmission was needed, or we cannot tell: go back N
+        self.layer.counters["tcp.spurious_rtos"] += 1
+        self.snd_nxt = self.snd_max
+        self.cc.ssthresh = ssthresh
+        self.cc.cwnd = max(cwnd, self.eff_mss)
 
     def _established(self) -> None:
         self.layer.established(self)
@@ -1035,6 +1056,10 @@ class Connection:
     def _after_send(self, seq_len: int, now: float) -> None:
         start = self.snd_nxt
         self.snd_nxt = seq_add(self.snd_nxt, seq_len)
+        if seq_lt(start, self.snd_max):
+            # going back N after an RTO (or a smaller path MTU): each resend counts
+            self.retransmits += 1
+            self.layer.counters["tcp.retransmits"] += 1
         if seq_gt(self.snd_nxt, self.snd_max):
             if self._rtt_seq is None and not self.ts_ok:
                 self._rtt_seq, self._rtt_time = start, now
@@ -1186,9 +1211,11 @@ class Connection:
                 f"connection to {self.layer.peer_name(self)} timed out"))
             return
         c["tcp.rto_expiries"] += 1
-        c["tcp.retransmits"] += 1
-        self.retransmits += 1
+        if self.state in (SYN_SENT, SYN_RECEIVED):
+            c["tcp.retransmits"] += 1  # (data resends are counted as they leave)
+            self.retransmits += 1
         self.rto.back_off()
+        prior_cwnd, prior_ssthresh = self.cc.cwnd, self.cc.ssthresh
         if self.state not in (SYN_SENT, SYN_RECEIVED):
             self.cc.on_timeout(seq_diff(self.snd_max, self.snd_una), self.eff_mss)
         self._in_recovery = False
@@ -1199,6 +1226,9 @@ class Connection:
         self.snd_nxt = self.snd_una  # go back N: output() re-sends from SND.UNA
         if self.state == SYN_SENT or self.state == SYN_RECEIVED:
             self.snd_nxt = self.iss
+        elif self.ts_ok and self._retries == 1:
+            # the first timeout of an episode: remember enough to undo it (Eifel)
+            self._eifel = (self._ts_now(now), prior_cwnd, prior_ssthresh)
         self.t_rtx = now + self.rto.current()
 
     def _on_persist(self, now: float) -> None:
