@@ -62,7 +62,9 @@ def test_syn_flood_while_curl_keeps_working(start_stack):
           f"curl {statuses.count('200')}/{len(statuses)} OK, RSS {peak // 1024} MiB; "
           f"hping3: {sent.strip().splitlines()[-2:] if sent.strip() else ''}")
     assert statuses == ["200"] * 10, statuses
-    assert tcp["syncookies_sent"] > 10_000 and tcp["listen_overflows"] > 0
+    # the flood was real: the SYN queue overflowed and cookies answered (how many SYNs
+    # hping3 gets out in 8 s depends on the machine: ~100,000 here, ~7,000 in an emulated VM)
+    assert tcp["syncookies_sent"] > 1000 and tcp["listen_overflows"] > 0
     assert peak < RSS_BOUND_KB
     # Unpaced (--flood): more than the TAP queue holds; the stack must come out of it.
     flood = hping_syn_flood(st.ns, 3, ["--flood"])
