@@ -42,7 +42,9 @@ soak:
 
 # The VM path, checked without a VM: shellcheck on every shell script (the provisioning
 # first), and `vagrant validate` on the Vagrantfile, so a broken one fails `make test`.
-VAGRANT := cd vagrant && VAGRANT_CHECKPOINT_DISABLE=1 vagrant
+# VAGRANT_NETNS runs Vagrant inside a namespace (see vagrant/libvirt-netns.sh).
+VAGRANT := cd vagrant && VAGRANT_CHECKPOINT_DISABLE=1 \
+	$(if $(VAGRANT_NETNS),ip netns exec $(VAGRANT_NETNS)) vagrant
 SHELL_SCRIPTS := vagrant/provision.sh $(filter-out vagrant/provision.sh,$(wildcard vagrant/*.sh)) \
 	$(wildcard tools/*.sh) .ci/run
 vm-check:

@@ -7,7 +7,14 @@
 # Output, in build/vm/ (VM_OUT to change it):
 #   disk.raw     ext4 root filesystem (sparse, VM_DISK_SIZE, default 8G), label tapstack-root
 #   vmlinuz, initrd.img   the image's own kernel and initramfs, for qemu's direct boot
-# vagrant/test-image.sh boots it under qemu with KVM and runs `make test` inside.
+# vagrant/test-image.sh boots it under qemu and runs `make test` inside.
+#
+# With --box, also a Vagrant box for the libvirt provider, added to Vagrant as
+# tapstack/bookworm: the disk as qcow2 plus the kernel and initramfs, booted directly
+# (libvirt's kernel/initrd/cmd_line, so the disk needs no partition table and no boot
+# loader), and Vagrant's well-known insecure key for the vagrant user, which Vagrant
+# replaces with a fresh key pair on the first `vagrant up`. Then:
+#   TAPSTACK_BOX=tapstack/bookworm make vm-test VM_PROVIDER=libvirt
 #
 # The debootstrap stage is cached in build/vm/base (about 4 minutes the first time);
 # `rm -rf build/vm` starts over. Needs root (chroot, device nodes).
@@ -18,6 +25,12 @@ out=${VM_OUT:-$repo/build/vm}
 mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 size=${VM_DISK_SIZE:-8G}
 suite=bookworm
+box=no
+case ${1:-} in
+    "") ;;
+    --box) box=yes ;;
+    *) echo "usage: $0 [--box]" >&2; exit 2 ;;
+esac
 
 say() { printf '%s build-image: %s\n' "$(date -u +%H:%M:%S)" "$*"; }
 
@@ -28,7 +41,8 @@ fi
 
 # Host tools, installed only when missing.
 declare -A pkg_of=([debootstrap]=debootstrap [qemu-system-x86_64]=qemu-system-x86
-                   [mkfs.ext4]=e2fsprogs [git]=git)
+                   [mkfs.ext4]=e2fsprogs [git]=git [qemu-img]=qemu-utils)
+[ "$box" = yes ] && pkg_of[vagrant]=vagrant
 missing=()
 for cmd in "${!pkg_of[@]}"; do
     command -v "$cmd" >/dev/null 2>&1 || missing+=("${pkg_of[$cmd]}")
@@ -157,6 +171,17 @@ if ! in_image id vagrant >/dev/null 2>&1; then
 fi
 echo 'vagrant ALL=(ALL) NOPASSWD:ALL' >"$rootfs/etc/sudoers.d/vagrant"
 chmod 440 "$rootfs/etc/sudoers.d/vagrant"
+if [ "$box" = yes ]; then
+    insecure=$(find /usr/share/rubygems-integration /usr/lib/ruby /opt/vagrant \
+        -path '*/keys/vagrant.pub' 2>/dev/null | head -1)
+    if [ -z "$insecure" ]; then
+        echo "build-image: Vagrant's insecure public key (keys/vagrant.pub) not found" >&2
+        exit 1
+    fi
+    install -d -m 700 "$rootfs/home/vagrant/.ssh"
+    install -m 600 "$insecure" "$rootfs/home/vagrant/.ssh/authorized_keys"
+    in_image chown -R vagrant:vagrant /home/vagrant/.ssh
+fi
 in_image systemctl enable systemd-networkd.service tapstack-selftest.service >/dev/null 2>&1
 in_image apt-get clean
 
@@ -181,3 +206,33 @@ rm -f "$out/disk.raw"
 mkfs.ext4 -q -F -L tapstack-root -d "$rootfs" "$out/disk.raw" "$size"
 git -C "$repo" rev-parse --short HEAD >"$out/commit" 2>/dev/null || true
 say "done: $out/disk.raw, $out/vmlinuz ($(basename "$kernel")), $out/initrd.img"
+
+# 7. The Vagrant box (libvirt provider, direct kernel boot).
+if [ "$box" = yes ]; then
+    boxdir=$out/box
+    rm -rf "$boxdir"
+    mkdir -p "$boxdir"
+    say "making the Vagrant box"
+    qemu-img convert -O qcow2 "$out/disk.raw" "$boxdir/box.img"
+    cp "$out/vmlinuz" "$out/initrd.img" "$boxdir/"
+    gib=$(($(stat -c %s "$out/disk.raw") / 1024 / 1024 / 1024))
+    printf '{"provider": "libvirt", "format": "qcow2", "virtual_size": %d}\n' "$gib" \
+        >"$boxdir/metadata.json"
+    cat >"$boxdir/Vagrantfile" <<'VAGRANTFILE'
+# tapstack/bookworm, built by vagrant/build-image.sh --box: boots its own kernel directly.
+Vagrant.configure("2") do |config|
+  config.vm.provider :libvirt do |lv|
+    lv.kernel = File.expand_path("vmlinuz", __dir__)
+    lv.initrd = File.expand_path("initrd.img", __dir__)
+    lv.cmd_line = "root=/dev/vda rw console=ttyS0"
+  end
+end
+VAGRANTFILE
+    tar -C "$boxdir" -cf "$out/tapstack-bookworm.box" \
+        metadata.json Vagrantfile box.img vmlinuz initrd.img
+    rm -rf "$boxdir"
+    VAGRANT_CHECKPOINT_DISABLE=1 vagrant box add --force --name tapstack/bookworm \
+        "$out/tapstack-bookworm.box"
+    say "box added as tapstack/bookworm; now:" \
+        "TAPSTACK_BOX=tapstack/bookworm make vm-test VM_PROVIDER=libvirt"
+fi
