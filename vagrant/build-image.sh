@@ -10,13 +10,14 @@
 # vagrant/test-image.sh boots it under qemu and runs `make test` inside.
 #
 # With --box, also a Vagrant box for the libvirt provider, added to Vagrant as
-# tapstack/bookworm: the disk as qcow2 plus the kernel and initramfs, booted directly
-# (libvirt's kernel/initrd/cmd_line, so the disk needs no partition table and no boot
-# loader), and Vagrant's well-known insecure key for the vagrant user, which Vagrant
-# replaces with a fresh key pair on the first `vagrant up`. Then:
+# tapstack/bookworm: the disk as qcow2, booted directly with the image's kernel and
+# initramfs (libvirt's kernel/initrd/cmd_line, so the disk needs no partition table and
+# no boot loader; both files go to /var/lib/libvirt/boot on this host), and Vagrant's
+# well-known insecure key for the vagrant user, which Vagrant replaces with a fresh key
+# pair on the first `vagrant up`. Then:
 #   TAPSTACK_BOX=tapstack/bookworm make vm-test VM_PROVIDER=libvirt
 #
-# The debootstrap stage is cached in build/vm/base (about 4 minutes the first time);
+# The debootstrap stage is cached in build/vm/base (80 s the first time, here);
 # `rm -rf build/vm` starts over. Needs root (chroot, device nodes).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -173,7 +174,7 @@ echo 'vagrant ALL=(ALL) NOPASSWD:ALL' >"$rootfs/etc/sudoers.d/vagrant"
 chmod 440 "$rootfs/etc/sudoers.d/vagrant"
 if [ "$box" = yes ]; then
     insecure=$(find /usr/share/rubygems-integration /usr/lib/ruby /opt/vagrant \
-        -path '*/keys/vagrant.pub' 2>/dev/null | head -1)
+        -path '*/keys/vagrant.pub' 2>/dev/null | head -1 || true)
     if [ -z "$insecure" ]; then
         echo "build-image: Vagrant's insecure public key (keys/vagrant.pub) not found" >&2
         exit 1
@@ -214,22 +215,27 @@ if [ "$box" = yes ]; then
     mkdir -p "$boxdir"
     say "making the Vagrant box"
     qemu-img convert -O qcow2 "$out/disk.raw" "$boxdir/box.img"
-    cp "$out/vmlinuz" "$out/initrd.img" "$boxdir/"
+    # libvirt's qemu runs as its own user and cannot read a kernel under ~/.vagrant.d:
+    # the kernel and initramfs go where libvirt keeps boot files.
+    install -d -m 711 /var/lib/libvirt/boot
+    install -m 644 "$out/vmlinuz" /var/lib/libvirt/boot/tapstack-bookworm-vmlinuz
+    install -m 644 "$out/initrd.img" /var/lib/libvirt/boot/tapstack-bookworm-initrd.img
     gib=$(($(stat -c %s "$out/disk.raw") / 1024 / 1024 / 1024))
     printf '{"provider": "libvirt", "format": "qcow2", "virtual_size": %d}\n' "$gib" \
         >"$boxdir/metadata.json"
     cat >"$boxdir/Vagrantfile" <<'VAGRANTFILE'
-# tapstack/bookworm, built by vagrant/build-image.sh --box: boots its own kernel directly.
+# tapstack/bookworm, built by vagrant/build-image.sh --box on this host: boots the image's
+# own kernel directly (installed in /var/lib/libvirt/boot by the same script).
 Vagrant.configure("2") do |config|
   config.vm.provider :libvirt do |lv|
-    lv.kernel = File.expand_path("vmlinuz", __dir__)
-    lv.initrd = File.expand_path("initrd.img", __dir__)
+    lv.kernel = "/var/lib/libvirt/boot/tapstack-bookworm-vmlinuz"
+    lv.initrd = "/var/lib/libvirt/boot/tapstack-bookworm-initrd.img"
     lv.cmd_line = "root=/dev/vda rw console=ttyS0"
   end
 end
 VAGRANTFILE
     tar -C "$boxdir" -cf "$out/tapstack-bookworm.box" \
-        metadata.json Vagrantfile box.img vmlinuz initrd.img
+        metadata.json Vagrantfile box.img
     rm -rf "$boxdir"
     VAGRANT_CHECKPOINT_DISABLE=1 vagrant box add --force --name tapstack/bookworm \
         "$out/tapstack-bookworm.box"
