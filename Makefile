@@ -63,7 +63,7 @@ vm-destroy:
 	$(VAGRANT) destroy -f
 
 # Without Vagrant Cloud: a Debian 12 image from Debian's mirror (debootstrap), booted under
-# qemu with KVM, running `make test` inside and reporting pass/fail.
+# qemu (KVM where the CPU has vmx/svm, else emulation), `make test` inside, pass or fail.
 vm-image:
 	vagrant/build-image.sh
 

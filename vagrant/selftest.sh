@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # Inside the local VM image (installed as /usr/local/sbin/tapstack-selftest by
 # build-image.sh, started once at boot when the kernel command line has
-# tapstack.selftest=1): run `make test` as CI does (or VM_TEST_CMD, see test-image.sh), then show `tapstack run --no-netns`
-# answering curl and ping from the VM's own shell, print one result line on the serial
-# console for test-image.sh, and power off.
+# tapstack.selftest=1): run `make test` as CI does (or VM_TEST_CMD, see test-image.sh),
+# then show `tapstack run --no-netns` answering curl and ping from the VM's own shell,
+# print one result line on the serial console for test-image.sh, and power off.
 set -uo pipefail
 exec >/dev/ttyS0 2>&1
 repo=/vagrant
 echo "TAPSTACK-SELFTEST start: $(uname -sr), $(nproc) CPUs, $(free -m | awk '/Mem:/ {print $2}') MiB"
-cd "$repo" || exit 1
+if ! cd "$repo"; then
+    echo "TAPSTACK-SELFTEST rc=1 seconds=0 (no $repo)"
+    systemctl poweroff
+    exit 1
+fi
 
 # test-image.sh may hand over another command on a second disk (VM_TEST_CMD).
 cmd="CI=true make test"
