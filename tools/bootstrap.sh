@@ -47,12 +47,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
         exit 1
     fi
     echo "bootstrap: installing ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    # A fresh machine has no package lists yet: update once, then install.
-    if ! apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null 2>&1; then
-        apt-get update -q >/dev/null
-        apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
-    fi
+    tools/apt-install.sh "${missing[@]}"
 fi
 
 "$py" - <<'PY' || { echo "tapstack: Python 3.11 or newer is needed" >&2; exit 1; }

@@ -50,11 +50,7 @@ for cmd in "${!pkg_of[@]}"; do
 done
 if [ "${#missing[@]}" -gt 0 ]; then
     say "installing ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    if ! apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null 2>&1; then
-        apt-get update -q >/dev/null
-        apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
-    fi
+    "$repo/tools/apt-install.sh" "${missing[@]}"
 fi
 
 mkdir -p "$out"

@@ -30,11 +30,7 @@ case ${1:-} in
             || need+=(vagrant-libvirt)
         if [ "${#need[@]}" -gt 0 ]; then
             echo "libvirt-netns: installing ${need[*]}"
-            export DEBIAN_FRONTEND=noninteractive
-            if ! apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null 2>&1; then
-                apt-get update -q >/dev/null
-                apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null
-            fi
+            "$(dirname "$0")/../tools/apt-install.sh" "${need[@]}"
         fi
         mkdir -p "$run"
         if ! ip netns list | grep -q -w "^$ns"; then

@@ -26,9 +26,7 @@ for pkg in make python3 python3-venv python3-dev gcc rsync ca-certificates; do
 done
 if [ "${#need[@]}" -gt 0 ]; then
     echo "provision: installing ${need[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -q >/dev/null
-    apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null
+    "$repo/tools/apt-install.sh" "${need[@]}"
 fi
 
 "$repo/tools/bootstrap.sh" test
