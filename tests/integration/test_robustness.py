@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import random
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -36,11 +39,25 @@ def curl_status(ns: str, path: str = "/bytes/10", timeout: float = 15) -> str:
 
 
 def hping_syn_flood(ns: str, seconds: int, rate_args: list[str]) -> subprocess.Popen:
-    """hping3 SYNs from random sources to port 80, bounded by `timeout`."""
-    return subprocess.Popen(["ip", "netns", "exec", ns, "timeout", "-s", "INT", str(seconds),
-                             "hping3", "-q", "-S", *rate_args, "--rand-source", "-p", "80",
-                             STACK_IP], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    """hping3 SYNs from random sources to port 80, bounded by `timeout`.
+
+    SIGINT makes hping3 print its statistics, but its handler is not async-signal-safe:
+    about one run in ten deadlocks in it (measured here: 3 of 30), so `timeout` follows
+    up with SIGKILL after 2 s. The statistics are only printed, never asserted on."""
+    return subprocess.Popen(["ip", "netns", "exec", ns, "timeout", "-k", "2", "-s", "INT",
+                             str(seconds), "hping3", "-q", "-S", *rate_args, "--rand-source",
+                             "-p", "80", STACK_IP], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def hping_wait(flood: subprocess.Popen) -> str:
+    """hping3's output once `timeout` has ended it (and killed it if need be)."""
+    try:
+        return flood.communicate(timeout=30)[0]
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):  # `timeout` leads its own group
+            os.killpg(flood.pid, signal.SIGKILL)
+        return flood.communicate()[0]
 
 
 def test_syn_flood_while_curl_keeps_working(start_stack):
@@ -56,11 +73,11 @@ def test_syn_flood_while_curl_keeps_working(start_stack):
             statuses.append(curl_status(st.ns, timeout=8))
         peak = rss_kb(st.proc.pid)
     finally:
-        sent = flood.communicate(timeout=30)[0]
+        sent = hping_wait(flood)
     tcp = st.stats()["tcp"]
     print(f"SYN flood: {tcp['rx_segments']} segments, cookies {tcp['syncookies_sent']}, "
           f"curl {statuses.count('200')}/{len(statuses)} OK, RSS {peak // 1024} MiB; "
-          f"hping3: {sent.strip().splitlines()[-2:] if sent.strip() else ''}")
+          f"hping3: {[ln for ln in sent.splitlines() if 'transmitted' in ln] or 'killed'}")
     assert statuses == ["200"] * 10, statuses
     # the flood was real: the SYN queue overflowed and cookies answered (how many SYNs
     # hping3 gets out in 8 s depends on the machine: ~100,000 here, ~7,000 in an emulated VM)
@@ -70,7 +87,7 @@ def test_syn_flood_while_curl_keeps_working(start_stack):
     flood = hping_syn_flood(st.ns, 3, ["--flood"])
     time.sleep(1.5)
     peak = max(peak, rss_kb(st.proc.pid))
-    flood.communicate(timeout=30)
+    hping_wait(flood)
     assert peak < RSS_BOUND_KB
     assert curl_status(st.ns) == "200"
     assert st.stats()["stack"]["internal_errors"] == 0
