@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from stack.net.tcp.buffers import OutOfOrderQueue, SendBuffer
 from stack.net.tcp.congestion import NewReno
+from stack.net.tcp.rack import Rack
 from stack.net.tcp.rto import RtoEstimator
 from stack.net.tcp.sack import SackScoreboard
 from stack.net.tcp.seq import (
@@ -97,8 +98,8 @@ class Connection:
         "snd_nxt", "snd_una", "snd_wl1", "snd_wl2", "snd_wnd", "snd_wscale", "state",
         "t_delack", "t_keepalive", "t_persist", "t_rtx", "t_timewait", "timer_at",
         "ts_ok", "ts_recent", "ws_ok", "ts_recent_time", "user", "last_recv", "nodelay",
-        "_listener", "keepalive", "_sack", "_sack_recovery", "_high_rxt", "_tlp_armed",
-        "_tlp_done", "_rack_armed", "_rack_left", "_eifel",
+        "_listener", "keepalive", "_sack", "_sack_recovery", "_rack", "_tlp_armed",
+        "_tlp_done", "_rack_armed", "_rack_left", "_eifel", "_reo_armed",
     )
 
     def __init__(self, layer: TcpLayer, local_ip: bytes, local_port: int, remote_ip: bytes,
@@ -133,7 +134,8 @@ class Connection:
         self._in_recovery = False
         self._sack = SackScoreboard()  # what the peer told us it holds beyond SND.UNA
         self._sack_recovery = False  # this recovery is driven by the scoreboard
-        self._high_rxt = iss  # RFC 6675 HighRxt: retransmitted up to here
+        self._rack = Rack(iss)  # when each outstanding byte left (RFC 8985)
+        self._reo_armed = False  # t_rtx is RACK's reordering timer
         self._tlp_armed = False  # t_rtx is a tail loss probe timer, not the RTO
         self._tlp_done = False  # one probe per flight (RFC 8985 7.2)
         self._rack_armed = False  # t_rtx waits for a retransmission's ACK (see below)
@@ -280,7 +282,7 @@ class Connection:
         self.rcv_nxt = seg.seq
         self.snd_una = self.snd_nxt = self.snd_max = seg.ack
         self.snd_buf = SendBuffer(seg.ack)
-        self._recover = self._high_rxt = self.iss
+        self._recover = self.iss
         if wscale is not None and cfg.wscale is not None:
             self.ws_ok = True
             self.snd_wscale, self.rcv_wscale = wscale, cfg.wscale
@@ -613,7 +615,9 @@ class Connection:
         if self.sack_ok and (seg.options.sack_blocks or self._sack):
             # an old (reordered) ACK still carries valid blocks; the board stays on SND.UNA
             base = ack if seq_gt(ack, old_una) else old_una
-            self._sack.update(seg.options.sack_blocks, base, self.snd_max, old_una)
+            fresh = self._sack.update(seg.options.sack_blocks, base, self.snd_max, old_una)
+            if fresh:
+                self._rack.delivered(fresh, now)
         if seq_gt(ack, self.snd_una):
             self._ack_advanced(seg, now)
             if self.state == CLOSED:
@@ -668,11 +672,13 @@ class Connection:
         segments = -(-outstanding // mss)
         if segments < 4 and seq_diff(self.snd_buf.end, self.snd_nxt) <= 0:
             thresh = max(segments - 1, 1)
-        sack_says = bool(self._sack) and self._sack.sacked_bytes() > (thresh - 1) * mss
+        sack_says = bool(self._sack) and (self._sack.sacked_bytes() > (thresh - 1) * mss
+                                          or bool(self._rack_scan(now)[0]))
         past_recovery = seq_gt(self.snd_una, self._recover) or self._recover == self.iss
         # RFC 6582 3.2 step 2 keeps duplicate ACKs from before the last recovery point
         # (they may be old) from starting another one; SACK blocks name the bytes held, so
         # they may: after an RTO, a lost retransmission is recovered without another RTO.
+        # RACK (RFC 8985) enters on a single SACK once a reordering window has passed.
         if not (sack_says or (self._dupacks >= thresh and past_recovery)):
             return
         self.layer.counters["tcp.fast_retransmits"] += 1
@@ -682,70 +688,101 @@ class Connection:
         self._rack_left = 3
         if self._sack:
             self._sack_recovery = True
-            self._high_rxt = self.snd_una
             self.cc.on_fast_retransmit(outstanding, mss)
             self.cc.cwnd = self.cc.ssthresh  # RFC 6675: pipe, not inflation, paces it
-            self._sack_retransmit(now)
+            self._sack_retransmit(now, first=True)
         else:
             self._sack_recovery = False
             self.cc.on_fast_retransmit(outstanding, mss)
             self._retransmit_first(now)
 
-    def _pipe(self) -> int:
-        """RFC 6675 4 SetPipe: bytes believed to be in the network."""
+    def _rack_scan(self, now: float) -> tuple[list[tuple[int, int]], int]:
+        """Lost byte ranges (offsets from SND.UNA) by RFC 6675's IsLost for bytes never
+        re-sent and RACK's clock for all; arms RACK's reordering timer for the next
+        pending one. Also returns the bytes SACKed."""
         una = self.snd_una
         outstanding = seq_diff(self.snd_max, una)
+        board = self._sack
+        mss = self.eff_mss
+        sacked = board.sacked_bytes()
+        undelivered = board.holes(2 * mss)
+        top = board.blocks[-1][1] if board.blocks else 0
+        if top < outstanding:
+            undelivered.append((top, outstanding, False))
+        rack = self._rack
+        reo = rack.reo_wnd(self._in_recovery, sacked // mss, self.rto.srtt)
+        lost, deadline = rack.lost(undelivered, seq_diff(self.snd_nxt, una), reo, now)
+        if deadline is not None and (self.t_rtx is None or deadline < self.t_rtx):
+            self.t_rtx = deadline
+            self._reo_armed = True
+            self._tlp_armed = self._rack_armed = False
+        return lost, sacked
+
+    def _pipe(self, now: float) -> int:
+        """RFC 6675 4 SetPipe: bytes believed to be in the network."""
+        outstanding = seq_diff(self.snd_max, self.snd_una)
         if not self._sack:
             return outstanding
-        rtx = max(seq_diff(self._high_rxt, una), 0)
-        pipe = outstanding - self._sack.sacked_bytes()
-        for s, e, lost in self._sack.holes(2 * self.eff_mss):
-            if lost:
-                pipe -= (e - s) - max(0, min(e, rtx) - s)
-        return pipe
+        lost, sacked = self._rack_scan(now)
+        return outstanding - sacked - sum(e - s for s, e in lost)
 
-    def _sack_retransmit(self, now: float) -> None:
-        """RFC 6675 NextSeg rule 1: re-send lost holes while cwnd - pipe allows."""
+    def _sack_retransmit(self, now: float, first: bool = False) -> None:
+        """RFC 6675 NextSeg rule 1: re-send lost bytes, lowest first, while cwnd - pipe
+        allows; on entering recovery the first one goes whatever the pipe (5 step 4.3)."""
         mss = self.eff_mss
         una = self.snd_una
         data_end = seq_diff(self.snd_buf.end, una)
-        while self.cc.cwnd - self._pipe() >= mss:
-            rtx = max(seq_diff(self._high_rxt, una), 0)
-            target = None
-            for s, e, lost in self._sack.holes(2 * mss):
-                if lost and e > rtx:
-                    start = max(s, rtx)
-                    target = (start, min(e, start + mss, data_end))
-                    break
-            if target is None or target[1] <= target[0]:
-                return
-            start, end = target
-            seq = seq_add(una, start)
-            self._emit(seq, ACK, self.snd_buf.get(seq, end - start), now)
-            self._high_rxt = seq_add(una, end)
-            self._rtt_seq = None  # Karn
-            self.retransmits += 1
-            self.layer.counters["tcp.retransmits"] += 1
-            self.layer.counters["tcp.sack_retransmits"] += 1
-            if start == 0:
-                self._arm_recovery_timer(now)
-            elif self.t_rtx is None or self._tlp_armed:
-                self._tlp_armed = False
-                self.t_rtx = now + self.rto.current()
+        lost, sacked = self._rack_scan(now)
+        cwnd = self.cc.cwnd
+        pipe = seq_diff(self.snd_max, una) - sacked - sum(e - s for s, e in lost)
+        c = self.layer.counters
+        for start, stop in lost:
+            while start < stop:
+                if cwnd - pipe < mss and not first:
+                    return
+                first = False
+                end = min(stop, start + mss, data_end)
+                seq = seq_add(una, start)
+                if end > start:
+                    self._emit(seq, ACK, self.snd_buf.get(seq, end - start), now)
+                elif start == data_end and self._fin_sent():
+                    self._emit(seq, FIN | ACK, b"", now)
+                    end = start + 1
+                else:
+                    return
+                pipe += end - start
+                self._rtt_seq = None  # Karn
+                self.retransmits += 1
+                c["tcp.retransmits"] += 1
+                c["tcp.sack_retransmits"] += 1
+                if not self._rack_armed:
+                    self._arm_recovery_timer(now)
+                start = end
 
     def _arm_recovery_timer(self, now: float) -> None:
-        """After re-sending SND.UNA in recovery, expect its ACK within about two round
-        trips; if none comes, that retransmission was lost too (RACK's reasoning,
-        RFC 8985 6.3) and it goes again, a few times, before the RTO takes over."""
+        """After a retransmission in recovery, expect an ACK within about two round
+        trips; if none comes, the retransmissions were lost too (RACK's reasoning,
+        RFC 8985 6.3, for when nothing sent later arrives to show it) and they go again,
+        a few times, before the RTO takes over."""
         srtt = self.rto.srtt
         if srtt is None or self._rack_left <= 0:
-            self._rack_armed = False
+            self._rack_armed = self._reo_armed = False
             self._tlp_armed = False
             self.t_rtx = now + self.rto.current()
             return
         self._rack_armed = True
-        self._tlp_armed = False
+        self._tlp_armed = self._reo_armed = False
         self.t_rtx = now + min(max(2 * srtt + 0.002, 0.01), self.rto.current())
+
+    def _on_reorder_timer(self, now: float) -> None:
+        """RFC 8985 6.3: the reordering window of a byte that left before a delivered
+        one has passed; it is lost."""
+        self._reo_armed = False
+        self._detect_loss(now)
+        if self._sack_recovery:
+            self._sack_retransmit(now)
+        if self.t_rtx is None:
+            self._arm_rtx(now)
 
     def _on_recovery_timer(self, now: float) -> None:
         self._rack_armed = False
@@ -755,7 +792,7 @@ class Connection:
         self._rack_left -= 1
         self.layer.counters["tcp.lost_retransmits"] += 1
         if self._sack_recovery:
-            self._high_rxt = self.snd_una  # the holes from the first are lost again
+            self._rack.expire_retransmissions()  # what was re-sent is lost again
             self._sack_retransmit(now)
             if self.t_rtx is None:
                 self._arm_rtx(now)
@@ -777,6 +814,8 @@ class Connection:
         if self._eifel is not None:
             self._eifel_check(seg, ack)
         self.snd_una = ack
+        if self.sack_ok:
+            self._rack.acked(ack, now)
         if seq_lt(self.snd_nxt, ack):
             self.snd_nxt = ack
         # data bytes acknowledged (SYN and FIN occupy sequence space, not the window)
@@ -903,6 +942,7 @@ class Connection:
         self.snd_buf = SendBuffer(self.snd_buf.end)
         self.ooo.clear()
         self._sack.clear()
+        self._rack.reset(self.snd_una)
         self._notify_closed(None)
         self.user = None  # TIME-WAIT keeps only sequence numbers, not the application
 
@@ -998,6 +1038,7 @@ class Connection:
         buf = self.snd_buf
         mss = self.eff_mss
         seg_limit = self.layer.tso_limit(self)  # one MSS, or up to 64 KB with TSO
+        pipe = self._pipe(now) if self._sack_recovery else 0
         while True:
             data_end = buf.end
             unsent = seq_diff(data_end, self.snd_nxt)
@@ -1008,7 +1049,7 @@ class Connection:
                 cwnd += self._dupacks * mss  # RFC 3042 limited transmit
             window = min(self.snd_wnd, cwnd)
             if self._sack_recovery:
-                usable = min(cwnd - self._pipe(),
+                usable = min(cwnd - pipe,
                              self.snd_wnd - seq_diff(self.snd_nxt, self.snd_una))
             else:
                 usable = window - seq_diff(self.snd_nxt, self.snd_una)
@@ -1048,6 +1089,7 @@ class Connection:
                 flags |= FIN
             self._emit(self.snd_nxt, flags, payload, now)
             self._after_send(n + (1 if flags & FIN else 0), now)
+            pipe += n
             sent = True
             if flags & FIN:
                 break
@@ -1071,10 +1113,13 @@ class Connection:
         """The retransmission timer, or a tail loss probe before it (RFC 8985 7.2): after
         2 SRTT (plus the delayed-ACK time when one segment is out) a probe makes the peer
         report a lost tail through SACK or duplicate ACKs, instead of waiting for RTO."""
-        self._rack_armed = False
+        self._rack_armed = self._reo_armed = False
         if self.snd_una == self.snd_max:
             self.t_rtx = None
             self._tlp_armed = False
+            return
+        if self._sack_recovery:
+            self._arm_recovery_timer(now)
             return
         rto = self.rto.current()
         srtt = self.rto.srtt
@@ -1152,6 +1197,9 @@ class Connection:
                 self._quickack -= 1
         self.layer.emit(self, seq, self.rcv_nxt, flags, wnd >> self.rcv_wscale, opts, payload)
         self.segs_out += 1
+        if (payload or flags & FIN) and self.sack_ok and seq_ge(seq, self.snd_una):
+            end = seq_add(seq, len(payload) + (1 if flags & FIN else 0))
+            self._rack.sent(seq, end, now, seq_lt(seq, self.snd_max))
 
     def _arm_persist(self, now: float) -> None:
         delay = min(max(self.rto.current(), 0.2) * (1 << self._persist_backoff), 60.0)
@@ -1174,7 +1222,9 @@ class Connection:
             return
         if self.t_rtx is not None and self.t_rtx <= now:
             self.t_rtx = None
-            if self._rack_armed:
+            if self._reo_armed:
+                self._on_reorder_timer(now)
+            elif self._rack_armed:
                 self._on_recovery_timer(now)
             elif self._tlp_armed:
                 self._on_pto(now)

@@ -18,11 +18,15 @@ class SackScoreboard:
         return bool(self.blocks)
 
     def update(self, sack: list[tuple[int, int]], una: int, snd_max: int,
-               old_una: int) -> None:
+               old_una: int) -> list[tuple[int, int]]:
         """Merge the peer's blocks; offsets are kept relative to SND.UNA, so the board is
-        first re-based from `old_una` to `una` (which drops what the ACK covered)."""
+        first re-based from `old_una` to `una` (which drops what the ACK covered).
+
+        Returns what this ACK delivered that the board did not hold before, cumulative
+        part included, as (start, end) offsets from `old_una` (for RACK)."""
         shift = seq_diff(una, old_una)
         limit = seq_diff(snd_max, una)
+        fresh = self._fresh(sack, shift, seq_diff(snd_max, old_una), old_una)
         blocks = [(s - shift, e - shift) for s, e in self.blocks if e - shift > 0]
         for left, right in sack:
             s, e = seq_diff(left, una), seq_diff(right, una)
@@ -41,6 +45,32 @@ class SackScoreboard:
             else:
                 merged.append((max(s, 0), e))
         self.blocks = merged[-MAX_BLOCKS:]
+        return fresh
+
+    def _fresh(self, sack: list[tuple[int, int]], shift: int, limit: int,
+               old_una: int) -> list[tuple[int, int]]:
+        cand = [(0, shift)] if shift > 0 else []
+        for left, right in sack:
+            s, e = max(seq_diff(left, old_una), 0), min(seq_diff(right, old_una), limit)
+            if s < e:
+                cand.append((s, e))
+        if not cand:
+            return []
+        cand.sort()
+        out: list[tuple[int, int]] = []
+        old = self.blocks
+        for s, e in cand:
+            for os_, oe in old:  # subtract what was already held
+                if oe <= s or os_ >= e:
+                    continue
+                if os_ > s:
+                    _put(out, s, os_)
+                s = max(s, oe)
+                if s >= e:
+                    break
+            if s < e:
+                _put(out, s, e)
+        return out
 
     def clear(self) -> None:
         self.blocks = []
@@ -77,3 +107,12 @@ class SackScoreboard:
                 return s
         return None
 
+
+
+def _put(out: list[tuple[int, int]], s: int, e: int) -> None:
+    """Append [s, e) to sorted ranges, merging with the last one where they touch."""
+    if out and s <= out[-1][1]:
+        if e > out[-1][1]:
+            out[-1] = (out[-1][0], e)
+    else:
+        out.append((s, e))
