@@ -2,7 +2,7 @@
 under a virtual clock."""
 
 from stack.net.tcp.rack import NEVER, Rack
-from tests.unit.tcp_peer import ACK
+from tests.unit.tcp_peer import ACK, SYN, Peer, opts
 from tests.unit.test_tcp_timing import established, sack_opt
 
 UNA = 0xFFFF_F000  # near the wrap, so offsets and sequence numbers must be kept apart
@@ -30,7 +30,7 @@ def test_a_burst_is_one_entry_and_a_resend_splits_it():
     assert layout(r) == [(2000, 1.0, False), (3000, 3.0, True), (4500, 1.0, False),
                          (5500, 3.5, True), (6000, 2.0, False)]
     r.sent(seq(-10), seq(0), 4.0, True)  # below SND.UNA: ignored
-    r.acked(seq(2500), 4.0)  # SND.UNA moves into the re-sent entry
+    r.acked(seq(2500), 4.0, True)  # SND.UNA moves into the re-sent entry
     assert r.base == seq(2500)
     assert [((e[0] - seq(2500)) & 0xFFFF_FFFF) for e in r.ents] == [500, 2000, 3000, 3500]
     r.expire_retransmissions()
@@ -75,8 +75,19 @@ def test_reordering_is_noticed_and_widens_the_window():
     assert r.reo_wnd(True, 3, 0.01) == 0.002  # min RTT / 4
 
 
+def established_4ms(mss: int):
+    """A connection whose handshake took 4 ms (RACK's minimum RTT starts there)."""
+    peer = Peer()
+    peer.listen()
+    peer.send(SYN, 1000, options=opts(mss=mss, wscale=7, sack_ok=True))
+    (synack,) = peer.out()
+    peer.advance(0.004)
+    peer.send(ACK, 1001, synack.seq + 1)
+    return peer, peer.accepted[0], 1001, synack.seq + 1
+
+
 def test_one_sack_beyond_a_hole_starts_recovery_after_the_reordering_window():
-    peer, conn, theirs, base = established(mss=1000)
+    peer, conn, theirs, base = established_4ms(mss=1000)
     conn.send(b"r" * 30_000)
     assert len(peer.out()) == 10  # the initial window
     peer.advance(0.004)

@@ -804,18 +804,23 @@ class Connection:
         ack = seg.ack
         # RTT sample (RFC 7323 4.1 timestamps, else Karn's rule on one timed segment)
         opts = seg.options
+        sample = None
         if self.ts_ok and opts.ts_val is not None and opts.ts_ecr:
             rtt = (self._ts_now(now) - opts.ts_ecr) & MASK
             if rtt < 600_000:
-                self.rto.sample(rtt / 1000.0)
+                sample = rtt / 1000.0
         elif self._rtt_seq is not None and seq_gt(ack, self._rtt_seq):
-            self.rto.sample(now - self._rtt_time)
+            sample = now - self._rtt_time
             self._rtt_seq = None
+        if sample is not None:
+            self.rto.sample(sample)
+            if self.sack_ok:
+                self._rack.rtt_sample(sample)
         if self._eifel is not None:
             self._eifel_check(seg, ack)
         self.snd_una = ack
         if self.sack_ok:
-            self._rack.acked(ack, now)
+            self._rack.acked(ack, now, self._in_recovery or bool(self._sack))
         if seq_lt(self.snd_nxt, ack):
             self.snd_nxt = ack
         # data bytes acknowledged (SYN and FIN occupy sequence space, not the window)
@@ -1197,9 +1202,15 @@ class Connection:
                 self._quickack -= 1
         self.layer.emit(self, seq, self.rcv_nxt, flags, wnd >> self.rcv_wscale, opts, payload)
         self.segs_out += 1
-        if (payload or flags & FIN) and self.sack_ok and seq_ge(seq, self.snd_una):
-            end = seq_add(seq, len(payload) + (1 if flags & FIN else 0))
-            self._rack.sent(seq, end, now, seq_lt(seq, self.snd_max))
+        if (payload or flags & FIN) and self.sack_ok:
+            end = (seq + len(payload) + (1 if flags & FIN else 0)) & MASK
+            rack = self._rack
+            last = rack.ents[-1] if rack.ents else None
+            if last is not None and last[0] == seq and last[1] == now \
+                    and last[3] == rack.serial and not last[2]:
+                last[0] = end  # more of the same burst of new data: the hot path
+            elif seq_ge(seq, self.snd_una):
+                rack.sent(seq, end, now, seq_lt(seq, self.snd_max))
 
     def _arm_persist(self, now: float) -> None:
         delay = min(max(self.rto.current(), 0.2) * (1 << self._persist_backoff), 60.0)

@@ -135,27 +135,37 @@ class Rack:
         if top > fack:
             self.fack = seq_add(base, top)
 
-    def acked(self, una: int, now: float) -> None:
-        """Drop what SND.UNA has passed; what it covered counts as delivered (the cheap
-        form of delivered() for the common case: no SACK blocks, nothing reordered)."""
+    def acked(self, una: int, now: float, track: bool) -> None:
+        """Drop what SND.UNA has passed. With `track`, what it covered counts as delivered
+        (the cheap form of delivered()); without, only the map moves: in the common case,
+        nothing lost, the first SACK block will name a transmission later than these."""
         ents = self.ents
         n = len(ents)
         i = 0
-        start = self.base
-        while i < n and seq_gt(una, start):  # entry i has bytes below `una`
-            ent = ents[i]
-            if seq_gt(ent[END], una):
-                self._take(ent, seq_diff(una, self.base), now)
-                break
-            self._take(ent, seq_diff(ent[END], self.base), now)
-            start = ent[END]
-            i += 1
+        if track:
+            start = self.base
+            while i < n and seq_gt(una, start):  # entry i has bytes below `una`
+                ent = ents[i]
+                if seq_gt(ent[END], una):
+                    self._take(ent, seq_diff(una, self.base), now)
+                    break
+                self._take(ent, seq_diff(ent[END], self.base), now)
+                start = ent[END]
+                i += 1
+        else:
+            while i < n and not seq_gt(ents[i][END], una):
+                i += 1
         if i:
             del ents[:i]
         if seq_gt(una, self.base):
             self.base = una
         if seq_gt(una, self.fack):
             self.fack = una
+
+    def rtt_sample(self, rtt: float) -> None:
+        """Any RTT measurement (timestamps, Karn) keeps RACK's minimum current."""
+        if self.min_rtt is None or rtt < self.min_rtt:
+            self.min_rtt = rtt
 
     def expire_retransmissions(self) -> None:
         """A recovery timer decided the retransmissions in flight were lost: they count
