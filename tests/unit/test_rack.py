@@ -123,3 +123,29 @@ def test_a_lost_retransmission_goes_again_when_later_data_arrives():
     assert c["tcp.lost_retransmits"] == 0 and c["tcp.rto_expiries"] == 0
     peer.send(ACK, theirs, base + 10_000)
     assert conn.snd_una == base + 10_000 and not conn._in_recovery
+
+
+def test_dsacks_widen_the_window_once_per_round_trip_and_it_shrinks_back():
+    r = Rack(UNA)
+    r.rtt_sample(0.008)
+    r.dsack(seq(0), seq(10_000))
+    r.dsack(seq(5000), seq(12_000))  # the same round trip: no second step
+    assert r.reordering and r.reo_mult == 2
+    assert r.reo_wnd(True, 5, 0.1) == 0.004  # 2 x min RTT / 4
+    r.dsack(seq(10_001), seq(20_000))
+    assert r.reo_mult == 3
+    assert r.reo_wnd(True, 5, 0.005) == 0.005  # never more than SRTT
+    for _ in range(16):
+        r.recovery_done()
+    assert r.reo_mult == 1
+
+
+def test_a_duplicate_report_from_the_peer_is_counted_as_a_dsack():
+    peer, conn, theirs, base = established_4ms(mss=1000)
+    conn.send(b"d" * 4000)
+    peer.out()
+    peer.send(ACK, theirs, base + 4000)
+    # RFC 2883: the first block lies below the cumulative ACK
+    peer.send(ACK, theirs, base + 4000, options=sack_opt((base + 1000, base + 2000)))
+    assert peer.iface.counters["tcp.dsacks_received"] == 1
+    assert conn._rack.reordering and conn._rack.reo_mult == 2

@@ -613,6 +613,12 @@ class Connection:
         window = seg.window << self.snd_wscale
         old_una = self.snd_una
         if self.sack_ok and (seg.options.sack_blocks or self._sack):
+            blocks = seg.options.sack_blocks
+            if blocks and (seq_le(blocks[0][1], ack) or (
+                    len(blocks) > 1 and seq_ge(blocks[0][0], blocks[1][0])
+                    and seq_le(blocks[0][1], blocks[1][1]))):
+                c["tcp.dsacks_received"] += 1  # RFC 2883: the first block is a duplicate
+                self._rack.dsack(old_una, self.snd_max)
             # an old (reordered) ACK still carries valid blocks; the board stays on SND.UNA
             base = ack if seq_gt(ack, old_una) else old_una
             fresh = self._sack.update(seg.options.sack_blocks, base, self.snd_max, old_una)
@@ -778,6 +784,7 @@ class Connection:
         """RFC 8985 6.3: the reordering window of a byte that left before a delivered
         one has passed; it is lost."""
         self._reo_armed = False
+        self.layer.counters["tcp.reorder_timeouts"] += 1
         self._detect_loss(now)
         if self._sack_recovery:
             self._sack_retransmit(now)
@@ -834,6 +841,7 @@ class Connection:
             if seq_ge(ack, self._recover):
                 self._in_recovery = False
                 self._sack_recovery = False
+                self._rack.recovery_done()
                 self.cc.on_recovery_exit(seq_diff(self.snd_max, ack), mss)
             elif not self._sack_recovery:
                 self.cc.on_partial_ack(acked, mss)  # RFC 6582 3.2 step 5

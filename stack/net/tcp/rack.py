@@ -27,7 +27,7 @@ END, TIME, RTX, SER = 0, 1, 2, 3  # an entry: [end seq, time, retransmitted, bur
 
 class Rack:
     __slots__ = ("base", "ents", "serial", "xmit", "xser", "end", "rtt", "min_rtt",
-                 "reordering", "fack")
+                 "reordering", "fack", "reo_mult", "dsack_until", "recoveries")
 
     def __init__(self, una: int) -> None:
         self.base = una  # where the first entry starts (SND.UNA)
@@ -40,6 +40,9 @@ class Rack:
         self.min_rtt: float | None = None
         self.reordering = False  # RACK.reordering_seen
         self.fack = una  # the highest byte the peer reported
+        self.reo_mult = 1  # RACK.reo_wnd_mult: grows with D-SACKs (spurious resends)
+        self.dsack_until: int | None = None  # one step per round trip
+        self.recoveries = 0  # since the last D-SACK
 
     def reset(self, una: int) -> None:
         self.base = self.end = self.fack = una
@@ -176,13 +179,28 @@ class Rack:
 
     # == what is lost =====================================================================
 
+    def dsack(self, una: int, snd_max: int) -> None:
+        """The peer reported a duplicate (RFC 2883): something was re-sent too early, so
+        the window grows by a quarter of the minimum RTT, once per round trip."""
+        self.reordering = True
+        self.recoveries = 0
+        if self.dsack_until is None or seq_gt(una, self.dsack_until):
+            self.reo_mult = min(self.reo_mult + 1, 64)
+            self.dsack_until = snd_max
+
+    def recovery_done(self) -> None:
+        """RFC 8985 6.2 step 4: after 16 recoveries without a D-SACK, start over."""
+        self.recoveries += 1
+        if self.recoveries >= 16:
+            self.reo_mult, self.recoveries = 1, 0
+
     def reo_wnd(self, in_recovery: bool, sacked_segments: int, srtt: float | None) -> float:
-        """RFC 8985 6.2 step 4, without the DSACK-driven multiplier."""
+        """RFC 8985 6.2 step 4."""
         if not self.reordering and (in_recovery or sacked_segments >= 3):
             return 0.0
         if self.min_rtt is None:
             return 0.0
-        wnd = self.min_rtt / 4
+        wnd = self.reo_mult * self.min_rtt / 4
         return min(wnd, srtt) if srtt is not None else wnd
 
     def lost(self, undelivered: list[tuple[int, int, bool]], limit: int, reo_wnd: float,
