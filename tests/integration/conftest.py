@@ -150,6 +150,44 @@ def netns():
     subprocess.run(["ip", "netns", "delete", name], check=False)
 
 
+@pytest.fixture
+def routed_client(start_stack, netns):
+    """tapstack in `netns`, and a client one hop away in a namespace of its own, the
+    first namespace's kernel routing between them (veth 10.78.0.0/24 <-> tap0).
+
+    Loss made in FORWARD is loss on a path for both senders. The kernel's own OUTPUT
+    chain is not: a segment refused there stays queued and goes again, nothing is lost.
+    The client's veth sends one segment per packet (gso_max_segs 1), so a drop is a
+    segment, not a 64 KB GSO train."""
+    st = start_stack(ns=netns, pcap=False)
+    client = unique_name("tc")
+    subprocess.run(["ip", "netns", "add", client], check=True)
+    try:
+        for cmd in (["ip", "link", "add", "rt0", "netns", netns, "type", "veth", "peer",
+                     "name", "rt1", "netns", client],
+                    ["ip", "-n", netns, "addr", "add", "10.78.0.1/24", "dev", "rt0"],
+                    ["ip", "-n", netns, "link", "set", "rt0", "up"],
+                    ["ip", "-n", client, "link", "set", "rt1", "gso_max_segs", "1"],
+                    ["ip", "-n", client, "addr", "add", "10.78.0.2/24", "dev", "rt1"],
+                    ["ip", "-n", client, "link", "set", "rt1", "up"],
+                    ["ip", "-n", client, "link", "set", "lo", "up"],
+                    ["ip", "-n", client, "route", "add", "default", "via", "10.78.0.1"],
+                    ["ip", "netns", "exec", netns, "sysctl", "-qw",
+                     "net.ipv4.ip_forward=1"]):
+            subprocess.run(cmd, check=True, capture_output=True)
+        yield st, client
+    finally:
+        subprocess.run(["ip", "netns", "delete", client], check=False)
+
+
+def forward_loss(ns: str, probability: float) -> None:
+    """Drop one segment in `probability` each way in FORWARD, between tap0 and the
+    routed client: loss on the path, made by the kernel (iptables statistic)."""
+    for flag in ("-i", "-o"):
+        in_ns(ns, "iptables", "-A", "FORWARD", flag, "tap0", "-m", "statistic", "--mode",
+              "random", "--probability", str(probability), "-j", "DROP", check=True)
+
+
 def require_tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:

@@ -12,6 +12,7 @@ from tests.integration.conftest import (
     HOST_IP,
     REPO,
     STACK_IP,
+    forward_loss,
     in_ns,
     sha256_file,
     tapstack_cmd,
@@ -98,20 +99,14 @@ def test_thousand_short_connections_then_an_empty_table(start_stack):
     assert tcp["connections"] == 0 and tcp["passive_opens"] == 1000
 
 
-def add_loss(ns: str, probability: float) -> None:
-    for chain, direction in (("OUTPUT", "-o"), ("INPUT", "-i")):
-        in_ns(ns, "iptables", "-A", chain, direction, "tap0", "-m", "statistic", "--mode",
-              "random", "--probability", str(probability), "-j", "DROP", check=True)
-
-
-def test_echo_20mb_under_kernel_made_loss(start_stack, random_files, tmp_path):
-    st = start_stack(pcap=False)
-    add_loss(st.ns, 0.05)
+def test_echo_20mb_under_kernel_made_loss(routed_client, random_files, tmp_path):
+    st, client = routed_client
+    forward_loss(st.ns, 0.05)
     out = tmp_path / "echoed"
-    seconds = nc_through(st.ns, random_files["20m"], out, 7, timeout=240)
+    seconds = nc_through(client, random_files["20m"], out, 7, timeout=240)
     assert sha256_file(out) == sha256_file(random_files["20m"])
     tcp = st.stats()["tcp"]
-    assert tcp["retransmits"] > 0
+    assert tcp["retransmits"] > 0 and tcp["out_of_order_segments"] > 0
     print(f"echo 20 MB under 5% loss each way: {seconds:.1f} s, "
           f"{tcp['fast_retransmits']} fast retransmits, {tcp['rto_expiries']} RTOs")
 
