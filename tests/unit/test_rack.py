@@ -33,7 +33,7 @@ def test_a_burst_is_one_entry_and_a_resend_splits_it():
     r.acked(seq(2500), 4.0, True)  # SND.UNA moves into the re-sent entry
     assert r.base == seq(2500)
     assert [((e[0] - seq(2500)) & 0xFFFF_FFFF) for e in r.ents] == [500, 2000, 3000, 3500]
-    r.expire_retransmissions()
+    r.expire_retransmissions(before=3.6)  # the resend at 3.5 is old enough
     assert [(e[1], e[2]) for e in r.ents] == [(NEVER, False), (1.0, False), (NEVER, False),
                                               (2.0, False)]
 
@@ -132,6 +132,7 @@ def test_dsacks_widen_the_window_once_per_round_trip_and_it_shrinks_back():
     r.dsack(seq(5000), seq(12_000))  # the same round trip: no second step
     assert r.reordering and r.reo_mult == 2
     assert r.reo_wnd(True, 5, 0.1) == 0.004  # 2 x min RTT / 4
+    r.acked(seq(10_001), 0.02, False)  # SND.UNA passed the round's end
     r.dsack(seq(10_001), seq(20_000))
     assert r.reo_mult == 3
     assert r.reo_wnd(True, 5, 0.005) == 0.005  # never more than SRTT
@@ -149,3 +150,18 @@ def test_a_duplicate_report_from_the_peer_is_counted_as_a_dsack():
     peer.send(ACK, theirs, base + 4000, options=sack_opt((base + 1000, base + 2000)))
     assert peer.iface.counters["tcp.dsacks_received"] == 1
     assert conn._rack.reordering and conn._rack.reo_mult == 2
+
+
+def test_after_an_rto_sacks_send_every_hole_at_once_not_one_per_timeout():
+    """Go-back-N leaves SND.NXT at SND.UNA; the bytes past it are not in the network,
+    so the pipe must not count them (a review found recovery stalled on exactly this)."""
+    peer, conn, theirs, base = established_4ms(mss=1000)
+    conn.send(b"g" * 10_000)
+    assert len(peer.out()) == 10
+    segs = peer.advance(0.3)  # a tail loss probe, then the RTO re-sends SND.UNA
+    assert peer.iface.counters["tcp.rto_expiries"] == 1
+    assert 0 in [s.seq - base for s in segs if s.data]
+    # the peer got that resend and holds 7-9: holes 1-6, all lost
+    peer.send(ACK, theirs, base + 1000, options=sack_opt((base + 7000, base + 10_000)))
+    resent = [s.seq - base for s in peer.out() if s.data]
+    assert resent[:4] == [1000, 2000, 3000, 4000]  # as far as the window allows, now

@@ -283,6 +283,7 @@ class Connection:
         self.snd_una = self.snd_nxt = self.snd_max = seg.ack
         self.snd_buf = SendBuffer(seg.ack)
         self._recover = self.iss
+        self._rack.reset(seg.ack)
         if wscale is not None and cfg.wscale is not None:
             self.ws_ok = True
             self.snd_wscale, self.rcv_wscale = wscale, cfg.wscale
@@ -697,6 +698,8 @@ class Connection:
             self.cc.on_fast_retransmit(outstanding, mss)
             self.cc.cwnd = self.cc.ssthresh  # RFC 6675: pipe, not inflation, paces it
             self._sack_retransmit(now, first=True)
+            if not self._rack_armed:  # nothing to re-send yet: no stale TLP deadline
+                self._arm_recovery_timer(now)
         else:
             self._sack_recovery = False
             self.cc.on_fast_retransmit(outstanding, mss)
@@ -705,7 +708,9 @@ class Connection:
     def _rack_scan(self, now: float) -> tuple[list[tuple[int, int]], int]:
         """Lost byte ranges (offsets from SND.UNA) by RFC 6675's IsLost for bytes never
         re-sent and RACK's clock for all; arms RACK's reordering timer for the next
-        pending one. Also returns the bytes SACKed."""
+        pending one. Also returns the bytes not in the network otherwise: SACKed, or
+        past SND.NXT after a go-back-N rewind (RFC 6675 5.1: after an RTO all of it is
+        lost; _send_data re-sends it in order)."""
         una = self.snd_una
         outstanding = seq_diff(self.snd_max, una)
         board = self._sack
@@ -717,7 +722,12 @@ class Connection:
             undelivered.append((top, outstanding, False))
         rack = self._rack
         reo = rack.reo_wnd(self._in_recovery, sacked // mss, self.rto.srtt)
-        lost, deadline = rack.lost(undelivered, seq_diff(self.snd_nxt, una), reo, now)
+        limit = seq_diff(self.snd_nxt, una)
+        lost, deadline = rack.lost(undelivered, limit, reo, now)
+        if limit < outstanding:
+            for hs, he, _ in undelivered:
+                if he > limit:
+                    sacked += he - max(hs, limit)
         if deadline is not None and (self.t_rtx is None or deadline < self.t_rtx):
             self.t_rtx = deadline
             self._reo_armed = True
@@ -727,7 +737,7 @@ class Connection:
     def _pipe(self, now: float) -> int:
         """RFC 6675 4 SetPipe: bytes believed to be in the network."""
         outstanding = seq_diff(self.snd_max, self.snd_una)
-        if not self._sack:
+        if not self._sack and not self._sack_recovery:
             return outstanding
         lost, sacked = self._rack_scan(now)
         return outstanding - sacked - sum(e - s for s, e in lost)
@@ -799,7 +809,8 @@ class Connection:
         self._rack_left -= 1
         self.layer.counters["tcp.lost_retransmits"] += 1
         if self._sack_recovery:
-            self._rack.expire_retransmissions()  # what was re-sent is lost again
+            # what was re-sent more than a round trip ago and not heard of is lost
+            self._rack.expire_retransmissions(now - (self.rto.srtt or 0.0) - 0.002)
             self._sack_retransmit(now)
             if self.t_rtx is None:
                 self._arm_rtx(now)

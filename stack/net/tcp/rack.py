@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from stack.net.tcp.seq import seq_add, seq_diff, seq_gt
 
-MAX_ENTRIES = 2048  # beyond this the two oldest entries merge (the later burst's stamp)
+MAX_ENTRIES = 2048  # beyond this the two lowest entries merge, keeping the older stamp
 NEVER = -1.0  # the transmit time of bytes a recovery timer declared lost again
 
 END, TIME, RTX, SER = 0, 1, 2, 3  # an entry: [end seq, time, retransmitted, burst serial]
@@ -70,7 +70,7 @@ class Rack:
         self.serial += 1
         ents.append([end, now, rtx, self.serial])
         if len(ents) > MAX_ENTRIES:
-            del ents[0]  # the next entry now starts at base: it covers both
+            _merge_oldest(ents)
 
     def _overwrite(self, start: int, end: int, now: float, rtx: bool) -> None:
         """Re-stamp [start, end) inside the map, splitting the entries it cuts."""
@@ -93,6 +93,8 @@ class Rack:
             prev = ee
         if not placed:
             out.append(new)
+        while len(out) > MAX_ENTRIES:
+            _merge_oldest(out)
         self.ents = out
 
     # == what arrived =====================================================================
@@ -100,6 +102,8 @@ class Rack:
     def _take(self, ent: list, dend: int, now: float) -> None:
         """RFC 8985 6.2 step 2 for an entry with bytes up to offset `dend` delivered."""
         t = ent[TIME]
+        if ent[SER] < 0:
+            return  # expired by a recovery timer: when it left is no longer known
         if ent[RTX] and self.min_rtt is not None and now - t < self.min_rtt:
             return  # too soon to be this retransmission's ACK: the original's, maybe
         rtt = now - t
@@ -129,7 +133,7 @@ class Rack:
             k = ri
             while k < nr and ranges[k][0] < ee:  # every range that touches this entry
                 dend = min(ee, ranges[k][1])
-                if not ent[RTX] and dend < fack:
+                if not ent[RTX] and ent[SER] >= 0 and dend < fack:
                     self.reordering = True  # an original arrived after a later one
                 self._take(ent, dend, now)
                 k += 1
@@ -164,17 +168,20 @@ class Rack:
             self.base = una
         if seq_gt(una, self.fack):
             self.fack = una
+        if self.dsack_until is not None and seq_gt(una, self.dsack_until):
+            self.dsack_until = None  # that round trip is over
 
     def rtt_sample(self, rtt: float) -> None:
         """Any RTT measurement (timestamps, Karn) keeps RACK's minimum current."""
         if self.min_rtt is None or rtt < self.min_rtt:
             self.min_rtt = rtt
 
-    def expire_retransmissions(self) -> None:
-        """A recovery timer decided the retransmissions in flight were lost: they count
-        as never re-sent and as older than anything delivered, so both rules find them."""
+    def expire_retransmissions(self, before: float) -> None:
+        """A recovery timer decided the retransmissions that left before `before` were
+        lost: they count as never re-sent and as older than anything delivered, so both
+        rules find them."""
         for ent in self.ents:
-            if ent[RTX]:
+            if ent[RTX] and ent[TIME] <= before:
                 ent[TIME], ent[RTX], ent[SER] = NEVER, False, -1
 
     # == what is lost =====================================================================
@@ -184,7 +191,7 @@ class Rack:
         the window grows by a quarter of the minimum RTT, once per round trip."""
         self.reordering = True
         self.recoveries = 0
-        if self.dsack_until is None or seq_gt(una, self.dsack_until):
+        if self.dsack_until is None:
             self.reo_mult = min(self.reo_mult + 1, 64)
             self.dsack_until = snd_max
 
@@ -252,6 +259,16 @@ class Rack:
                 p = ee
                 j += 1
         return out, deadline
+
+
+def _merge_oldest(ents: list[list]) -> None:
+    """Fold the lowest entry into the next: the pair keeps the older time and serial and
+    counts as never re-sent, so a lost byte there is found no later than it would be."""
+    a, b = ents[0], ents[1]
+    if (a[TIME], a[SER]) < (b[TIME], b[SER]):
+        b[TIME], b[SER] = a[TIME], a[SER]
+    b[RTX] = False
+    del ents[0]
 
 
 def _add(out: list[tuple[int, int]], s: int, e: int) -> None:
