@@ -14,6 +14,23 @@ from tests.integration.conftest import STACK_IP, require_tool, sha256_file
 URL = f"http://{STACK_IP}"
 
 
+def download_checked(ns: str, size: int) -> float:
+    """curl /bytes/<size> streamed through a hash (not to disk); asserts every byte
+    arrived right, returns the seconds it took."""
+    p = subprocess.Popen(["ip", "netns", "exec", ns, "curl", "-sS", f"{URL}/bytes/{size}"],
+                         stdout=subprocess.PIPE)
+    h = hashlib.sha256()
+    n = 0
+    start = time.monotonic()
+    while chunk := p.stdout.read(1 << 20):
+        h.update(chunk)
+        n += len(chunk)
+    assert p.wait(timeout=120) == 0
+    seconds = time.monotonic() - start
+    assert n == size and h.hexdigest() == deterministic_sha256(size)
+    return seconds
+
+
 def test_offload_download_200mb_upload_100mb_and_tso_on_the_wire(start_stack, tmp_path):
     require_tool("tcpdump")
     st = start_stack("--offload", pcap=False)
@@ -25,17 +42,7 @@ def test_offload_download_200mb_upload_100mb_and_tso_on_the_wire(start_stack, tm
     for line in dump.stderr:
         if "listening on" in line:
             break
-    p = subprocess.Popen(["ip", "netns", "exec", st.ns, "curl", "-sS",
-                          f"{URL}/bytes/209715200"], stdout=subprocess.PIPE)
-    h = hashlib.sha256()
-    n = 0
-    start = time.monotonic()
-    while chunk := p.stdout.read(1 << 20):
-        h.update(chunk)
-        n += len(chunk)
-    assert p.wait(timeout=120) == 0
-    seconds = time.monotonic() - start
-    assert n == 209715200 and h.hexdigest() == deterministic_sha256(209715200)
+    seconds = download_checked(st.ns, 209715200)
     dump.wait(timeout=10)
     text = subprocess.run(["tcpdump", "-n", "-r", str(cap)], capture_output=True,
                           text=True).stdout
@@ -63,17 +70,7 @@ def test_offload_download_under_kernel_made_loss_arrives_whole(start_stack):
         subprocess.run(["ip", "netns", "exec", st.ns, "iptables", "-A", chain, flag, "tap0",
                         "-m", "statistic", "--mode", "random", "--probability", "0.05",
                         "-j", "DROP"], check=True)
-    p = subprocess.Popen(["ip", "netns", "exec", st.ns, "curl", "-sS",
-                          f"{URL}/bytes/20000000"], stdout=subprocess.PIPE)
-    h = hashlib.sha256()
-    n = 0
-    start = time.monotonic()
-    while chunk := p.stdout.read(1 << 20):
-        h.update(chunk)
-        n += len(chunk)
-    assert p.wait(timeout=120) == 0
-    seconds = time.monotonic() - start
-    assert n == 20_000_000 and h.hexdigest() == deterministic_sha256(20_000_000)
+    seconds = download_checked(st.ns, 20_000_000)
     stats = st.stats()
     tcp = stats["tcp"]
     assert tcp["tso_frames"] > 0 and tcp["sack_retransmits"] > 0
