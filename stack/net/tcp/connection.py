@@ -619,7 +619,7 @@ class Connection:
                     len(blocks) > 1 and seq_ge(blocks[0][0], blocks[1][0])
                     and seq_le(blocks[0][1], blocks[1][1]))):
                 c["tcp.dsacks_received"] += 1  # RFC 2883: the first block is a duplicate
-                self._rack.dsack(old_una, self.snd_max)
+                self._rack.dsack(self.snd_max)
             # an old (reordered) ACK still carries valid blocks; the board stays on SND.UNA
             base = ack if seq_gt(ack, old_una) else old_una
             fresh = self._sack.update(seg.options.sack_blocks, base, self.snd_max, old_una)
@@ -707,10 +707,10 @@ class Connection:
 
     def _rack_scan(self, now: float) -> tuple[list[tuple[int, int]], int]:
         """Lost byte ranges (offsets from SND.UNA) by RFC 6675's IsLost for bytes never
-        re-sent and RACK's clock for all; arms RACK's reordering timer for the next
-        pending one. Also returns the bytes not in the network otherwise: SACKed, or
-        past SND.NXT after a go-back-N rewind (RFC 6675 5.1: after an RTO all of it is
-        lost; _send_data re-sends it in order)."""
+        re-sent and RACK's clock for all, and the pipe (RFC 6675 4 SetPipe): what is
+        outstanding less what is lost, SACKed, or past SND.NXT after a go-back-N rewind
+        (RFC 6675 5.1: after an RTO all of it is lost; _send_data re-sends it in order).
+        Arms RACK's reordering timer for the next pending byte."""
         una = self.snd_una
         outstanding = seq_diff(self.snd_max, una)
         board = self._sack
@@ -732,15 +732,14 @@ class Connection:
             self.t_rtx = deadline
             self._reo_armed = True
             self._tlp_armed = self._rack_armed = False
-        return lost, sacked
+        return lost, outstanding - sacked - sum(e - s for s, e in lost)
 
     def _pipe(self, now: float) -> int:
         """RFC 6675 4 SetPipe: bytes believed to be in the network."""
         outstanding = seq_diff(self.snd_max, self.snd_una)
         if not self._sack and not self._sack_recovery:
             return outstanding
-        lost, sacked = self._rack_scan(now)
-        return outstanding - sacked - sum(e - s for s, e in lost)
+        return self._rack_scan(now)[1]
 
     def _sack_retransmit(self, now: float, first: bool = False) -> None:
         """RFC 6675 NextSeg rule 1: re-send lost bytes, lowest first, while cwnd - pipe
@@ -748,9 +747,8 @@ class Connection:
         mss = self.eff_mss
         una = self.snd_una
         data_end = seq_diff(self.snd_buf.end, una)
-        lost, sacked = self._rack_scan(now)
+        lost, pipe = self._rack_scan(now)
         cwnd = self.cc.cwnd
-        pipe = seq_diff(self.snd_max, una) - sacked - sum(e - s for s, e in lost)
         c = self.layer.counters
         for start, stop in lost:
             while start < stop:

@@ -26,15 +26,14 @@ END, TIME, RTX, SER = 0, 1, 2, 3  # an entry: [end seq, time, retransmitted, bur
 
 
 class Rack:
-    __slots__ = ("base", "ents", "serial", "xmit", "xser", "end", "rtt", "min_rtt",
+    __slots__ = ("base", "ents", "serial", "xser", "end", "rtt", "min_rtt",
                  "reordering", "fack", "reo_mult", "dsack_until", "recoveries")
 
     def __init__(self, una: int) -> None:
         self.base = una  # where the first entry starts (SND.UNA)
         self.ents: list[list] = []  # in sequence order, contiguous from base
         self.serial = 0  # the current burst
-        self.xmit = NEVER  # RACK.xmit_ts: the latest transmission known delivered,
-        self.xser = -1  # its burst
+        self.xser = -1  # RACK.xmit_ts as a burst serial: the latest delivered burst,
         self.end = una  # and RACK.end_seq
         self.rtt = 0.0  # RACK.rtt: that transmission's round trip
         self.min_rtt: float | None = None
@@ -47,7 +46,6 @@ class Rack:
     def reset(self, una: int) -> None:
         self.base = self.end = self.fack = una
         self.ents = []
-        self.xmit = NEVER
         self.xser = -1
 
     # == what left ========================================================================
@@ -111,7 +109,7 @@ class Rack:
             self.min_rtt = rtt
         ser = ent[SER]
         if ser > self.xser or (ser == self.xser and dend > seq_diff(self.end, self.base)):
-            self.xmit, self.xser, self.rtt = t, ser, rtt
+            self.xser, self.rtt = ser, rtt
             self.end = seq_add(self.base, dend)
 
     def delivered(self, ranges: list[tuple[int, int]], now: float) -> None:
@@ -186,7 +184,7 @@ class Rack:
 
     # == what is lost =====================================================================
 
-    def dsack(self, una: int, snd_max: int) -> None:
+    def dsack(self, snd_max: int) -> None:
         """The peer reported a duplicate (RFC 2883): something was re-sent too early, so
         the window grows by a quarter of the minimum RTT, once per round trip."""
         self.reordering = True
