@@ -1,4 +1,4 @@
-"""The asyncio-shaped surface of the stack (DESIGN.md rule 2).
+"""The asyncio-shaped surface of the stack (docs/architecture.md, rule 2).
 
     stack = Stack(runtime)
     server = await stack.create_server(protocol_factory, port=7)
@@ -262,16 +262,18 @@ class UdpTransport(asyncio.DatagramTransport):
     """An asyncio DatagramTransport over a tapstack UDP endpoint (its DatagramUser)."""
 
     def __init__(self, stack: Stack, protocol: asyncio.DatagramProtocol, local_port: int,
-                 remote: tuple[str, int] | None) -> None:
+                 remote: tuple[str, int] | None, local_ip: bytes | None = None) -> None:
         super().__init__()
         self._stack = stack
         self._protocol = protocol
         self._closing = False
-        udp = stack.runtime.iface.udp
+        node = stack.runtime.node
         self._remote = remote
-        self._endpoint = udp.bind(local_port, self,
-                                  (_ip(remote[0]), remote[1]) if remote else None)
-        self._sockname = (ip_to_str(stack.runtime.iface.ipv4.address), self._endpoint.port)
+        self._endpoint = node.udp.bind(local_port, self,
+                                       (_ip(remote[0]), remote[1]) if remote else None,
+                                       local_ip)
+        shown = local_ip or (node.ipv4.source_for(_ip(remote[0])) if remote else None)
+        self._sockname = (ip_to_str(shown) if shown else "0.0.0.0", self._endpoint.port)
 
     # DatagramUser
     def on_datagram(self, data: bytes, addr: tuple[str, int]) -> None:
@@ -294,8 +296,8 @@ class UdpTransport(asyncio.DatagramTransport):
         elif self._remote is not None and tuple(addr) != self._remote:
             raise ValueError(f"invalid address: must be None or {self._remote}")
         try:
-            self._stack.runtime.iface.udp.sendto(self._endpoint, bytes(data), _ip(addr[0]),
-                                                 addr[1], self._stack.loop.time())
+            self._stack.runtime.node.udp.sendto(self._endpoint, bytes(data), _ip(addr[0]),
+                                                addr[1], self._stack.loop.time())
         except OSError as exc:
             self._protocol.error_received(exc)  # as asyncio reports send errors
             return
@@ -308,7 +310,7 @@ class UdpTransport(asyncio.DatagramTransport):
         if self._closing:
             return
         self._closing = True
-        self._stack.runtime.iface.udp.unbind(self._endpoint)
+        self._stack.runtime.node.udp.unbind(self._endpoint)
         self._stack.loop.call_soon(self._protocol.connection_lost, None)
 
     def is_closing(self) -> bool:
@@ -332,16 +334,17 @@ class UdpTransport(asyncio.DatagramTransport):
 
 
 class Server(asyncio.AbstractServer):
-    def __init__(self, stack: Stack, port: int) -> None:
+    def __init__(self, stack: Stack, port: int, address: bytes | None = None) -> None:
         self._stack = stack
         self.port = port
+        self.address = address
         self._serving = True
         self._closed = asyncio.Event()
 
     def close(self) -> None:
         if self._serving:
             self._serving = False
-            self._stack.runtime.iface.tcp.unlisten(self.port)
+            self._stack.runtime.node.tcp.unlisten(self.port, self.address)
             self._closed.set()
 
     def get_loop(self) -> asyncio.AbstractEventLoop:
@@ -385,16 +388,27 @@ class Stack:
         self.runtime.kick()
 
     def peer_mac(self, ip: bytes) -> str | None:
-        entry = self.runtime.iface.arp.cache.get(ip)
-        return None if entry is None else ":".join(f"{b:02x}" for b in entry[0])
+        """The MAC of a neighbour, from the cache of whichever interface knows it."""
+        for iface in self.runtime.node.interfaces:
+            entry = iface.arp.cache.get(ip)
+            if entry is not None:
+                return ":".join(f"{b:02x}" for b in entry[0])
+        return None
+
+    def _local(self, host: str | None) -> bytes | None:
+        """A local address to bind to, None for every address; OSError if not ours."""
+        if host in (None, "", "0.0.0.0"):
+            return None
+        address = _ip(host)
+        if address not in self.runtime.node.ipv4.local:
+            raise OSError(99, f"{host} is not an address of this stack")
+        return address
 
     async def create_server(self, protocol_factory: Callable[[], asyncio.BaseProtocol],
                             host: str | None = None, port: int = 0, backlog: int = 128
                             ) -> Server:
-        """Listen on `port` of the stack's address (`host`, if given, must be it)."""
-        iface = self.runtime.iface
-        if host not in (None, "", "0.0.0.0") and _ip(host) != iface.ipv4.address:
-            raise OSError(99, f"{host} is not this stack's address")
+        """Listen on `port` of every address of the stack, or of `host` only."""
+        address = self._local(host)
 
         def on_accept(conn: Connection) -> None:
             try:
@@ -406,16 +420,15 @@ class Stack:
                 return
             TcpTransport(self, conn, protocol).start()
 
-        iface.tcp.listen(port, on_accept, backlog)
-        return Server(self, port)
+        self.runtime.node.tcp.listen(port, on_accept, backlog, address)
+        return Server(self, port, address)
 
     async def create_connection(self, protocol_factory: Callable[[], asyncio.BaseProtocol],
                                 host: str, port: int, local_port: int | None = None,
                                 nodelay: bool = False
                                 ) -> tuple[TcpTransport, asyncio.BaseProtocol]:
-        iface = self.runtime.iface
         waiter = self.loop.create_future()
-        conn = iface.tcp.connect(_ip(host), port, self.loop.time(), local_port)
+        conn = self.runtime.node.tcp.connect(_ip(host), port, self.loop.time(), local_port)
         conn.nodelay = nodelay
         protocol = protocol_factory()
         transport = TcpTransport(self, conn, protocol, waiter)
@@ -432,17 +445,16 @@ class Stack:
             local_addr: tuple[str, int] | None = None,
             remote_addr: tuple[str, int] | None = None
     ) -> tuple[UdpTransport, asyncio.DatagramProtocol]:
-        iface = self.runtime.iface
         port = 0
+        local_ip = None
         if local_addr is not None:
             host, port = local_addr
-            if host not in (None, "", "0.0.0.0") and _ip(host) != iface.ipv4.address:
-                raise OSError(99, f"{host} is not this stack's address")
+            local_ip = self._local(host)
         if remote_addr is not None:
             _ip(remote_addr[0])
             remote_addr = (remote_addr[0], remote_addr[1])
         protocol = protocol_factory()
-        transport = UdpTransport(self, protocol, port, remote_addr)
+        transport = UdpTransport(self, protocol, port, remote_addr, local_ip)
         protocol.connection_made(transport)
         return transport, protocol
 

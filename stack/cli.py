@@ -1,4 +1,5 @@
-"""The `tapstack` command: `run` a stack on a TAP, read a running one's `stats`."""
+"""The `tapstack` command: `run` a stack on a TAP (or a node from a TOML file), read a
+running one's `stats` and `route`, and build `lab` topologies."""
 
 from __future__ import annotations
 
@@ -27,15 +28,18 @@ from stack.apps.services import (
     SourceProtocol,
     UdpEchoProtocol,
 )
+from stack.config import ConfigError, LinkSpec, NodeSpec, load_node
 from stack.link import LinkError
 from stack.link import netns as ns
 from stack.link.impair import Impairment, ImpairSpecError
 from stack.link.pcap import PcapTee
 from stack.link.tap import TapLink
-from stack.net.interface import Interface, InterfaceConfig
+from stack.net.host import HostConfig
+from stack.net.node import Node
 from stack.net.tcp.connection import TcpConfig
 from stack.runtime import Runtime, bind_control_socket, read_stats, run
 from stack.wire.ethernet import is_multicast_mac, mac_from_str
+from stack.wire.ipv4 import ip_to_str
 
 log = logging.getLogger("tapstack")
 
@@ -89,6 +93,9 @@ def _parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", parents=[common],
                        help="serve on a TAP device (in a network namespace by default)")
+    r.add_argument("--config", metavar="FILE",
+                   help="run the node this TOML file describes (interfaces, routes, "
+                        "forwarding, services) instead of the one-interface flags")
     r.add_argument("--no-services", action="store_true",
                    help="do not start the echo (TCP and UDP 7), discard (9) and source (19) "
                         "services")
@@ -112,14 +119,23 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("host", help="the peer's IPv4 address")
     c.add_argument("port", type=int, help="the peer's TCP port")
 
-    s = sub.add_parser("stats", help="print the counters of a running tapstack")
-    swhere = s.add_mutually_exclusive_group()
-    swhere.add_argument("--netns", default="tapstack",
-                        help="namespace the instance runs in (default: %(default)s)")
-    swhere.add_argument("--no-netns", action="store_true",
-                        help="the instance runs in the current namespace")
-    s.add_argument("--tap", default="tap0", help="its TAP device (default: %(default)s)")
-    s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    for name, text in (("stats", "print the counters of a running tapstack"),
+                       ("route", "print a running tapstack's routing table, like ip route")):
+        s = sub.add_parser(name, help=text)
+        swhere = s.add_mutually_exclusive_group()
+        swhere.add_argument("--netns", default="tapstack",
+                            help="namespace the instance runs in (default: %(default)s)")
+        swhere.add_argument("--no-netns", action="store_true",
+                            help="the instance runs in the current namespace")
+        which = s.add_mutually_exclusive_group()
+        which.add_argument("--tap", default="tap0",
+                           help="its TAP device (default: %(default)s)")
+        which.add_argument("--node", help="the name of a node started with --config")
+        s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    from stack.lab.cli import add_lab_parser
+
+    add_lab_parser(sub)
     return p
 
 
@@ -135,7 +151,7 @@ def _interface(text: str, what: str) -> ipaddress.IPv4Interface:
     return iface
 
 
-def build_config(args: argparse.Namespace) -> tuple[InterfaceConfig, str | None]:
+def build_config(args: argparse.Namespace) -> tuple[HostConfig, str | None]:
     """Validate `run`'s options; returns the interface config and the host-side CIDR."""
     address = _interface(args.address, "--address")
     if address.network.prefixlen > 30:
@@ -172,11 +188,20 @@ def build_config(args: argparse.Namespace) -> tuple[InterfaceConfig, str | None]
             raise UsageError(f"--impair: {exc}") from None
         if args.offload:
             raise UsageError("--impair works on plain frames; drop --offload to use it")
-    config = InterfaceConfig(mac=mac, address=address.ip.packed,
-                             prefixlen=address.network.prefixlen, gateway=gateway,
-                             mtu=args.mtu, tcp=TcpConfig(msl=args.msl),
-                             offload=args.offload)
+    config = HostConfig(mac=mac, address=address.ip.packed,
+                        prefixlen=address.network.prefixlen, gateway=gateway,
+                        mtu=args.mtu, tcp=TcpConfig(msl=args.msl), offload=args.offload)
     return config, host_cidr
+
+
+def host_spec(args: argparse.Namespace, config: HostConfig, host_cidr: str | None
+              ) -> NodeSpec:
+    """The one-interface node that `run`'s flags describe."""
+    netns = None if args.no_netns else args.netns
+    node = config.node_config()
+    node.name = args.tap
+    return NodeSpec(node, [LinkSpec(args.tap, netns, None, host_cidr, args.offload)], netns,
+                    control=args.tap)
 
 
 # -- run ----------------------------------------------------------------------------------
@@ -259,71 +284,128 @@ def _raise_exit(signum: int, _frame: Any) -> None:
     raise SystemExit(0)
 
 
+def _where(netns: str | None) -> str:
+    return "the current namespace" if netns is None else f"namespace {netns}"
+
+
 @contextlib.contextmanager
-def stack_environment(args: argparse.Namespace, host_cidr: str | None
-                      ) -> Iterator[tuple[TapLink, socket.socket, PcapTee | None]]:
-    """Namespace, control socket, TAP and pcap for one instance; all undone on exit."""
-    _require_root(args.command)
+def stack_environment(spec: NodeSpec, command: str, pcap_path: str | None = None
+                      ) -> Iterator[tuple[list[TapLink], socket.socket, PcapTee | None]]:
+    """Namespaces, TAPs, control socket and pcap for one node; all undone on exit.
+
+    Each TAP is created in its interface's namespace (made if missing, and then removed
+    at the end); the process settles in the node's namespace, where its control socket
+    lives."""
+    _require_root(command)
     if not os.path.exists("/dev/net/tun"):
         raise UsageError("/dev/net/tun is missing; this kernel or container has no TUN/TAP "
                          "support")
     # Until the event loop takes over, SIGTERM unwinds through the finally below.
     signal.signal(signal.SIGTERM, _raise_exit)
-    where = "the current namespace" if args.no_netns else f"namespace {args.netns}"
-    created_netns = False
-    link = TapLink(args.tap, vnet_hdr=args.offload)
+    created: list[str] = []
+    links: list[TapLink] = []
     control = None
     pcap = None
+    start = ns.current_netns()
     try:
-        if not args.no_netns:
-            if not ns.netns_exists(args.netns):
-                ns.create_netns(args.netns)
-                created_netns = True
-                log.info("created network namespace %s", args.netns)
-            ns.enter_netns(args.netns)
-            if created_netns:
+        for name in [spec.netns, *(link.netns for link in spec.links)]:
+            if name is not None and name not in created and not ns.netns_exists(name):
+                ns.create_netns(name)
+                created.append(name)
+                log.info("created network namespace %s", name)
+                ns.enter_netns(name)
                 ns.ip_link_up("lo")
-        control = bind_control_socket(args.tap, where)
-        link.open(where)
-        ns.configure_host_side(args.tap, host_cidr, args.mtu)
-        if args.pcap:
+                ns.return_to_netns(start)
+        # the control socket first: a second instance of the same node stops here
+        if spec.netns is not None:
+            ns.enter_netns(spec.netns)
+        control = bind_control_socket(spec.control_name, _where(spec.netns))
+        ns.return_to_netns(start)
+        for link_spec, iface in zip(spec.links, spec.node.interfaces, strict=True):
+            if link_spec.netns is not None:
+                ns.enter_netns(link_spec.netns)
+            link = TapLink(link_spec.tap, vnet_hdr=link_spec.offload)
+            link.open(_where(link_spec.netns))
+            links.append(link)
+            ns.configure_host_side(link_spec.tap, link_spec.host_cidr, iface.mtu)
+            if link_spec.bridge:
+                ns.attach_to_bridge(link_spec.tap, link_spec.bridge)
+            ns.return_to_netns(start)
+        if spec.netns is not None:
+            ns.enter_netns(spec.netns)
+        if pcap_path:
             try:
-                pcap = PcapTee(args.pcap)
+                pcap = PcapTee(pcap_path)
             except OSError as exc:
-                raise UsageError(f"cannot write --pcap {args.pcap}: {exc.strerror}") from None
-        yield link, control, pcap
+                raise UsageError(f"cannot write --pcap {pcap_path}: {exc.strerror}") from None
+        yield links, control, pcap
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # cleanup is not interrupted
-        link.close()
+        for link in links:
+            link.close()
         if control is not None:
             control.close()
         if pcap is not None:
             pcap.close()
-        if created_netns:
-            ns.delete_netns(args.netns)
-            log.info("removed network namespace %s", args.netns)
+        for name in created:
+            ns.delete_netns(name)
+            log.info("removed network namespace %s", name)
+        os.close(start)
 
 
-def _runtime(args: argparse.Namespace, config: InterfaceConfig, link: TapLink,
-             pcap: PcapTee | None) -> Runtime:
-    info = {"address": args.address, "mac": args.mac, "tap": args.tap,
-            "netns": None if args.no_netns else args.netns, "mtu": args.mtu,
-            "pid": os.getpid()}
-    return Runtime(Interface(config, random.Random()), link, pcap, info, impair=args.impair)
+def _runtime(spec: NodeSpec, links: list[TapLink], pcap: PcapTee | None,
+             impair: str | None = None) -> Runtime:
+    iface = spec.node.interfaces[0]
+    info = {"address": ", ".join(f"{ip_to_str(a)}/{p}" for a, p in iface.addresses),
+            "mac": ":".join(f"{b:02x}" for b in iface.mac), "tap": spec.links[0].tap,
+            "netns": spec.netns, "mtu": iface.mtu, "pid": os.getpid()}
+    pcaps: list[PcapTee | None] = [pcap] + [None] * (len(links) - 1)
+    return Runtime(Node(spec.node, random.Random()), links, pcaps, info, impair=impair)
+
+
+def _node_banner(spec: NodeSpec) -> str:
+    me = shutil.which("tapstack") or "tapstack"
+    where = "" if spec.netns is None else f" --netns {spec.netns}"
+    role = "router" if spec.node.forwarding else "host"
+    lines = [f"tapstack ready: node {spec.node.name} ({role}) in {_where(spec.netns)}"]
+    for iface, link in zip(spec.node.interfaces, spec.links, strict=True):
+        addrs = ", ".join(f"{ip_to_str(a)}/{p}" for a, p in iface.addresses) or "no address"
+        bridge = f", bridge {link.bridge}" if link.bridge else ""
+        lines.append(f"  {iface.name}: {addrs} on {link.tap} in {_where(link.netns)}"
+                     f"{bridge}, mtu {iface.mtu}")
+    lines.append(f"  {me} route{where} --node {spec.node.name}")
+    lines.append(f"  {me} stats{where} --node {spec.node.name}")
+    return "\n".join(lines)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="tapstack: %(message)s",
                         stream=sys.stderr)
-    config, host_cidr = build_config(args)
+    if args.config:
+        try:
+            spec = load_node(args.config)
+        except ConfigError as exc:
+            raise UsageError(str(exc)) from None
+        args.no_services = not spec.echo
+        args.no_http = spec.http_port is None
+        args.http_port = spec.http_port or 80
+
+        def banner() -> str:
+            return _node_banner(spec)
+    else:
+        config, host_cidr = build_config(args)
+        spec = host_spec(args, config, host_cidr)
+
+        def banner() -> str:
+            return _banner(args, host_cidr)
     stats_source: list[Runtime] = []
     app = load_app(args, lambda: stats_source[0].snapshot())
-    with stack_environment(args, host_cidr) as (link, control, pcap):
-        runtime = _runtime(args, config, link, pcap)
+    with stack_environment(spec, args.command, args.pcap) as (links, control, pcap):
+        runtime = _runtime(spec, links, pcap, args.impair)
         stats_source.append(runtime)
 
         def ready() -> None:
-            print(_banner(args, host_cidr), flush=True)
+            print(banner(), flush=True)
 
         run(runtime, control, ready, use_uvloop=not args.asyncio,
             setup=start_services(args, app))
@@ -405,8 +487,9 @@ def cmd_connect(args: argparse.Namespace) -> int:
 
         tasks.append(loop.create_task(both()))
 
-    with stack_environment(args, host_cidr) as (link, control, pcap):
-        runtime = _runtime(args, config, link, pcap)
+    spec = host_spec(args, config, host_cidr)
+    with stack_environment(spec, args.command, args.pcap) as (links, control, pcap):
+        runtime = _runtime(spec, links, pcap, args.impair)
         run(runtime, control, None, use_uvloop=not args.asyncio, setup=session)
     if result:
         raise UsageError(f"connect {args.host}:{args.port}: {result[0]}")
@@ -419,32 +502,78 @@ def cmd_connect(args: argparse.Namespace) -> int:
 def format_stats(snapshot: dict[str, Any]) -> str:
     info = snapshot.get("info", {})
     where = f"namespace {info['netns']}" if info.get("netns") else "the current namespace"
-    lines = [f"tapstack {info.get('address')} on {info.get('tap')} in {where}, "
-             f"pid {info.get('pid')}, up {info.get('uptime_s', 0):.0f} s"]
-    for layer, values in snapshot.get("counters", {}).items():
-        lines.append(layer)
-        width = max(len(k) for k in values)
-        lines.extend(f"  {name:<{width}}  {value:>12}" for name, value in values.items())
+    interfaces = snapshot.get("interfaces", {})
+    if len(interfaces) > 1:
+        title = f"tapstack node {info.get('node')} ({len(interfaces)} interfaces)"
+    else:
+        title = f"tapstack {info.get('address')} on {info.get('tap')}"
+    lines = [f"{title} in {where}, pid {info.get('pid')}, up {info.get('uptime_s', 0):.0f} s"]
+
+    def table(groups: dict[str, dict[str, int]], indent: str) -> None:
+        for layer, values in groups.items():
+            lines.append(f"{indent}{layer}")
+            width = max(len(k) for k in values)
+            lines.extend(f"{indent}  {name:<{width}}  {value:>12}"
+                         for name, value in values.items())
+
+    table(snapshot.get("counters", {}), "")
+    if len(interfaces) > 1:
+        for name, entry in interfaces.items():
+            addrs = ", ".join(entry.get("addresses", [])) or "no address"
+            lines.append(f"interface {name} ({entry.get('device')}, {addrs})")
+            table(entry.get("counters", {}), "  ")
     if snapshot.get("last_internal_error"):
         lines.append(f"last internal error: {snapshot['last_internal_error']}")
     return "\n".join(lines)
 
 
-def cmd_stats(args: argparse.Namespace) -> int:
+def format_routes(snapshot: dict[str, Any]) -> str:
+    """One line per route, as `ip route` prints them."""
+    lines = []
+    for r in snapshot.get("routes", []):
+        words = [r["prefix"]]
+        if r.get("gateway"):
+            words += ["via", r["gateway"]]
+        words += ["dev", r["dev"], "proto", r["proto"]]
+        if r["proto"] == "kernel":
+            words += ["scope", "link"]
+        if r.get("src"):
+            words += ["src", r["src"]]
+        if r.get("metric"):
+            words += ["metric", str(r["metric"])]
+        lines.append(" ".join(words))
+    return "\n".join(lines)
+
+
+def _snapshot(args: argparse.Namespace) -> dict[str, Any]:
     where = "the current namespace" if args.no_netns else f"namespace {args.netns}"
+    name = f"node/{args.node}" if args.node else args.tap
+    what = f"node {args.node}" if args.node else args.tap
     if not args.no_netns:
-        _require_root("stats --netns")
+        _require_root(f"{args.command} --netns")
         if not ns.netns_exists(args.netns):
             raise UsageError(f"no tapstack is running in namespace {args.netns} "
                              "(it does not exist)")
         ns.enter_netns(args.netns)
     try:
-        snapshot = read_stats(args.tap)
+        return read_stats(name)
     except (ConnectionRefusedError, FileNotFoundError):
-        raise UsageError(f"no tapstack is running on {args.tap} in {where}") from None
+        raise UsageError(f"no tapstack is running on {what} in {where}") from None
     except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot read stats from {args.tap} in {where}: {exc}") from None
+        raise UsageError(f"cannot read {args.command} from {what} in {where}: {exc}"
+                         ) from None
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    snapshot = _snapshot(args)
     print(json.dumps(snapshot, indent=2) if args.json else format_stats(snapshot))
+    return 0
+
+
+def cmd_route(args: argparse.Namespace) -> int:
+    snapshot = _snapshot(args)
+    print(json.dumps(snapshot.get("routes", []), indent=2) if args.json
+          else format_routes(snapshot))
     return 0
 
 
@@ -457,8 +586,14 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_connect(args)
         if args.command == "serve-kernel":
             return cmd_serve_kernel(args)
+        if args.command == "route":
+            return cmd_route(args)
+        if args.command == "lab":
+            from stack.lab.cli import cmd_lab
+
+            return cmd_lab(args)
         return cmd_stats(args)
-    except (UsageError, LinkError) as exc:
+    except (UsageError, LinkError, ConfigError) as exc:
         print(f"tapstack: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,8 +1,9 @@
 """The only module that knows the event loop: a thin adapter around the sans-I/O core.
 
-One reader on the TAP fd drains every ready frame per wakeup, feeds them all to the
-interface, then flushes everything the interface wants to send. One timer handle sits at
-the interface's next deadline; an idle stack has no timer and uses no CPU.
+One reader per link (a TAP per interface) drains every ready frame per wakeup, feeds
+them all to the node, then flushes everything the node wants to send, each frame to the
+link of its interface. One timer handle sits at the node's next deadline; an idle stack
+has no timer and uses no CPU.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from typing import Any
 from stack.link import LinkError
 from stack.link.impair import Impairment
 from stack.link.pcap import PcapTee
-from stack.link.tap import TapLink
-from stack.net.interface import Interface
+from stack.net.node import Node
+from stack.wire.ipv4 import ip_to_str
 
 log = logging.getLogger("tapstack")
 
@@ -34,34 +35,48 @@ except (OSError, AttributeError):
     _malloc_trim = None
 
 
-def control_address(tap: str) -> str:
+def control_address(name: str) -> str:
     """The control socket's name: abstract, so it lives in the stack's network namespace
-    (two namespaces may each run a tapstack on tap0) and vanishes with the process."""
-    return f"\0tapstack/{tap}"
+    (two namespaces may each run a tapstack on tap0) and vanishes with the process.
+    `name` is the TAP of a one-interface stack, or `node/NAME` for a configured node."""
+    return f"\0tapstack/{name}"
 
 
-def bind_control_socket(tap: str, where: str) -> socket.socket:
+def bind_control_socket(name: str, where: str) -> socket.socket:
     """Claim the control socket; a second instance on the same TAP fails here, clearly."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.bind(control_address(tap))
+        sock.bind(control_address(name))
     except OSError as exc:
         sock.close()
         if exc.errno == errno.EADDRINUSE:
-            raise LinkError(f"another tapstack is already running on {tap} in {where}") from None
+            what = name.removeprefix("node/")
+            raise LinkError(f"another tapstack is already running on {what} in {where}"
+                            ) from None
         raise
     sock.listen(16)
     sock.setblocking(False)
     return sock
 
 
+Link = Any  # TapLink or SocketPairLink: fileno, read_batch, write, split, vnet_hdr
+
+
 class Runtime:
-    def __init__(self, iface: Interface, link: TapLink, pcap: PcapTee | None = None,
+    """Drives one node: `links[i]` carries the frames of the node's interface i (and
+    `pcaps[i]`, if set, records them)."""
+
+    def __init__(self, node: Node, links: list[Link] | Link,
+                 pcaps: list[PcapTee | None] | PcapTee | None = None,
                  info: dict[str, Any] | None = None, impair: str | None = None,
                  seed: int | None = None) -> None:
-        self.iface = iface
-        self.link = link
-        self.pcap = pcap
+        self.node = node
+        self.links: list[Link] = links if isinstance(links, list) else [links]
+        if not isinstance(pcaps, list):
+            pcaps = [pcaps] + [None] * (len(self.links) - 1)
+        self.pcaps: list[PcapTee | None] = pcaps
+        if len(self.links) != len(node.interfaces) or len(pcaps) != len(self.links):
+            raise ValueError("one link (and one pcap slot) per interface")
         self.info = dict(info or {})
         self.loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -71,71 +86,83 @@ class Runtime:
         self._trim_handle: asyncio.TimerHandle | None = None
         self._started = time.time()
         self._stopped: asyncio.Event | None = None
-        # Faults on both directions of the link (--impair): the kernel peer really sees
+        # Faults on both directions of every link (--impair): the kernel peer really sees
         # delay, reordering, duplication and corruption. The pcap shows the clean frames
         # tapstack received and sent, i.e. what it saw, after the fault on input.
-        self.rx_impair: Impairment | None = None
-        self.tx_impair: Impairment | None = None
+        n = len(self.links)
+        self.rx_impair: list[Impairment | None] = [None] * n
+        self.tx_impair: list[Impairment | None] = [None] * n
         if impair:
             spec_seed = f",seed={seed}" if seed is not None and "seed=" not in impair else ""
-            self.rx_impair = Impairment.parse(impair + spec_seed, counters=iface.counters,
-                                              prefix="impair_rx")
-            tx_seed = self.rx_impair.rng.randrange(1 << 30)
-            self.tx_impair = Impairment.parse(impair, counters=iface.counters,
-                                              prefix="impair_tx")
-            self.tx_impair.rng.seed(tx_seed)
+            for i in range(n):
+                rx = Impairment.parse(impair + spec_seed, counters=node.counters,
+                                      prefix="impair_rx")
+                if i:
+                    rx.rng.seed(self.rx_impair[0].rng.randrange(1 << 30) + i)
+                tx = Impairment.parse(impair, counters=node.counters, prefix="impair_tx")
+                tx.rng.seed(rx.rng.randrange(1 << 30))
+                self.rx_impair[i], self.tx_impair[i] = rx, tx
+        self._impaired = [imp for imp in self.rx_impair + self.tx_impair if imp is not None]
 
     # -- the frame path ------------------------------------------------------------------
 
-    def _on_readable(self) -> None:
-        frames = self.link.read_batch()
+    def _on_readable(self, index: int) -> None:
+        link = self.links[index]
+        frames = link.read_batch()
         now = self.loop.time()
-        if self.link.vnet_hdr:
-            self._receive_offloaded(frames, now)
+        if link.vnet_hdr:
+            self._receive_offloaded(index, link, frames, now)
             return
-        if self.rx_impair is not None:
+        rx = self.rx_impair[index]
+        if rx is not None:
             for frame in frames:
-                self.rx_impair.push(frame, now)
-            frames = self.rx_impair.pop_due(now)
-        if self.pcap is not None:
+                rx.push(frame, now)
+            frames = rx.pop_due(now)
+        pcap = self.pcaps[index]
+        if pcap is not None:
             ts = time.time()
             for frame in frames:
-                self.pcap.write(frame, ts)
-        receive = self.iface.receive
+                pcap.write(frame, ts)
+        receive = self.node.receive
         for frame in frames:
-            receive(frame, now)
+            receive(index, frame, now)
         self._flush(now)
 
-    def _receive_offloaded(self, frames: list[bytes], now: float) -> None:
-        """Frames led by a virtio-net header; GSO super-frames come whole (offloads.md)."""
-        receive = self.iface.receive
-        split = self.link.split
-        pcap = self.pcap
+    def _receive_offloaded(self, index: int, link: Link, frames: list[bytes],
+                           now: float) -> None:
+        """Frames led by a virtio-net header; GSO super-frames come whole (see
+        docs/architecture.md, "Offloads")."""
+        receive = self.node.receive
+        split = link.split
+        pcap = self.pcaps[index]
         ts = time.time()
         for raw in frames:
-            frame, trusted = split(raw)
+            vnet, frame, trusted = split(raw)
             if pcap is not None:
                 pcap.write(bytes(frame), ts)
-            receive(frame, now, trusted)
+            receive(index, frame, now, trusted, vnet)
         self._flush(now)
 
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_at = None
         now = self.loop.time()
-        if self.rx_impair is not None:
-            receive = self.iface.receive
-            for frame in self.rx_impair.pop_due(now):
-                if self.pcap is not None:
-                    self.pcap.write(frame)
-                receive(frame, now)
+        receive = self.node.receive
+        for index, rx in enumerate(self.rx_impair):
+            if rx is None:
+                continue
+            pcap = self.pcaps[index]
+            for frame in rx.pop_due(now):
+                if pcap is not None:
+                    pcap.write(frame)
+                receive(index, frame, now)
         self._flush(now)
 
     def _trim_memory(self) -> None:
         """The connection table emptied: collect cycles and give freed heap back to the
         system, so a burst of connections does not leave the process at its peak."""
         self._trim_handle = None
-        if self.iface.tcp.connections:
+        if self.node.tcp.connections:
             return
         self._had_connections = False
         gc.collect()
@@ -153,37 +180,43 @@ class Runtime:
         self._flush(self.loop.time())
 
     def _flush(self, now: float) -> None:
-        out = self.iface.poll(now)
-        if self.tx_impair is not None:
-            if self.pcap is not None:
+        for iface, out in self.node.poll(now):
+            index = iface.index
+            link = self.links[index]
+            pcap = self.pcaps[index]
+            tx = self.tx_impair[index]
+            if tx is not None:
+                if pcap is not None:
+                    for frame in out:
+                        pcap.write(frame)
                 for frame in out:
-                    self.pcap.write(frame)
-            for frame in out:
-                self.tx_impair.push(frame, now)
-            for frame in self.tx_impair.pop_due(now):
-                self.link.write(frame)
-            out = []
-        if out:
-            write = self.link.write
+                    tx.push(frame, now)
+                out = []
+            write = link.write
             for frame in out:
                 if type(frame) is tuple:
                     write(frame[0], frame[1])  # with its virtio-net header (offload)
                 else:
                     write(frame)
-            if self.pcap is not None:
+            if pcap is not None:
                 ts = time.time()
                 for frame in out:
-                    self.pcap.write(frame[0] if type(frame) is tuple else frame, ts)
-                self.pcap.flush()
-        elif self.pcap is not None:
-            self.pcap.flush()
-        if self.iface.tcp.connections:
+                    pcap.write(frame[0] if type(frame) is tuple else frame, ts)
+        for index, tx in enumerate(self.tx_impair):
+            if tx is not None:
+                write = self.links[index].write
+                for frame in tx.pop_due(now):
+                    write(frame)
+        for pcap in self.pcaps:
+            if pcap is not None:
+                pcap.flush()
+        if self.node.tcp.connections:
             self._had_connections = True
         elif self._had_connections and self._trim_handle is None:
             self._trim_handle = self.loop.call_later(2.0, self._trim_memory)
-        deadline = self.iface.next_deadline()
-        for imp in (self.rx_impair, self.tx_impair):
-            if imp is not None and (d := imp.next_deadline()) is not None:
+        deadline = self.node.next_deadline()
+        for imp in self._impaired:
+            if (d := imp.next_deadline()) is not None:
                 deadline = d if deadline is None else min(deadline, d)
         if deadline != self._timer_at:
             if self._timer is not None:
@@ -195,12 +228,32 @@ class Runtime:
     # -- control socket ------------------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
-        counters = self.iface.stats()
-        counters.setdefault("link", {})["tx_errors"] = self.link.tx_errors
+        node = self.node
+        counters = node.stats()
+        counters.setdefault("link", {})["tx_errors"] = sum(link.tx_errors
+                                                           for link in self.links)
+        interfaces = {}
+        for iface, link, per in zip(node.interfaces, self.links,
+                                    node.interface_stats().values(), strict=True):
+            per.setdefault("link", {})["tx_errors"] = link.tx_errors
+            interfaces[iface.name] = {
+                "index": iface.index, "mac": ":".join(f"{b:02x}" for b in iface.mac),
+                "mtu": iface.mtu, "device": getattr(link, "name", None),
+                "addresses": [f"{ip_to_str(a)}/{p}" for a, p in iface.addresses],
+                "counters": per,
+            }
+        routes = [{"prefix": r.prefix_str(),
+                   "gateway": ip_to_str(r.gateway) if r.gateway else None,
+                   "dev": node.interfaces[r.ifindex].name, "metric": r.metric,
+                   "proto": r.proto, "src": ip_to_str(r.source) if r.source else None}
+                  for r in node.routes.sorted_routes()]
         return {
-            "info": {**self.info, "uptime_s": round(time.time() - self._started, 3)},
+            "info": {**self.info, "uptime_s": round(time.time() - self._started, 3),
+                     "node": node.name, "forwarding": node.forwarding},
             "counters": counters,
-            "last_internal_error": self.iface.last_internal_error,
+            "interfaces": interfaces,
+            "routes": routes,
+            "last_internal_error": node.last_internal_error,
         }
 
     async def _serve_control(self, reader: asyncio.StreamReader,
@@ -215,16 +268,18 @@ class Runtime:
     def attach(self) -> None:
         """Start reading the link and announce ourselves (the loop must be running)."""
         self.loop = asyncio.get_running_loop()
-        self.loop.add_reader(self.link.fileno(), self._on_readable)
+        for index, link in enumerate(self.links):
+            self.loop.add_reader(link.fileno(), self._on_readable, index)
         now = self.loop.time()
-        self.iface.start(now)
+        self.node.start(now)
         self._flush(now)
 
     def detach(self) -> None:
         """Reset every open connection (RFC 9293 ABORT), send that, stop reading."""
-        self.iface.tcp.abort_all()
+        self.node.tcp.abort_all()
         self._flush(self.loop.time())
-        self.loop.remove_reader(self.link.fileno())
+        for link in self.links:
+            self.loop.remove_reader(link.fileno())
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -272,11 +327,11 @@ def run(runtime: Runtime, control: socket.socket | None,
         asyncio.run(runtime.serve(control, on_ready, setup))
 
 
-def read_stats(tap: str, timeout: float = 3.0) -> dict[str, Any]:
+def read_stats(name: str, timeout: float = 3.0) -> dict[str, Any]:
     """Fetch a running instance's snapshot over its control socket (current namespace)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
-        sock.connect(control_address(tap))
+        sock.connect(control_address(name))
         chunks = []
         while chunk := sock.recv(65536):
             chunks.append(chunk)

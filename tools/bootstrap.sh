@@ -16,12 +16,13 @@ declare -A pkg_of=(
     [ip]=iproute2 [ping]=iputils-ping [arping]=iputils-arping [tcpdump]=tcpdump
     [tshark]=tshark [curl]=curl [nc]=netcat-openbsd [socat]=socat [iptables]=iptables
     [hping3]=hping3 [gcc]=gcc [wrk]=wrk [ab]=apache2-utils [nmap]=nmap
-    [shellcheck]=shellcheck [vagrant]=vagrant
+    [shellcheck]=shellcheck [vagrant]=vagrant [traceroute]=traceroute
+    [tracepath]=iputils-tracepath [iperf3]=iperf3
 )
 case "$target" in
     run) wanted=(ip gcc) ;;
     test) wanted=(ip ping arping tcpdump tshark curl nc socat iptables hping3 gcc wrk ab nmap
-                 shellcheck vagrant) ;;
+                 shellcheck vagrant traceroute tracepath iperf3) ;;
     *) wanted=() ;;
 esac
 

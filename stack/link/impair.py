@@ -11,7 +11,7 @@ import heapq
 import itertools
 import random
 
-from stack.net.counters import Counters
+from stack.counters import Counters
 
 _KEYS = ("loss", "delay", "jitter", "reorder", "duplicate", "corrupt", "seed")
 

@@ -1,4 +1,4 @@
-"""Two interfaces joined by an in-memory wire, under a virtual clock.
+"""Two stations joined by an in-memory wire, under a virtual clock.
 
 This is how the hardest TCP behaviour is tested in milliseconds: loss, reordering,
 duplication and corruption on a seeded schedule, timeouts without waiting.
@@ -7,13 +7,22 @@ duplication and corruption on a seeded schedule, timeouts without waiting.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 from stack.link.impair import Impairment
-from stack.net.interface import Interface
+
+
+class Station(Protocol):
+    """Anything with one link to drive: a host of stack.net.host, for instance."""
+
+    def start(self, now: float) -> None: ...
+    def receive(self, frame: bytes, now: float) -> None: ...
+    def poll(self, now: float) -> list: ...
+    def next_deadline(self) -> float | None: ...
 
 
 class MemoryWire:
-    def __init__(self, a: Interface, b: Interface, a_to_b: Impairment | None = None,
+    def __init__(self, a: Station, b: Station, a_to_b: Impairment | None = None,
                  b_to_a: Impairment | None = None, now: float = 0.0) -> None:
         self.a, self.b = a, b
         self.a_to_b = a_to_b or Impairment(prefix="wire_ab")

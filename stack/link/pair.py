@@ -12,6 +12,7 @@ class SocketPairLink:
         sock.setblocking(False)
         self.tx_errors = 0
         self.name = "pair"
+        self.vnet_hdr = False
 
     @classmethod
     def pair(cls) -> tuple[SocketPairLink, SocketPairLink]:

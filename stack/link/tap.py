@@ -1,6 +1,6 @@
 """The TAP device, opened with python-pytun, read and written without blocking.
 
-The API leaves room for the virtio-net header (IFF_VNET_HDR, ../shared/notes/offloads.md):
+The API leaves room for the virtio-net header (IFF_VNET_HDR, docs/architecture.md):
 `read_batch` hands up frames with the header stripped, `write` takes a frame and,
 when offloads are on, the 10-byte header to put in front of it.
 """
@@ -23,7 +23,7 @@ from stack.wire.virtio import (
     checksum_trusted,
 )
 
-READ_SIZE = 65550  # a 64 KB GSO frame plus headers fits (offloads.md)
+READ_SIZE = 65550  # a 64 KB GSO frame plus headers fits (docs/architecture.md, "Offloads")
 
 
 class TapLink:
@@ -76,10 +76,11 @@ class TapLink:
             pass
         return frames
 
-    def split(self, raw: bytes) -> tuple[memoryview, bool]:
-        """With IFF_VNET_HDR: (the Ethernet frame, whether its checksum is trusted)."""
+    def split(self, raw: bytes) -> tuple[memoryview, memoryview, bool]:
+        """With IFF_VNET_HDR: (its virtio-net header, the Ethernet frame, whether the
+        frame's checksum is trusted)."""
         view = memoryview(raw)
-        return view[VNET_HDR_LEN:], checksum_trusted(view)
+        return view[:VNET_HDR_LEN], view[VNET_HDR_LEN:], checksum_trusted(view)
 
     def write(self, frame: bytes, vnet_header: bytes | None = None) -> None:
         try:

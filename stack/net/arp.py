@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
-from stack.net.counters import Counters
+from stack.counters import Counters
 from stack.wire.arp import OP_REPLY, OP_REQUEST, build_arp, parse_arp
 from stack.wire.errors import MalformedError
 from stack.wire.ethernet import (
@@ -43,7 +44,7 @@ class _Pending:
     __slots__ = ("next_try", "packets", "tries")
 
     def __init__(self, now: float) -> None:
-        self.packets: list[bytes] = []
+        self.packets: list[Queued] = []
         self.tries = 0
         self.next_try = now
 
@@ -57,16 +58,34 @@ COUNTERS = (
 )
 
 
-class ArpEngine:
-    """Owns the neighbour cache. Frames to send go to `transmit` (a list's append)."""
+class ArpOwner(Protocol):
+    """The interface an engine serves: its MAC and addresses."""
 
-    def __init__(self, mac: bytes, ip: bytes, config: ArpConfig, counters: Counters,
-                 transmit: Callable[[bytes], None]) -> None:
-        self.mac = mac
-        self.ip = ip
+    mac: bytes
+    local: set[bytes]
+    addresses: list[tuple[bytes, int]]
+
+    def source_for(self, dst: bytes) -> bytes | None: ...
+
+
+# A packet waiting for its next hop: IPv4 bytes, or (bytes, virtio-net header)
+Queued = bytes | bytearray | tuple
+
+
+class ArpEngine:
+    """Owns one interface's neighbour cache. Frames to send go to `transmit` (a list's
+    append); packets given up on go to `on_unresolved` (the node answers them with ICMP
+    Host Unreachable where it forwarded them)."""
+
+    def __init__(self, owner: ArpOwner, config: ArpConfig, counters: Counters,
+                 transmit: Callable[[object], None],
+                 on_unresolved: Callable[[list, float], None] | None = None) -> None:
+        self.owner = owner
+        self.mac = owner.mac
         self.config = config
         self.counters = counters
         self._transmit = transmit
+        self._on_unresolved = on_unresolved
         # ip -> (mac, expires); dict order is insertion order, oldest first.
         self.cache: dict[bytes, tuple[bytes, float]] = {}
         self.pending: dict[bytes, _Pending] = {}
@@ -83,7 +102,8 @@ class ArpEngine:
         self.poll(now)
 
     def _announce(self) -> None:
-        self._send_request(self.ip, BROADCAST_MAC, sender_ip=self.ip)
+        for address, _ in self.owner.addresses:
+            self._send_request(address, BROADCAST_MAC, sender_ip=address)
 
     # -- input ---------------------------------------------------------------------------
 
@@ -99,11 +119,12 @@ class ArpEngine:
         if sha[0] & 1 or sha == ZERO_MAC:
             c["arp.rx_bad_sender"] += 1  # broadcast/multicast/zero hardware address
             return
-        if spa == self.ip:
+        local = self.owner.local
+        if spa in local:
             if sha != self.mac:
                 c["arp.address_conflicts"] += 1  # someone else claims our address
             return
-        for_us = tpa == self.ip
+        for_us = tpa in local
         if spa != UNSPECIFIED:  # RFC 5227 probes (sender 0.0.0.0) teach nothing
             # RFC 826 merge: refresh what we know; learn from a reply we asked for, or
             # from a request aimed at us (we are about to answer that host).
@@ -118,7 +139,7 @@ class ArpEngine:
             return
         if op == OP_REQUEST:
             frame = build_ethernet(sha, self.mac, ETHERTYPE_ARP) + build_arp(
-                OP_REPLY, self.mac, self.ip, sha, spa)
+                OP_REPLY, self.mac, tpa, sha, spa)
             self._transmit(frame)
             c["arp.tx_replies"] += 1
 
@@ -134,7 +155,10 @@ class ArpEngine:
         if waiting is not None:
             header = build_ethernet(mac, self.mac, ETHERTYPE_IPV4)
             for packet in waiting.packets:
-                self._transmit(header + packet)
+                if type(packet) is tuple:  # (packet, virtio-net header)
+                    self._transmit((header + packet[0], packet[1]))
+                else:
+                    self._transmit(header + packet)
 
     # -- output --------------------------------------------------------------------------
 
@@ -149,7 +173,7 @@ class ArpEngine:
             return None
         return entry[0]
 
-    def resolve_and_send(self, next_hop: bytes, packet: bytes, now: float) -> None:
+    def resolve_and_send(self, next_hop: bytes, packet: Queued, now: float) -> None:
         """Queue an IPv4 packet until `next_hop` answers; start resolving it if needed."""
         c = self.counters
         waiting = self.pending.get(next_hop)
@@ -167,7 +191,9 @@ class ArpEngine:
     def _retry(self, ip: bytes, waiting: _Pending, now: float) -> None:
         waiting.tries += 1
         waiting.next_try = now + self.config.retry_interval
-        self._send_request(ip, BROADCAST_MAC, sender_ip=self.ip)
+        sender = self.owner.source_for(ip)
+        if sender is not None:
+            self._send_request(ip, BROADCAST_MAC, sender_ip=sender)
 
     def _send_request(self, target_ip: bytes, dst_mac: bytes, sender_ip: bytes) -> None:
         frame = build_ethernet(dst_mac, self.mac, ETHERTYPE_ARP) + build_arp(
@@ -193,6 +219,8 @@ class ArpEngine:
                 del self.pending[ip]
                 c["arp.resolve_failed"] += 1
                 c["arp.resolve_dropped_packets"] += len(waiting.packets)
+                if self._on_unresolved is not None and waiting.packets:
+                    self._on_unresolved(waiting.packets, now)
             else:
                 self._retry(ip, waiting, now)
 

@@ -1,80 +1,112 @@
-"""One Ethernet interface and everything above it, as a sans-I/O engine.
+"""One Ethernet interface of a node: the link layer only.
 
-    iface.receive(frame, now)   feed one frame read from the link
-    iface.poll(now)             run due timers, return the frames to transmit
-    iface.next_deadline()       when poll() must be called next (None: never)
-
-Nothing here reads a clock or touches a file descriptor; the runtime does.
+Its MAC, MTU, Ethernet demultiplexing, its own ARP engine and neighbour cache, and its
+addresses (several, each with a prefix length). IPv4 above it belongs to the node; an
+interface hands IPv4 packets up through `deliver` and sends them down with `send_ipv4`.
+Frames to transmit collect in `tx` until the node's poll hands them to the runtime.
 """
 
 from __future__ import annotations
 
-import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from stack.counters import Counters
 from stack.net.arp import ArpConfig, ArpEngine
-from stack.net.counters import Counters
-from stack.net.icmp import IcmpEngine
-from stack.net.ipv4 import IPv4Layer
-from stack.net.reassembly import ReassemblyConfig
-from stack.net.tcp.connection import TcpConfig
-from stack.net.tcp.layer import TcpLayer
-from stack.net.udp import UdpLayer
 from stack.wire.ethernet import (
     BROADCAST_MAC,
     ETH_HEADER,
     ETH_HLEN,
     ETHERTYPE_ARP,
     ETHERTYPE_IPV4,
+    build_ethernet,
 )
 
 COUNTERS = (
     "link.rx_frames", "link.rx_bytes", "link.tx_frames", "link.tx_bytes",
     "eth.rx_runt", "eth.rx_not_for_us", "eth.rx_bad_source", "eth.rx_unknown_ethertype",
-    "stack.internal_errors",
 )
+
+# (interface, IPv4 packet, now, checksum trusted, arrived as link broadcast, vnet header)
+Deliver = Callable[["Interface", memoryview, float, bool, bool, "bytes | memoryview | None"],
+                   None]
+
+Frame = bytes | tuple[bytes, bytes]  # a frame, or (frame, virtio-net header) when offloaded
+
+
+def _mask(prefixlen: int) -> int:
+    return (0xFFFFFFFF << (32 - prefixlen)) & 0xFFFFFFFF
 
 
 @dataclass(slots=True)
 class InterfaceConfig:
+    name: str
     mac: bytes
-    address: bytes
-    prefixlen: int = 24
-    gateway: bytes | None = None
+    addresses: list[tuple[bytes, int]] = field(default_factory=list)  # (address, prefix)
     mtu: int = 1500
     arp: ArpConfig = field(default_factory=ArpConfig)
-    tcp: TcpConfig = field(default_factory=TcpConfig)
-    reassembly: ReassemblyConfig = field(default_factory=ReassemblyConfig)
     offload: bool = False  # the link takes virtio-net headers: checksum offload and TSO
 
 
 class Interface:
-    def __init__(self, config: InterfaceConfig, rng: random.Random | None = None) -> None:
+    def __init__(self, index: int, config: InterfaceConfig, deliver: Deliver,
+                 on_unresolved: Callable[[list, float], None] | None = None) -> None:
+        self.index = index
         self.config = config
+        self.name = config.name
         self.mac = config.mac
+        self.mtu = config.mtu
+        self.offload = config.offload
         self.counters = Counters()
         self.counters.declare(*COUNTERS)
-        self.rng = rng or random.Random()
-        # frames to send: bytes, or (frame, virtio-net header) when offloaded
-        self._tx: list[bytes | tuple[bytes, bytes]] = []
-        self.arp = ArpEngine(config.mac, config.address, config.arp, self.counters,
-                             self._tx.append)
-        self.ipv4 = IPv4Layer(config.mac, config.address, config.prefixlen, config.gateway,
-                              config.mtu, self.arp, self.counters, self._tx.append, self.rng,
-                              config.reassembly)
-        self.icmp = IcmpEngine(self.ipv4, self.counters)
-        self.tcp = TcpLayer(self.ipv4, self.counters, config.tcp, self.rng)
-        self.udp = UdpLayer(self.ipv4, self.counters, self.rng)
-        self.tcp.offload = config.offload
-        self.last_internal_error: str | None = None
+        self.tx: list[Frame] = []
+        self._deliver = deliver
+        self.addresses: list[tuple[bytes, int]] = []
+        self.local: set[bytes] = set()  # our addresses on this interface
+        self.directed_broadcasts: set[bytes] = set()
+        self._subnets: list[tuple[int, int, bytes]] = []  # (network, mask, our address)
+        for address, prefixlen in config.addresses:
+            self.add_address(address, prefixlen)
+        self.arp = ArpEngine(self, config.arp, self.counters, self.tx.append, on_unresolved)
+
+    # -- addresses ------------------------------------------------------------------------
+
+    def add_address(self, address: bytes, prefixlen: int) -> None:
+        if address in self.local:
+            raise ValueError("address already on this interface")
+        self.addresses.append((address, prefixlen))
+        self.local.add(address)
+        mask = _mask(prefixlen)
+        network = int.from_bytes(address, "big") & mask
+        self._subnets.append((network, mask, address))
+        if prefixlen < 31:  # RFC 3021: a /31 has no broadcast address
+            self.directed_broadcasts.add((network | (~mask & 0xFFFFFFFF)).to_bytes(4, "big"))
+
+    @property
+    def primary(self) -> bytes | None:
+        return self.addresses[0][0] if self.addresses else None
+
+    def source_for(self, dst: bytes) -> bytes | None:
+        """Our address on `dst`'s subnet, else the primary one (RFC 1122 3.3.4.3)."""
+        addr = int.from_bytes(dst, "big")
+        for network, mask, ours in self._subnets:
+            if addr & mask == network:
+                return ours
+        return self.primary
+
+    def on_link(self, dst: bytes) -> bool:
+        addr = int.from_bytes(dst, "big")
+        return any(addr & mask == network for network, mask, _ in self._subnets)
+
+    # -- input ----------------------------------------------------------------------------
 
     def start(self, now: float) -> None:
         self.arp.start(now)
 
     def receive(self, frame: bytes | bytearray | memoryview, now: float,
-                checksum_trusted: bool = False) -> None:
-        """Process one Ethernet frame (without FCS). Never raises. `checksum_trusted`:
-        the link's virtio-net header says the kernel owns or verified the checksums."""
+                checksum_trusted: bool = False,
+                vnet: bytes | memoryview | None = None) -> None:
+        """One Ethernet frame (without FCS). Exceptions are the node's to catch."""
         c = self.counters
         c["link.rx_frames"] += 1
         c["link.rx_bytes"] += len(frame)
@@ -82,55 +114,46 @@ class Interface:
             c["eth.rx_runt"] += 1
             return
         dst, src, ethertype = ETH_HEADER.unpack_from(frame, 0)
-        if dst != self.mac and dst != BROADCAST_MAC:
+        broadcast = dst == BROADCAST_MAC
+        if dst != self.mac and not broadcast:
             c["eth.rx_not_for_us"] += 1  # other unicast, or multicast we never joined
             return
         if src[0] & 1:
             c["eth.rx_bad_source"] += 1  # a group address cannot send
             return
-        try:
-            if ethertype == ETHERTYPE_IPV4:
-                self.ipv4.receive(memoryview(frame)[ETH_HLEN:], now, checksum_trusted)
-            elif ethertype == ETHERTYPE_ARP:
-                self.arp.receive(memoryview(frame)[ETH_HLEN:], now)
-            else:
-                c["eth.rx_unknown_ethertype"] += 1
-        except Exception as exc:  # a bug, never the peer's fault: count it, keep serving
-            c["stack.internal_errors"] += 1
-            self.last_internal_error = f"{type(exc).__name__}: {exc}"
+        if ethertype == ETHERTYPE_IPV4:
+            self._deliver(self, memoryview(frame)[ETH_HLEN:], now, checksum_trusted, broadcast,
+                          vnet)
+        elif ethertype == ETHERTYPE_ARP:
+            self.arp.receive(memoryview(frame)[ETH_HLEN:], now)
+        else:
+            c["eth.rx_unknown_ethertype"] += 1
 
-    def poll(self, now: float) -> list[bytes | tuple[bytes, bytes]]:
-        """Run timers that are due and hand over every frame waiting to be sent."""
-        self.arp.poll(now)
-        self.ipv4.poll(now)
-        self.tcp.poll(now)
-        if not self._tx:
-            return []
-        out = self._tx[:]
-        self._tx.clear()
+    # -- output ---------------------------------------------------------------------------
+
+    def send_ipv4(self, packet: bytes | bytearray, next_hop: bytes, now: float,
+                  vnet: bytes | None = None) -> None:
+        """Frame an IPv4 packet for `next_hop`, resolving it first if needed."""
+        mac = self.arp.lookup(next_hop, now)
+        if mac is None:
+            self.arp.resolve_and_send(next_hop, packet if vnet is None else (packet, vnet),
+                                      now)
+            return
+        frame = build_ethernet(mac, self.mac, ETHERTYPE_IPV4) + packet
+        self.tx.append(frame if vnet is None else (frame, vnet))
+
+    def send_ipv4_broadcast(self, packet: bytes | bytearray) -> None:
+        self.tx.append(build_ethernet(BROADCAST_MAC, self.mac, ETHERTYPE_IPV4) + packet)
+
+    def take(self) -> list[Frame]:
+        """Hand over every frame waiting to be sent, counting them."""
+        out = self.tx[:]
+        self.tx.clear()
         c = self.counters
         c["link.tx_frames"] += len(out)
         c["link.tx_bytes"] += sum(len(f) if type(f) is not tuple else len(f[0]) for f in out)
         return out
 
-    def next_deadline(self) -> float | None:
-        times = [t for t in (self.arp.next_deadline(), self.ipv4.next_deadline(),
-                             self.tcp.next_deadline()) if t is not None]
-        return min(times) if times else None
-
     def gauges(self) -> dict[str, int]:
-        """Current sizes of the bounded tables, for stats."""
-        return {
-            "arp.cache_entries": len(self.arp.cache),
-            "arp.pending_resolutions": len(self.arp.pending),
-            "ipv4.reasm_datagrams_held": len(self.ipv4.reassembler.pending),
-            "ipv4.reasm_bytes_held": self.ipv4.reassembler.bytes,
-            "ipv4.pmtu_entries": len(self.ipv4.pmtu),
-            "udp.endpoints": len(self.udp.endpoints),
-            **self.tcp.gauges(),
-        }
-
-    def stats(self) -> dict[str, dict[str, int]]:
-        snapshot = Counters(self.counters)
-        snapshot.update(self.gauges())
-        return snapshot.grouped()
+        return {"arp.cache_entries": len(self.arp.cache),
+                "arp.pending_resolutions": len(self.arp.pending)}

@@ -1,5 +1,10 @@
-"""IPv4 input checks, reassembly, routing, fragmentation and path MTU (RFC 791,
-RFC 1122 3.2.1, RFC 1191)."""
+"""IPv4 for a node: input checks, local delivery or forwarding, routing, fragmentation,
+path MTU, and the hook points (RFC 791, RFC 1122 3.2.1, RFC 1191, RFC 1812).
+
+    received ─► prerouting ─┬─► (ours) reassembly ─► input ─► transport
+                            └─► (not ours, forwarding on) forward ─► postrouting ─► link
+    originated ─► route ─► output ─► postrouting ─► fragment ─► link
+"""
 
 from __future__ import annotations
 
@@ -7,28 +12,34 @@ import errno
 import random
 from collections.abc import Callable
 
-from stack.net.arp import ArpEngine
-from stack.net.counters import Counters
+from stack.counters import Counters
+from stack.net.hooks import Hooks, run_hooks
+from stack.net.icmp_errors import IcmpErrorSender
+from stack.net.interface import Interface
+from stack.net.packet import LOCAL, PacketInfo
 from stack.net.reassembly import Reassembler, ReassemblyConfig
+from stack.net.route import Route, RouteTable
+from stack.wire.checksum import internet_checksum
 from stack.wire.errors import MalformedError
-from stack.wire.ethernet import BROADCAST_MAC, ETHERTYPE_IPV4, build_ethernet
 from stack.wire.ipv4 import (
     FLAG_DF,
     FLAG_MF,
-    IPV4_HEADER,
     IPV4_HLEN,
     LIMITED_BROADCAST,
     IPv4Header,
     build_ipv4,
+    decrement_ttl,
+    fragment_datagram,
     parse_ipv4,
 )
+from stack.wire.virtio import F_NEEDS_CSUM, GSO_NONE, VNET_HDR
 
-# (header, payload, now) -> None. The payload is trimmed to the datagram's length.
-ProtocolHandler = Callable[[IPv4Header, memoryview, float], None]
+# (header, payload, now, info) -> None. The payload is trimmed to the datagram's length.
+ProtocolHandler = Callable[[IPv4Header, memoryview, float, PacketInfo], None]
 # (icmp type, code, next-hop MTU, quoted header, quoted payload, now) -> None
 ErrorHandler = Callable[[int, int, int, IPv4Header, memoryview, float], None]
 
-MIN_PMTU = 552  # never believe a Fragmentation Needed below this (issue 4, Linux: 552)
+MIN_PMTU = 552  # never believe a Fragmentation Needed below this (Linux: 552)
 PMTU_TTL = 600.0  # RFC 1191 6.3: raise the estimate again after ten minutes
 PMTU_ENTRIES = 1024
 
@@ -36,78 +47,67 @@ COUNTERS = (
     "ipv4.rx_packets", "ipv4.rx_delivered", "ipv4.rx_truncated", "ipv4.rx_bad_version",
     "ipv4.rx_bad_header_length", "ipv4.rx_bad_total_length", "ipv4.rx_bad_checksum",
     "ipv4.rx_not_for_us", "ipv4.rx_bad_source", "ipv4.rx_ttl_zero", "ipv4.rx_options_skipped",
-    "ipv4.rx_unknown_protocol",
+    "ipv4.rx_unknown_protocol", "ipv4.rx_hook_dropped",
     "ipv4.tx_packets", "ipv4.tx_no_route", "ipv4.tx_too_big", "ipv4.tx_fragmented",
-    "ipv4.tx_fragments", "ipv4.pmtu_updates",
+    "ipv4.tx_fragments", "ipv4.tx_hook_dropped", "ipv4.pmtu_updates",
+    "ipv4.forwarded", "ipv4.fwd_ttl_exceeded", "ipv4.fwd_no_route", "ipv4.fwd_frag_needed",
+    "ipv4.fwd_fragmented", "ipv4.fwd_bad_source", "ipv4.fwd_martian_destination",
+    "ipv4.fwd_link_broadcast", "ipv4.fwd_directed_broadcast", "ipv4.fwd_host_unreachable",
+    "ipv4.fwd_hook_dropped", "ipv4.fwd_gso_whole", "ipv4.fwd_gso_unsupported",
+    "ipv4.fwd_checksum_completed",
 )
 
 
-def _to_int(addr: bytes) -> int:
-    return int.from_bytes(addr, "big")
-
-
-def parse_quoted(quote: memoryview, min_data: int = 8
-                 ) -> tuple[IPv4Header, memoryview] | None:
-    """The datagram quoted by an ICMP error: its header (lengths not checked, it was cut)
-    and what follows of it (at least `min_data` bytes)."""
-    if len(quote) < IPV4_HLEN:
-        return None
-    ver_ihl, tos, total, ident, frag, ttl, proto, _c, src, dst = IPV4_HEADER.unpack_from(
-        quote, 0)
-    hlen = (ver_ihl & 0x0F) << 2
-    if ver_ihl >> 4 != 4 or hlen < IPV4_HLEN or len(quote) < hlen + min_data:
-        return None
-    return IPv4Header(hlen, tos, total, ident, frag, ttl, proto, src, dst), quote[hlen:]
+def _martian_destination(dst: bytes) -> bool:
+    """Never forwarded (RFC 1812 5.3.7, 4.2.2.11): 0/8, 127/8, multicast and class E,
+    which includes the limited broadcast."""
+    first = dst[0]
+    return first == 0 or first == 127 or first >= 224
 
 
 class IPv4Layer:
-    """One address on one link. Transports register in `handlers` (and `error_handlers`
-    for ICMP errors that quote their datagrams) by protocol number."""
+    """Transports register in `handlers` (and `error_handlers` for ICMP errors that
+    quote their datagrams) by protocol number."""
 
-    def __init__(self, mac: bytes, address: bytes, prefixlen: int, gateway: bytes | None,
-                 mtu: int, arp: ArpEngine, counters: Counters,
-                 transmit: Callable[[bytes], None], rng: random.Random,
-                 reassembly: ReassemblyConfig | None = None) -> None:
-        self.mac = mac
-        self.address = address
-        self.prefixlen = prefixlen
-        self.gateway = gateway
-        self.mtu = mtu
-        self.arp = arp
+    def __init__(self, interfaces: list[Interface], routes: RouteTable, counters: Counters,
+                 rng: random.Random, reassembly: ReassemblyConfig | None = None,
+                 forwarding: bool = False) -> None:
+        self.interfaces = interfaces  # by index; the node's list, shared
+        self.routes = routes
         self.counters = counters
-        self._transmit = transmit
+        self.forwarding = forwarding
+        self.hooks = Hooks()
         self.handlers: dict[int, ProtocolHandler] = {}
         self.error_handlers: dict[int, ErrorHandler] = {}
-        # Set by the ICMP engine: (type, code, quote, now, mtu) -> None
-        self.send_icmp_error: Callable[..., None] | None = None
-        mask = (0xFFFFFFFF << (32 - prefixlen)) & 0xFFFFFFFF
-        self._mask = mask
-        self._network = _to_int(address) & mask
-        self.directed_broadcast = (self._network | (~mask & 0xFFFFFFFF)).to_bytes(4, "big")
+        self.local: set[bytes] = set()  # every address of the node
+        self.broadcasts: set[bytes] = {LIMITED_BROADCAST}
         self._ident = rng.randrange(0x10000)
         self.reassembler = Reassembler(reassembly or ReassemblyConfig(), counters)
         self.pmtu: dict[bytes, tuple[int, float]] = {}  # dst -> (path MTU, expires)
-        self.current_header = b""  # header of the datagram being delivered, for ICMP
-        # The frame being delivered came with a checksum the kernel owns or verified
-        # (virtio-net header): transports skip their own verification.
-        self.rx_checksum_trusted = False
         self.last_error = 0  # errno of the last send() that returned False
+        self.errors = IcmpErrorSender(self, counters)
         counters.declare(*COUNTERS)
+
+    def addresses_changed(self) -> None:
+        self.local = set().union(*(i.local for i in self.interfaces))
+        self.broadcasts = {LIMITED_BROADCAST}.union(
+            *(i.directed_broadcasts for i in self.interfaces))
 
     # -- input ---------------------------------------------------------------------------
 
     def is_broadcast(self, addr: bytes) -> bool:
-        return addr == LIMITED_BROADCAST or addr == self.directed_broadcast
+        return addr in self.broadcasts
 
     def is_martian_source(self, src: bytes) -> bool:
-        """Sources no host may use (RFC 1122 3.2.1.3): ours, 0/8, loopback, class D/E,
-        broadcast."""
+        """Sources no host may use (RFC 1122 3.2.1.3, RFC 1812 5.3.7): ours, 0/8,
+        loopback, class D/E, broadcast."""
         first = src[0]
-        return (src == self.address or first == 0 or first == 127 or first >= 224
-                or src == self.directed_broadcast)
+        return (first == 0 or first == 127 or first >= 224 or src in self.local
+                or src in self.broadcasts)
 
-    def receive(self, packet: memoryview, now: float, checksum_trusted: bool = False) -> None:
-        self.rx_checksum_trusted = checksum_trusted
+    def receive(self, iface: Interface, packet: memoryview, now: float,
+                checksum_trusted: bool = False, link_broadcast: bool = False,
+                vnet: bytes | memoryview | None = None) -> None:
         c = self.counters
         c["ipv4.rx_packets"] += 1
         try:
@@ -115,10 +115,25 @@ class IPv4Layer:
         except MalformedError as exc:
             c["ipv4.rx_" + exc.reason] += 1
             return
+        info = PacketInfo(iface.index, checksum_trusted, link_broadcast, vnet)
+        if self.hooks.prerouting:
+            result = run_hooks(self.hooks.prerouting, bytearray(packet[:ip.total_length]),
+                               info, now)
+            if result is None:
+                c["ipv4.rx_hook_dropped"] += 1
+                return
+            packet = memoryview(result)
+            ip = parse_ipv4(packet, verify_checksum=False)
         dst = ip.dst
-        if dst != self.address and not self.is_broadcast(dst):
-            c["ipv4.rx_not_for_us"] += 1
-            return
+        if dst not in self.local:
+            if dst in self.broadcasts:
+                info.broadcast = True
+            elif self.forwarding:
+                self._forward(ip, packet, iface, now, info)
+                return
+            else:
+                c["ipv4.rx_not_for_us"] += 1
+                return
         if self.is_martian_source(ip.src):
             c["ipv4.rx_bad_source"] += 1
             return
@@ -132,48 +147,163 @@ class IPv4Layer:
             whole = self.reassembler.add(ip, packet, now)
             if whole is None:
                 return
-            header = self.reassembler.completed_header
-            ip = ip._replace(total_length=hlen + len(whole), flags_fragment=0)
-            payload = memoryview(whole)
+            info.header, data = whole
+            ip = ip._replace(total_length=hlen + len(data), flags_fragment=0)
+            payload = memoryview(data)
         else:
-            header = packet[:hlen]
+            info.header = packet[:hlen]
             payload = packet[hlen:ip.total_length]
+        if self.hooks.input:
+            result = run_hooks(self.hooks.input, bytearray(info.header) + payload, info, now)
+            if result is None:
+                c["ipv4.rx_hook_dropped"] += 1
+                return
+            view = memoryview(result)
+            ip = parse_ipv4(view, verify_checksum=False)
+            info.header = view[:ip.header_length]
+            payload = view[ip.header_length:ip.total_length]
         handler = self.handlers.get(ip.protocol)
-        self.current_header = header
         if handler is None:
             c["ipv4.rx_unknown_protocol"] += 1
-            if dst == self.address and self.send_icmp_error is not None:
-                self.send_icmp_error(3, 2, bytes(header) + bytes(payload[:8]), now)
+            if not info.broadcast:
+                self.errors.send(3, 2, info.quote(payload), now)  # protocol unreachable
             return
         c["ipv4.rx_delivered"] += 1
-        handler(ip, payload, now)
-
-    def quote_current(self, payload: memoryview | bytes) -> bytes:
-        """The datagram being delivered, as an ICMP error quotes it."""
-        return bytes(self.current_header) + bytes(payload[:8])
+        handler(ip, payload, now, info)
 
     def poll(self, now: float) -> None:
         for quote in self.reassembler.expire(now):
-            if self.send_icmp_error is not None:
-                self.send_icmp_error(11, 1, quote, now)  # reassembly time exceeded
+            self.errors.send(11, 1, quote, now)  # reassembly time exceeded
 
     def next_deadline(self) -> float | None:
         return self.reassembler.next_deadline()
 
+    # -- forwarding (RFC 1812 5.2, 5.3) ----------------------------------------------------
+
+    def _forward(self, ip: IPv4Header, packet: memoryview, iface: Interface, now: float,
+                 info: PacketInfo) -> None:
+        c = self.counters
+        if info.link_broadcast:
+            c["ipv4.fwd_link_broadcast"] += 1  # RFC 1812 5.3.4
+            return
+        if self.is_martian_source(ip.src):
+            c["ipv4.fwd_bad_source"] += 1  # RFC 1812 5.3.7
+            return
+        if _martian_destination(ip.dst):
+            c["ipv4.fwd_martian_destination"] += 1
+            return
+        quote = bytes(packet[:ip.header_length + 8])
+        if ip.ttl <= 1:
+            c["ipv4.fwd_ttl_exceeded"] += 1  # RFC 1812 5.3.1
+            self.errors.send(11, 0, quote, now)
+            return
+        route = self.routes.lookup(ip.dst)
+        if route is None:
+            c["ipv4.fwd_no_route"] += 1
+            self.errors.send(3, 0, quote, now)  # network unreachable
+            return
+        out = self.interfaces[route.ifindex]
+        if ip.dst in out.directed_broadcasts:
+            c["ipv4.fwd_directed_broadcast"] += 1  # RFC 1812 5.3.5.2: off by default
+            return
+        data = bytearray(packet[:ip.total_length])
+        decrement_ttl(data)
+        if self.hooks.forward:
+            result = run_hooks(self.hooks.forward, data, info, now)
+            if result is None:
+                c["ipv4.fwd_hook_dropped"] += 1
+                return
+            data = result
+        if self.hooks.postrouting:
+            result = run_hooks(self.hooks.postrouting, data, info, now)
+            if result is None:
+                c["ipv4.fwd_hook_dropped"] += 1
+                return
+            data = result
+        hop = route.gateway or ip.dst
+        vnet = info.vnet
+        if vnet is not None and self._forward_offloaded(data, vnet, out, hop, now, quote):
+            return
+        mtu = out.mtu
+        if len(data) <= mtu:
+            out.send_ipv4(data, hop, now)
+        elif ip.flags_fragment & FLAG_DF:
+            c["ipv4.fwd_frag_needed"] += 1  # RFC 1191: tell the sender the next-hop MTU
+            self.errors.send(3, 4, quote, now, mtu)
+            return
+        else:
+            c["ipv4.fwd_fragmented"] += 1
+            pieces = fragment_datagram(data, mtu)
+            c["ipv4.tx_fragments"] += len(pieces)
+            for piece in pieces:
+                out.send_ipv4(piece, hop, now)
+        c["ipv4.forwarded"] += 1
+
+    def _forward_offloaded(self, data: bytearray, vnet: bytes | memoryview, out: Interface,
+                           hop: bytes, now: float, quote: bytes) -> bool:
+        """A frame that came with a virtio-net header. A GSO super-frame goes out whole
+        when the egress link takes offloads and its segments fit the egress MTU (the
+        kernel cuts it there); a checksum the kernel left to finish is finished here when
+        the egress link is plain. True when the datagram was dealt with."""
+        c = self.counters
+        flags, gso_type, hdr_len, gso_size, csum_start, csum_offset = VNET_HDR.unpack_from(
+            vnet, 0)
+        if gso_type & 0x7F == GSO_NONE:
+            if out.offload:
+                if len(data) > out.mtu:
+                    return False  # the ordinary path fragments or answers Frag Needed
+                out.send_ipv4(data, hop, now, vnet=bytes(vnet))
+                c["ipv4.forwarded"] += 1
+                return True
+            if flags & F_NEEDS_CSUM:
+                _finish_checksum(data, csum_start - 14, csum_offset)
+                c["ipv4.fwd_checksum_completed"] += 1
+            return False
+        segment = hdr_len - 14 + gso_size  # one segment's IPv4 datagram
+        if out.offload and segment <= out.mtu:
+            out.send_ipv4(data, hop, now, vnet=bytes(vnet))
+            c["ipv4.fwd_gso_whole"] += 1
+            c["ipv4.forwarded"] += 1
+            return True
+        if segment > out.mtu:
+            c["ipv4.fwd_frag_needed"] += 1  # TSO sets DF on every segment
+            self.errors.send(3, 4, quote, now, out.mtu)
+        else:
+            c["ipv4.fwd_gso_unsupported"] += 1  # a plain egress link: no software GSO
+        return True
+
+    def unresolved(self, packets: list, now: float) -> None:
+        """An interface gave up resolving a next hop: answer the packets we forwarded
+        with Host Unreachable (RFC 1812 4.3.3.1); our own just go (the sender times out)."""
+        for item in packets:
+            packet = item[0] if type(item) is tuple else item
+            if len(packet) < IPV4_HLEN or bytes(packet[12:16]) in self.local:
+                continue
+            self.counters["ipv4.fwd_host_unreachable"] += 1
+            hlen = (packet[0] & 0x0F) << 2
+            self.errors.send(3, 1, bytes(packet[:hlen + 8]), now)
+
     # -- path MTU ------------------------------------------------------------------------
+
+    def link_mtu(self, dst: bytes) -> int:
+        """The MTU of the interface a datagram to `dst` leaves by."""
+        route = self.routes.lookup(dst)
+        if route is None:
+            return self.interfaces[0].mtu if self.interfaces else 1500
+        return self.interfaces[route.ifindex].mtu
 
     def path_mtu(self, dst: bytes, now: float) -> int:
         entry = self.pmtu.get(dst)
         if entry is None:
-            return self.mtu
+            return self.link_mtu(dst)
         if entry[1] <= now:
             del self.pmtu[dst]  # aged out: try the link MTU again (RFC 1191 6.3)
-            return self.mtu
+            return self.link_mtu(dst)
         return entry[0]
 
     def update_pmtu(self, dst: bytes, mtu: int, now: float) -> int | None:
         """A Fragmentation Needed said `mtu`; returns the new path MTU, None if unchanged."""
-        mtu = max(min(mtu, self.mtu), MIN_PMTU)
+        mtu = max(min(mtu, self.link_mtu(dst)), MIN_PMTU)
         if mtu >= self.path_mtu(dst, now):
             return None
         if dst not in self.pmtu and len(self.pmtu) >= PMTU_ENTRIES:
@@ -184,69 +314,120 @@ class IPv4Layer:
 
     # -- output --------------------------------------------------------------------------
 
-    def can_offload(self, dst: bytes, now: float) -> bool:
-        """Unicast with a resolved next hop: a frame may leave with an offload header."""
-        hop = self.next_hop(dst)
-        return hop is not None and self.arp.lookup(hop, now) is not None
+    def source_for(self, dst: bytes) -> bytes | None:
+        """The source address a datagram to `dst` would carry (None: no route)."""
+        route = self.routes.lookup(dst)
+        if route is None:
+            return None
+        return route.source or self.interfaces[route.ifindex].source_for(dst)
 
-    def next_hop(self, dst: bytes) -> bytes | None:
-        if _to_int(dst) & self._mask == self._network:
-            return dst
-        return self.gateway
+    def can_offload(self, dst: bytes, now: float) -> bool:
+        """Unicast leaving by an offloading interface with a resolved next hop: a frame
+        may go with a virtio-net header."""
+        route = self.routes.lookup(dst)
+        if route is None:
+            return False
+        out = self.interfaces[route.ifindex]
+        return out.offload and out.arp.lookup(route.gateway or dst, now) is not None
+
+    def _broadcast_route(self, src: bytes | None) -> Route | None:
+        """The limited broadcast leaves by the interface that owns `src`, else the first
+        interface with an address."""
+        for iface in self.interfaces:
+            if (src in iface.local if src is not None else iface.addresses):
+                return Route(0, 0, iface.index, None, source=src or iface.primary)
+        return None
 
     def send(self, dst: bytes, protocol: int, payload: bytes, now: float, ttl: int = 64,
-             tos: int = 0, flags_fragment: int = 0, offload: bytes | None = None) -> bool:
+             tos: int = 0, flags_fragment: int = 0, offload: bytes | None = None,
+             src: bytes | None = None) -> bool:
         """Route, fragment if needed, address and transmit one datagram. False when it was
-        dropped here; `last_error` then says why (EMSGSIZE, EHOSTUNREACH).
+        dropped here; `last_error` then says why (EMSGSIZE, ENETUNREACH).
 
-        `offload` is a virtio-net header for the link (checksum offload or TSO): the
-        datagram may then be up to 64 KB and leaves unfragmented; the caller made sure
-        the next hop is resolved (see can_offload)."""
-        if offload is not None:
-            self._ident = (self._ident + 1) & 0xFFFF
-            mac = self.arp.lookup(self.next_hop(dst), now)
-            packet = build_ipv4(self.address, dst, protocol, len(payload), self._ident, ttl,
-                                tos, flags_fragment) + payload
-            self.counters["ipv4.tx_packets"] += 1
-            self._transmit((build_ethernet(mac, self.mac, ETHERTYPE_IPV4) + packet, offload))
-            return True
+        `src` defaults to the route's source address. `offload` is a virtio-net header
+        for the link (checksum offload or TSO): the datagram may then be up to 64 KB and
+        leaves unfragmented; the caller made sure it may (see can_offload)."""
         c = self.counters
-        mtu = self.path_mtu(dst, now) if self.pmtu else self.mtu
-        hop = None
-        if not self.is_broadcast(dst):
-            hop = self.next_hop(dst)
-            if hop is None:
-                c["ipv4.tx_no_route"] += 1
-                self.last_error = errno.EHOSTUNREACH
-                return False
+        route = self.routes.lookup(dst) if dst != LIMITED_BROADCAST else \
+            self._broadcast_route(src)
+        if route is None:
+            c["ipv4.tx_no_route"] += 1
+            self.last_error = errno.ENETUNREACH
+            return False
+        out = self.interfaces[route.ifindex]
+        if src is None:
+            src = route.source or out.source_for(dst)
+        hop = route.gateway or dst
         self._ident = ident = (self._ident + 1) & 0xFFFF
+        if offload is not None:
+            c["ipv4.tx_packets"] += 1
+            out.send_ipv4(build_ipv4(src, dst, protocol, len(payload), ident, ttl, tos,
+                                     flags_fragment) + payload, hop, now, vnet=offload)
+            return True
+        mtu = self.path_mtu(dst, now) if self.pmtu else out.mtu
+        if self.hooks.output or self.hooks.postrouting:
+            return self._send_hooked(out, route, src, dst, hop, protocol, payload, now, ttl,
+                                     tos, flags_fragment, mtu, ident)
         if IPV4_HLEN + len(payload) <= mtu:
-            packets = [build_ipv4(self.address, dst, protocol, len(payload), ident, ttl, tos,
+            packets = [build_ipv4(src, dst, protocol, len(payload), ident, ttl, tos,
                                   flags_fragment) + payload]
         elif flags_fragment & FLAG_DF or IPV4_HLEN + len(payload) > 65535:
             c["ipv4.tx_too_big"] += 1  # DF: the sender must make it smaller
             self.last_error = errno.EMSGSIZE
             return False
         else:
-            packets = self._fragment(dst, protocol, payload, ident, ttl, tos, mtu)
+            packets = self._fragment(src, dst, protocol, payload, ident, ttl, tos, mtu)
         c["ipv4.tx_packets"] += 1
-        if hop is None:
-            header = build_ethernet(BROADCAST_MAC, self.mac, ETHERTYPE_IPV4)
+        if dst == LIMITED_BROADCAST or dst in out.directed_broadcasts:
             for packet in packets:
-                self._transmit(header + packet)
+                out.send_ipv4_broadcast(packet)
             return True
-        mac = self.arp.lookup(hop, now)
-        if mac is None:
-            for packet in packets:
-                self.arp.resolve_and_send(hop, packet, now)
-        else:
-            header = build_ethernet(mac, self.mac, ETHERTYPE_IPV4)
-            for packet in packets:
-                self._transmit(header + packet)
+        for packet in packets:
+            out.send_ipv4(packet, hop, now)
         return True
 
-    def _fragment(self, dst: bytes, protocol: int, payload: bytes, ident: int, ttl: int,
-                  tos: int, mtu: int) -> list[bytes]:
+    def _send_hooked(self, out: Interface, route: Route, src: bytes, dst: bytes, hop: bytes,
+                     protocol: int, payload: bytes, now: float, ttl: int, tos: int,
+                     flags_fragment: int, mtu: int, ident: int) -> bool:
+        """The output path when hooks are installed: the whole datagram passes output and
+        postrouting before it is fragmented."""
+        c = self.counters
+        if IPV4_HLEN + len(payload) > 65535:
+            c["ipv4.tx_too_big"] += 1
+            self.last_error = errno.EMSGSIZE
+            return False
+        packet: bytearray | None = bytearray(
+            build_ipv4(src, dst, protocol, len(payload), ident, ttl, tos, flags_fragment))
+        packet += payload
+        info = PacketInfo(LOCAL)
+        for handlers in (self.hooks.output, self.hooks.postrouting):
+            if handlers:
+                packet = run_hooks(handlers, packet, info, now)
+                if packet is None:
+                    c["ipv4.tx_hook_dropped"] += 1
+                    self.last_error = errno.EPERM
+                    return False
+        if len(packet) <= mtu:
+            packets = [packet]
+        elif packet[6] & 0x40:  # DF
+            c["ipv4.tx_too_big"] += 1
+            self.last_error = errno.EMSGSIZE
+            return False
+        else:
+            packets = fragment_datagram(packet, mtu)
+            c["ipv4.tx_fragmented"] += 1
+            c["ipv4.tx_fragments"] += len(packets)
+        c["ipv4.tx_packets"] += 1
+        broadcast = dst == LIMITED_BROADCAST or dst in out.directed_broadcasts
+        for piece in packets:
+            if broadcast:
+                out.send_ipv4_broadcast(piece)
+            else:
+                out.send_ipv4(piece, hop, now)
+        return True
+
+    def _fragment(self, src: bytes, dst: bytes, protocol: int, payload: bytes, ident: int,
+                  ttl: int, tos: int, mtu: int) -> list[bytes]:
         """RFC 791 3.2: pieces on 8-byte boundaries, MF on all but the last."""
         step = (mtu - IPV4_HLEN) & ~7
         c = self.counters
@@ -256,7 +437,17 @@ class IPv4Layer:
         for offset in range(0, len(payload), step):
             piece = view[offset:offset + step]
             more = FLAG_MF if offset + step < len(payload) else 0
-            out.append(build_ipv4(self.address, dst, protocol, len(piece), ident, ttl, tos,
+            out.append(build_ipv4(src, dst, protocol, len(piece), ident, ttl, tos,
                                   more | (offset >> 3)) + piece)
         c["ipv4.tx_fragments"] += len(out)
         return out
+
+
+def _finish_checksum(packet: bytearray, start: int, offset: int) -> None:
+    """Complete a checksum the sender left partial (virtio NEEDS_CSUM): the field holds
+    the pseudo-header sum; the one's complement of the sum from `start` is the answer."""
+    if start < 0 or start + offset + 2 > len(packet):
+        return
+    csum = internet_checksum(packet[start:]) or 0xFFFF  # UDP: 0 would mean "none"
+    packet[start + offset] = csum >> 8
+    packet[start + offset + 1] = csum & 0xFF

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from stack.net.counters import Counters
+from stack.counters import Counters
 from stack.wire.ipv4 import MAX_DATAGRAM, PROTO_ICMP, PROTO_TCP, PROTO_UDP, IPv4Header
 
 # Smallest transport header each protocol needs in the first fragment (RFC 1858).
@@ -53,11 +53,12 @@ class Reassembler:
         self.counters = counters
         self.pending: dict[tuple, _Pending] = {}  # insertion order = age
         self.bytes = 0
-        self.completed_header = b""
         counters.declare(*COUNTERS)
 
-    def add(self, ip: IPv4Header, packet: memoryview, now: float) -> bytes | None:
-        """Take one fragment; returns the whole payload when the datagram is complete."""
+    def add(self, ip: IPv4Header, packet: memoryview, now: float
+            ) -> tuple[bytes, bytes] | None:
+        """Take one fragment; returns (the first fragment's header, the whole payload)
+        when the datagram is complete."""
         c = self.counters
         c["ipv4.reasm_fragments"] += 1
         key = (ip.src, ip.dst, ip.protocol, ip.ident)
@@ -118,8 +119,7 @@ class Reassembler:
         self.bytes -= entry.bytes
         c["ipv4.reasm_ok"] += 1
         first = entry.first_header or b""
-        self.completed_header = first[: len(first) - 8]  # the first fragment's header
-        return b"".join(piece for _, piece in pieces)
+        return first[: len(first) - 8], b"".join(piece for _, piece in pieces)
 
     def _new(self, key: tuple, now: float) -> _Pending:
         entry = self.pending[key] = _Pending(now + self.config.timeout)

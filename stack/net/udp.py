@@ -6,8 +6,9 @@ import errno
 import random
 from typing import Protocol
 
-from stack.net.counters import Counters
+from stack.counters import Counters
 from stack.net.ipv4 import IPv4Layer
+from stack.net.packet import PacketInfo
 from stack.wire.errors import MalformedError
 from stack.wire.ipv4 import PROTO_UDP, IPv4Header, ip_to_str
 from stack.wire.udp import UDP_HEADER, build_udp, parse_udp
@@ -28,12 +29,14 @@ class DatagramUser(Protocol):
 
 
 class UdpEndpoint:
-    __slots__ = ("port", "remote", "user")
+    __slots__ = ("address", "port", "remote", "user")
 
-    def __init__(self, port: int, remote: tuple[bytes, int] | None, user: DatagramUser):
+    def __init__(self, port: int, remote: tuple[bytes, int] | None, user: DatagramUser,
+                 address: bytes | None = None):
         self.port = port
         self.remote = remote  # a connected endpoint only hears its peer
         self.user = user
+        self.address = address  # bound to one local address; None: any
 
 
 class UdpLayer:
@@ -46,8 +49,11 @@ class UdpLayer:
         ipv4.handlers[PROTO_UDP] = self.receive
         ipv4.error_handlers[PROTO_UDP] = self.receive_error
 
-    def bind(self, port: int, user: DatagramUser,
-             remote: tuple[bytes, int] | None = None) -> UdpEndpoint:
+    def bind(self, port: int, user: DatagramUser, remote: tuple[bytes, int] | None = None,
+             address: bytes | None = None) -> UdpEndpoint:
+        """One endpoint per port; `address` limits it to datagrams for that address."""
+        if address is not None and address not in self.ipv4.local:
+            raise OSError(errno.EADDRNOTAVAIL, "not a local address")
         if port == 0:
             span = EPHEMERAL_HIGH - EPHEMERAL_LOW + 1
             start = self.rng.randrange(span)
@@ -60,7 +66,7 @@ class UdpLayer:
                 raise OSError(errno.EADDRINUSE, "no free UDP port")
         elif port in self.endpoints:
             raise OSError(errno.EADDRINUSE, f"UDP port {port} is in use")
-        endpoint = self.endpoints[port] = UdpEndpoint(port, remote, user)
+        endpoint = self.endpoints[port] = UdpEndpoint(port, remote, user, address)
         return endpoint
 
     def unbind(self, endpoint: UdpEndpoint) -> None:
@@ -73,27 +79,36 @@ class UdpLayer:
         if len(data) > MAX_PAYLOAD:
             self.counters["udp.tx_errors"] += 1
             raise OSError(errno.EMSGSIZE, "message too long")
-        datagram = build_udp(self.ipv4.address, dst, endpoint.port, dport, data)
-        if not self.ipv4.send(dst, PROTO_UDP, datagram, now):
+        src = endpoint.address or self.ipv4.source_for(dst)
+        if src is None:
+            self.counters["udp.tx_errors"] += 1
+            self.counters["ipv4.tx_no_route"] += 1
+            raise OSError(errno.ENETUNREACH, "network is unreachable")
+        datagram = build_udp(src, dst, endpoint.port, dport, data)
+        if not self.ipv4.send(dst, PROTO_UDP, datagram, now, src=src):
             self.counters["udp.tx_errors"] += 1
             raise OSError(self.ipv4.last_error, "cannot send")
         self.counters["udp.tx_datagrams"] += 1
 
-    def receive(self, ip: IPv4Header, payload: memoryview, now: float) -> None:
+    def receive(self, ip: IPv4Header, payload: memoryview, now: float,
+                info: PacketInfo) -> None:
         c = self.counters
         c["udp.rx_datagrams"] += 1
         try:
             sport, dport, data = parse_udp(payload, ip.src, ip.dst,
-                                           verify_checksum=not self.ipv4.rx_checksum_trusted)
+                                           verify_checksum=not info.trusted)
         except MalformedError as exc:
             c["udp.rx_" + exc.reason] += 1
             return
         endpoint = self.endpoints.get(dport)
+        if endpoint is not None and endpoint.address is not None and \
+                endpoint.address != ip.dst and not info.broadcast:
+            endpoint = None  # bound to another of our addresses
         if endpoint is None:
             c["udp.rx_no_port"] += 1
-            if ip.dst == self.ipv4.address and self.ipv4.send_icmp_error is not None:
+            if not info.broadcast:
                 # RFC 1122 4.1.3.1: port unreachable (never for broadcasts)
-                self.ipv4.send_icmp_error(3, 3, self.ipv4.quote_current(payload), now)
+                self.ipv4.errors.send(3, 3, info.quote(payload), now)
             return
         if endpoint.remote is not None and endpoint.remote != (ip.src, sport):
             c["udp.rx_filtered"] += 1
@@ -104,7 +119,8 @@ class UdpLayer:
                       data: memoryview, now: float) -> None:
         sport, dport, _length, _csum = UDP_HEADER.unpack_from(data, 0)
         endpoint = self.endpoints.get(sport)
-        if endpoint is None or (endpoint.remote is not None
+        if endpoint is None or (endpoint.address not in (None, header.src)) or \
+                (endpoint.remote is not None
                                 and endpoint.remote != (header.dst, dport)):
             self.counters["icmp.rx_errors_unmatched"] += 1
             return

@@ -1,5 +1,5 @@
 """The 10-byte virtio_net_hdr that leads every frame on a TAP opened with IFF_VNET_HDR
-(../shared/notes/offloads.md): checksum offload and TCP segmentation offload."""
+(docs/architecture.md, "Offloads"): checksum offload and TCP segmentation offload."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ import struct
 
 import dpkt
 
-from stack.net.interface import Interface, InterfaceConfig
+from stack.net.host import Host, HostConfig
 from stack.net.tcp.connection import TcpConfig
 from tests.helpers import HOST_IP, HOST_MAC, STACK_IP, STACK_MAC, arp_frame
 
@@ -68,7 +68,7 @@ class Peer:
 
     def __init__(self, tcp: TcpConfig | None = None, mtu: int = 1500, port: int = 40000,
                  seed: int = 1) -> None:
-        self.iface = Interface(InterfaceConfig(mac=STACK_MAC, address=STACK_IP,
+        self.iface = Host(HostConfig(mac=STACK_MAC, address=STACK_IP,
                                                gateway=HOST_IP, mtu=mtu,
                                                tcp=tcp or TcpConfig()),
                                random.Random(seed))

@@ -8,14 +8,14 @@ import struct
 import dpkt
 import pytest
 
-from stack.net.interface import Interface, InterfaceConfig
+from stack.net.host import Host, HostConfig
 from stack.net.reassembly import ReassemblyConfig
 from tests.helpers import HOST_IP, STACK_IP, STACK_MAC, arp_frame, echo_request, eth
 from tests.unit.tcp_peer import ACK, Peer, opts
 
 
-def make(**reasm) -> Interface:
-    iface = Interface(InterfaceConfig(mac=STACK_MAC, address=STACK_IP, gateway=HOST_IP,
+def make(**reasm) -> Host:
+    iface = Host(HostConfig(mac=STACK_MAC, address=STACK_IP, gateway=HOST_IP,
                                       reassembly=ReassemblyConfig(**reasm)),
                       random.Random(3))
     iface.receive(arp_frame(), 0.0)
@@ -36,7 +36,7 @@ def fragments(payload: bytes, size: int, ident: int = 77, p: int = 1,
     return out
 
 
-def replies(iface: Interface, now: float = 0.0) -> list[dpkt.ip.IP]:
+def replies(iface: Host, now: float = 0.0) -> list[dpkt.ip.IP]:
     """Every IPv4 datagram sent, reassembled from our fragments by our own test code."""
     pieces: dict[int, list] = {}
     whole = []

@@ -1,4 +1,4 @@
-"""Fuzzing `Interface.receive` with well-formed outer layers and hostile TCP/UDP/ICMP
+"""Fuzzing `Host.receive` with well-formed outer layers and hostile TCP/UDP/ICMP
 inside (valid checksums, so the engines themselves are exercised). The budget is
 FUZZ_EXAMPLES (default 1000 per target); `make fuzz` runs a much larger one."""
 
@@ -8,7 +8,7 @@ import random
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stack.net.interface import Interface, InterfaceConfig
+from stack.net.host import Host, HostConfig
 from stack.wire.checksum import internet_checksum
 from stack.wire.ipv4 import build_ipv4
 from tests.helpers import HOST_IP, STACK_IP, STACK_MAC, arp_frame, eth
@@ -20,7 +20,7 @@ SETTINGS = settings(max_examples=EXAMPLES, deadline=None,
 
 
 def stack_with_a_connection():
-    iface = Interface(InterfaceConfig(mac=STACK_MAC, address=STACK_IP, gateway=HOST_IP),
+    iface = Host(HostConfig(mac=STACK_MAC, address=STACK_IP, gateway=HOST_IP),
                       random.Random(0))
     iface.receive(arp_frame(), 0.0)
     iface.tcp.listen(80, lambda conn: setattr(conn, "user", User()))

@@ -6,7 +6,7 @@ import dpkt
 import pytest
 
 from stack.net.arp import ArpConfig
-from stack.net.interface import Interface, InterfaceConfig
+from stack.net.host import Host, HostConfig
 from tests.helpers import (
     BROADCAST,
     HOST_IP,
@@ -25,13 +25,13 @@ OTHER_IP = bytes([10, 77, 0, 99])
 OTHER_MAC = bytes.fromhex("02aabbccdd63")
 
 
-def make_iface(**arp) -> Interface:
-    config = InterfaceConfig(mac=STACK_MAC, address=STACK_IP, prefixlen=24, gateway=HOST_IP,
+def make_iface(**arp) -> Host:
+    config = HostConfig(mac=STACK_MAC, address=STACK_IP, prefixlen=24, gateway=HOST_IP,
                              arp=ArpConfig(**arp))
-    return Interface(config, random.Random(1))
+    return Host(config, random.Random(1))
 
 
-def learn_host(iface: Interface, now: float = 0.0) -> None:
+def learn_host(iface: Host, now: float = 0.0) -> None:
     """The host asks for us first, as the kernel does before its first ping."""
     iface.receive(arp_frame(), now)
     iface.poll(now)

@@ -5,7 +5,7 @@ import struct
 
 import dpkt
 
-from stack.net.interface import Interface, InterfaceConfig
+from stack.net.host import Host, HostConfig
 from stack.wire.virtio import (
     F_DATA_VALID,
     F_NEEDS_CSUM,
@@ -39,7 +39,7 @@ def tcp_frame(flags, seq, ack, data=b"", options=b"", corrupt_checksum=False) ->
 
 
 def offloaded_stack():
-    iface = Interface(InterfaceConfig(mac=STACK_MAC, address=STACK_IP, gateway=HOST_IP,
+    iface = Host(HostConfig(mac=STACK_MAC, address=STACK_IP, gateway=HOST_IP,
                                       offload=True), random.Random(5))
     iface.receive(arp_frame(), 0.0)
     iface.poll(0.0)

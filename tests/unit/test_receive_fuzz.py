@@ -1,11 +1,11 @@
-"""`Interface.receive` never raises and never hits an internal error, whatever arrives."""
+"""`Host.receive` never raises and never hits an internal error, whatever arrives."""
 
 import random
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stack.net.interface import Interface, InterfaceConfig
+from stack.net.host import Host, HostConfig
 from stack.wire.checksum import internet_checksum
 from tests.helpers import HOST_IP, STACK_IP, STACK_MAC, arp_frame, ping_frame
 
@@ -13,12 +13,12 @@ SEEDS = [ping_frame(), ping_frame(data=b""), arp_frame(),
          arp_frame(op=2, tpa=STACK_IP, dst=STACK_MAC)]
 
 
-def fresh() -> Interface:
-    return Interface(InterfaceConfig(mac=STACK_MAC, address=STACK_IP, gateway=HOST_IP),
+def fresh() -> Host:
+    return Host(HostConfig(mac=STACK_MAC, address=STACK_IP, gateway=HOST_IP),
                      random.Random(0))
 
 
-def feed(iface: Interface, frame: bytes) -> None:
+def feed(iface: Host, frame: bytes) -> None:
     iface.receive(frame, 1.0)
     for out in iface.poll(1.0):
         assert len(out) >= 14

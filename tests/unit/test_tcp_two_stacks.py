@@ -7,7 +7,7 @@ import pytest
 
 from stack.link.impair import Impairment
 from stack.link.memory import MemoryWire
-from stack.net.interface import Interface, InterfaceConfig
+from stack.net.host import Host, HostConfig
 from stack.net.tcp.connection import TcpConfig
 from tests.unit.tcp_peer import User
 
@@ -16,8 +16,8 @@ FAULTS = "loss=5%,reorder=5%,duplicate=1%,corrupt=1%,delay=1ms"
 
 
 def pair(faults: str | None, seed: int, msl: float = 30.0):
-    def make(mac: str, ip: bytes, s: int) -> Interface:
-        return Interface(InterfaceConfig(mac=bytes.fromhex(mac), address=ip,
+    def make(mac: str, ip: bytes, s: int) -> Host:
+        return Host(HostConfig(mac=bytes.fromhex(mac), address=ip,
                                          tcp=TcpConfig(msl=msl)), random.Random(s))
 
     a = make("020000000001", A_IP, seed)

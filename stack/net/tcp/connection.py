@@ -217,7 +217,7 @@ class Connection:
     def _setup_mss(self, peer_mss: int | None) -> None:
         """RFC 9293 3.7.1: send at most the peer's MSS (and what the path carries), minus
         our option bytes (RFC 6691)."""
-        local_max = self.layer.mtu - 40
+        local_max = self.layer.link_mtu(self.remote_ip) - 40
         self.peer_mss = min(peer_mss if peer_mss else 536, local_max)
         self.eff_mss = self._mss_for(self.layer.path_mtu(self.remote_ip))
         self.cc = NewReno(self.eff_mss)
@@ -295,7 +295,7 @@ class Connection:
             # the cookie's TSval came from the bare clock: continue from it, or the peer's
             # PAWS would see our next TSval as older and drop every segment
             self._ts_offset = 0
-        self.peer_mss = min(mss, self.layer.mtu - 40)
+        self.peer_mss = min(mss, self.layer.link_mtu(self.remote_ip) - 40)
         self.eff_mss = self._mss_for(self.layer.path_mtu(self.remote_ip))
         self.cc = NewReno(self.eff_mss)
         self.snd_wnd = seg.window << self.snd_wscale
@@ -1031,12 +1031,12 @@ class Connection:
         cfg = self.config
         rcv_window = min(self._free_space(), 0xFFFF)
         if ack:
-            opts = build_options(mss=self.layer.mtu - 40,
+            opts = build_options(mss=self.layer.link_mtu(self.remote_ip) - 40,
                                  wscale=self.rcv_wscale if self.ws_ok else None,
                                  sack_permitted=self.sack_ok,
                                  ts=(self._ts_now(now), self.ts_recent) if self.ts_ok else None)
         else:
-            opts = build_options(mss=self.layer.mtu - 40, wscale=cfg.wscale,
+            opts = build_options(mss=self.layer.link_mtu(self.remote_ip) - 40, wscale=cfg.wscale,
                                  sack_permitted=cfg.sack,
                                  ts=(self._ts_now(now), 0) if cfg.timestamps else None)
         flags = SYN | (ACK if ack else 0)

@@ -16,8 +16,9 @@ import random
 import struct
 from collections.abc import Callable
 
-from stack.net.counters import Counters
+from stack.counters import Counters
 from stack.net.ipv4 import IPv4Layer
+from stack.net.packet import PacketInfo
 from stack.net.tcp.connection import (
     CLOSED,
     STATE_NAMES,
@@ -65,12 +66,15 @@ COUNTERS = (
 
 
 class Listener:
-    """A passive open on a port; `on_accept(conn)` attaches the application."""
+    """A passive open on a port (on one local address, or on all when `address` is
+    None); `on_accept(conn)` attaches the application."""
 
-    __slots__ = ("backlog", "on_accept", "port", "syn_queue")
+    __slots__ = ("address", "backlog", "on_accept", "port", "syn_queue")
 
-    def __init__(self, port: int, backlog: int, on_accept: Callable[[Connection], None]):
+    def __init__(self, port: int, backlog: int, on_accept: Callable[[Connection], None],
+                 address: bytes | None = None):
         self.port = port
+        self.address = address
         self.backlog = backlog
         self.on_accept = on_accept
         self.syn_queue: set[Connection] = set()
@@ -83,13 +87,12 @@ class TcpLayer:
         self.counters = counters
         self.config = config
         self.rng = rng
-        self.address = ipv4.address
-        self.mtu = ipv4.mtu
-        self.offload = False  # TSO and checksum offload through the link (--offload)
+        self.offload = False  # some interface takes TSO and checksum offload (--offload)
         self.now = 0.0
-        # (remote ip, remote port, local port): one local address per interface
-        self.connections: dict[tuple[bytes, int, int], Connection] = {}
-        self.listeners: dict[int, Listener] = {}
+        # the full 4-tuple: (remote ip, remote port, local ip, local port)
+        self.connections: dict[tuple[bytes, int, bytes, int], Connection] = {}
+        self.listeners: dict[int, Listener] = {}  # on every local address, by port
+        self.bound_listeners: dict[tuple[bytes, int], Listener] = {}  # (address, port)
         self.state_counts = [0] * len(STATE_NAMES)
         self.per_source: dict[bytes, int] = {}  # remote address -> connections
         self._dirty: dict[Connection, None] = {}
@@ -106,58 +109,77 @@ class TcpLayer:
     # == the application side ==============================================================
 
     def listen(self, port: int, on_accept: Callable[[Connection], None],
-               backlog: int = 128) -> Listener:
-        if port in self.listeners:
+               backlog: int = 128, address: bytes | None = None) -> Listener:
+        """Listen on `port` of every local address, or of `address` only."""
+        taken = port in self.listeners or (
+            any(p == port for _, p in self.bound_listeners) if address is None
+            else (address, port) in self.bound_listeners)
+        if taken:
             raise OSError(98, f"TCP port {port} is already listening")
-        listener = self.listeners[port] = Listener(port, backlog, on_accept)
+        if address is None:
+            listener = self.listeners[port] = Listener(port, backlog, on_accept)
+            return listener
+        if address not in self.ipv4.local:
+            raise OSError(99, "cannot listen on an address that is not ours")
+        listener = self.bound_listeners[(address, port)] = Listener(port, backlog, on_accept,
+                                                                    address)
         return listener
 
-    def unlisten(self, port: int) -> None:
-        listener = self.listeners.pop(port, None)
+    def unlisten(self, port: int, address: bytes | None = None) -> None:
+        listener = self.listeners.pop(port, None) if address is None else \
+            self.bound_listeners.pop((address, port), None)
         if listener is not None:
             for conn in list(listener.syn_queue):
                 conn.abort()
 
     def connect(self, remote_ip: bytes, remote_port: int, now: float,
-                local_port: int | None = None, config: TcpConfig | None = None
-                ) -> Connection:
-        """Active open (RFC 9293 3.10.1); the SYN leaves at the next poll."""
+                local_port: int | None = None, config: TcpConfig | None = None,
+                local_ip: bytes | None = None) -> Connection:
+        """Active open (RFC 9293 3.10.1); the SYN leaves at the next poll. The local
+        address is the route's source address unless given."""
         self.now = now
+        if local_ip is None:
+            local_ip = self.ipv4.source_for(remote_ip)
+            if local_ip is None:
+                raise OSError(101, "network is unreachable (no route)")
+        elif local_ip not in self.ipv4.local:
+            raise OSError(99, "cannot bind to an address that is not ours")
         if local_port is None:
-            local_port = self._ephemeral_port(remote_ip, remote_port)
-        key = (remote_ip, remote_port, local_port)
+            local_port = self._ephemeral_port(local_ip, remote_ip, remote_port)
+        key = (remote_ip, remote_port, local_ip, local_port)
         if key in self.connections:
             raise OSError(98, "that connection already exists")
-        conn = self._new_connection(remote_ip, remote_port, local_port, config or self.config,
-                                    now)
+        conn = self._new_connection(local_ip, remote_ip, remote_port, local_port,
+                                    config or self.config, now)
         self.connections[key] = conn
         self.counters["tcp.active_opens"] += 1
         conn.open_active(now)
         return conn
 
-    def _ephemeral_port(self, remote_ip: bytes, remote_port: int) -> int:
+    def _ephemeral_port(self, local_ip: bytes, remote_ip: bytes, remote_port: int) -> int:
         """RFC 6056 3.3.1 (algorithm 1): a random start, then the next free port."""
         span = EPHEMERAL_HIGH - EPHEMERAL_LOW + 1
         start = self.rng.randrange(span)
         for i in range(span):
             port = EPHEMERAL_LOW + (start + i) % span
-            if (remote_ip, remote_port, port) not in self.connections \
+            if (remote_ip, remote_port, local_ip, port) not in self.connections \
                     and port not in self.listeners:
                 return port
         self.counters["tcp.ephemeral_exhausted"] += 1
         raise OSError(99, "no free ephemeral port")
 
-    def isn(self, local_port: int, remote_ip: bytes, remote_port: int, now: float) -> int:
+    def isn(self, local_ip: bytes, local_port: int, remote_ip: bytes, remote_port: int,
+            now: float) -> int:
         """RFC 6528: a 4-microsecond clock plus a keyed hash of the connection's 4-tuple."""
         digest = hashlib.blake2s(
-            self.address + local_port.to_bytes(2, "big") + remote_ip
+            local_ip + local_port.to_bytes(2, "big") + remote_ip
             + remote_port.to_bytes(2, "big"), key=self._secret, digest_size=4).digest()
         return (int(now * 250_000) + int.from_bytes(digest, "big")) & MASK
 
-    def _new_connection(self, remote_ip: bytes, remote_port: int, local_port: int,
-                        config: TcpConfig, now: float) -> Connection:
-        iss = self.isn(local_port, remote_ip, remote_port, now)
-        conn = Connection(self, self.address, local_port, remote_ip, remote_port, iss, config,
+    def _new_connection(self, local_ip: bytes, remote_ip: bytes, remote_port: int,
+                        local_port: int, config: TcpConfig, now: float) -> Connection:
+        iss = self.isn(local_ip, local_port, remote_ip, remote_port, now)
+        conn = Connection(self, local_ip, local_port, remote_ip, remote_port, iss, config,
                           self.rng.getrandbits(32))
         self.state_counts[CLOSED] += 1
         self.per_source[remote_ip] = self.per_source.get(remote_ip, 0) + 1
@@ -165,20 +187,20 @@ class TcpLayer:
 
     # == input ============================================================================
 
-    def receive(self, ip: IPv4Header, payload: memoryview, now: float) -> None:
+    def receive(self, ip: IPv4Header, payload: memoryview, now: float,
+                info: PacketInfo) -> None:
         self.now = now
         c = self.counters
         c["tcp.rx_segments"] += 1
-        if ip.dst != self.address:
+        if info.broadcast:
             c["tcp.rx_to_broadcast"] += 1  # RFC 1122 4.2.3.10: TCP is unicast only
             return
         try:
-            seg = parse_tcp(payload, ip.src, ip.dst,
-                            verify_checksum=not self.ipv4.rx_checksum_trusted)
+            seg = parse_tcp(payload, ip.src, ip.dst, verify_checksum=not info.trusted)
         except MalformedError as exc:
             c["tcp.rx_" + exc.reason] += 1
             return
-        key = (ip.src, seg.src_port, seg.dst_port)
+        key = (ip.src, seg.src_port, ip.dst, seg.dst_port)
         conn = self.connections.get(key)
         if conn is not None:
             if conn.state == TIME_WAIT and seg.flags & (SYN | ACK | RST) == SYN \
@@ -188,11 +210,15 @@ class TcpLayer:
             else:
                 conn.segment_arrives(seg, now)
                 return
-        listener = self.listeners.get(seg.dst_port)
+        listener = None
+        if self.bound_listeners:
+            listener = self.bound_listeners.get((ip.dst, seg.dst_port))
+        if listener is None:
+            listener = self.listeners.get(seg.dst_port)
         if listener is not None:
-            self._listen_input(listener, ip.src, seg, now)
+            self._listen_input(listener, ip.dst, ip.src, seg, now)
         else:
-            self._closed_input(ip.src, seg)
+            self._closed_input(ip.dst, ip.src, seg)
 
     def receive_error(self, icmp_type: int, code: int, mtu: int, header: IPv4Header,
                       data: memoryview, now: float) -> None:
@@ -200,7 +226,7 @@ class TcpLayer:
         self.now = now
         c = self.counters
         sport, dport, seq = _QUOTED_TCP.unpack_from(data, 0)
-        conn = self.connections.get((header.dst, dport, sport))
+        conn = self.connections.get((header.dst, dport, header.src, sport))
         if conn is None:
             c["icmp.rx_errors_unmatched"] += 1
             return
@@ -223,6 +249,10 @@ class TcpLayer:
     def path_mtu(self, dst: bytes) -> int:
         return self.ipv4.path_mtu(dst, self.now)
 
+    def link_mtu(self, dst: bytes) -> int:
+        """The MTU of the link towards `dst`: our MSS is derived from it."""
+        return self.ipv4.link_mtu(dst)
+
     @staticmethod
     def _time_wait_reusable(conn: Connection, seg: Segment) -> bool:
         """RFC 9293 3.10.7.4 / RFC 6191: a new SYN may reuse a TIME-WAIT 4-tuple when its
@@ -232,16 +262,17 @@ class TcpLayer:
             return seq_gt(ts, conn.ts_recent)
         return seq_gt(seg.seq, conn.rcv_nxt)
 
-    def _listen_input(self, listener: Listener, src: bytes, seg: Segment, now: float) -> None:
+    def _listen_input(self, listener: Listener, local: bytes, src: bytes, seg: Segment,
+                      now: float) -> None:
         """RFC 9293 3.10.7.2."""
         flags = seg.flags
         if flags & RST:
             return
         if flags & ACK:
             if not flags & SYN and self.config.syncookies and \
-                    self._accept_cookie(listener, src, seg, now):
+                    self._accept_cookie(listener, local, src, seg, now):
                 return
-            self.send_rst(self.address, seg.dst_port, src, seg.src_port, seg.ack, 0, False)
+            self.send_rst(local, seg.dst_port, src, seg.src_port, seg.ack, 0, False)
             self.counters["tcp.resets_sent"] += 1
             return
         if not flags & SYN:
@@ -251,12 +282,12 @@ class TcpLayer:
         if len(listener.syn_queue) >= listener.backlog:
             self.counters["tcp.listen_overflows"] += 1
             if self.config.syncookies:
-                self._send_cookie(src, seg, now)
+                self._send_cookie(local, src, seg, now)
             return
-        conn = self._new_connection(src, seg.src_port, seg.dst_port, self.config, now)
+        conn = self._new_connection(local, src, seg.src_port, seg.dst_port, self.config, now)
         conn._listener = listener
         listener.syn_queue.add(conn)
-        self.connections[(src, seg.src_port, seg.dst_port)] = conn
+        self.connections[(src, seg.src_port, local, seg.dst_port)] = conn
         self.counters["tcp.passive_opens"] += 1
         conn.open_passive(seg, now)
 
@@ -273,14 +304,14 @@ class TcpLayer:
             return False
         return True
 
-    def _four_tuple(self, src: bytes, seg: Segment) -> bytes:
-        return self.address + seg.dst_port.to_bytes(2, "big") + src + \
-            seg.src_port.to_bytes(2, "big")
+    @staticmethod
+    def _four_tuple(local: bytes, src: bytes, seg: Segment) -> bytes:
+        return local + seg.dst_port.to_bytes(2, "big") + src + seg.src_port.to_bytes(2, "big")
 
-    def _send_cookie(self, src: bytes, seg: Segment, now: float) -> None:
+    def _send_cookie(self, local: bytes, src: bytes, seg: Segment, now: float) -> None:
         """Answer the SYN statelessly (RFC 4987 3.6): all we need is in the ISN."""
         opts = seg.options
-        cookie = make_cookie(self._secret, self._four_tuple(src, seg), seg.seq,
+        cookie = make_cookie(self._secret, self._four_tuple(local, src, seg), seg.seq,
                              opts.mss or 536, now)
         cfg = self.config
         ts = None
@@ -290,23 +321,24 @@ class TcpLayer:
                                     opts.wscale if cfg.wscale is not None else None,
                                     cfg.sack and opts.sack_permitted)
             ts = (ts_val, opts.ts_val)
-        options = build_options(mss=self.mtu - 40,
+        options = build_options(mss=self.link_mtu(src) - 40,
                                 wscale=cfg.wscale if ts and opts.wscale is not None else None,
                                 sack_permitted=bool(ts) and cfg.sack and opts.sack_permitted,
                                 ts=ts)
-        segment = build_tcp(self.address, src, seg.dst_port, seg.src_port, cookie,
+        segment = build_tcp(local, src, seg.dst_port, seg.src_port, cookie,
                             seq_add(seg.seq, 1), SYN | ACK, 0xFFFF, options)
         self.counters["tcp.tx_segments"] += 1
         self.counters["tcp.syncookies_sent"] += 1
-        self.ipv4.send(src, PROTO_TCP, segment, now, flags_fragment=FLAG_DF)
+        self.ipv4.send(src, PROTO_TCP, segment, now, flags_fragment=FLAG_DF, src=local)
 
-    def _accept_cookie(self, listener: Listener, src: bytes, seg: Segment, now: float
-                       ) -> bool:
+    def _accept_cookie(self, listener: Listener, local: bytes, src: bytes, seg: Segment,
+                       now: float) -> bool:
         """The third segment of a cookie handshake: rebuild the connection, ESTABLISHED."""
         c = self.counters
         client_isn = seq_add(seg.seq, -1)
         cookie = seq_add(seg.ack, -1)
-        mss = check_cookie(self._secret, self._four_tuple(src, seg), client_isn, cookie, now)
+        mss = check_cookie(self._secret, self._four_tuple(local, src, seg), client_isn, cookie,
+                           now)
         if mss is None:
             if c["tcp.syncookies_sent"]:
                 c["tcp.syncookies_failed"] += 1
@@ -317,9 +349,9 @@ class TcpLayer:
         ts = seg.options.ts_val
         if ts is not None and seg.options.ts_ecr:
             wscale, sack_ok = decode_options(seg.options.ts_ecr)
-        conn = self._new_connection(src, seg.src_port, seg.dst_port, self.config, now)
+        conn = self._new_connection(local, src, seg.src_port, seg.dst_port, self.config, now)
         conn.iss = cookie
-        self.connections[(src, seg.src_port, seg.dst_port)] = conn
+        self.connections[(src, seg.src_port, local, seg.dst_port)] = conn
         c["tcp.syncookies_ok"] += 1
         c["tcp.passive_opens"] += 1
         conn.open_from_cookie(seg, mss, wscale, sack_ok, now)
@@ -327,16 +359,16 @@ class TcpLayer:
         conn.segment_arrives(seg, now)  # any data riding on the ACK
         return True
 
-    def _closed_input(self, src: bytes, seg: Segment) -> None:
+    def _closed_input(self, local: bytes, src: bytes, seg: Segment) -> None:
         """RFC 9293 3.10.7.1: answer anything but a RST with a RST."""
         c = self.counters
         c["tcp.rx_closed_port"] += 1
         if seg.flags & RST:
             return
         if seg.flags & ACK:
-            self.send_rst(self.address, seg.dst_port, src, seg.src_port, seg.ack, 0, False)
+            self.send_rst(local, seg.dst_port, src, seg.src_port, seg.ack, 0, False)
         else:
-            self.send_rst(self.address, seg.dst_port, src, seg.src_port, 0,
+            self.send_rst(local, seg.dst_port, src, seg.src_port, 0,
                           seq_add(seg.seq, seg.seg_len), True)
         c["tcp.resets_sent"] += 1
 
@@ -350,7 +382,9 @@ class TcpLayer:
             return
         listener.syn_queue.discard(conn)
         conn._listener = None
-        if self.listeners.get(listener.port) is not listener:
+        current = self.listeners.get(listener.port) if listener.address is None else \
+            self.bound_listeners.get((listener.address, listener.port))
+        if current is not listener:
             conn.abort()  # the listener was closed meanwhile
             return
         listener.on_accept(conn)
@@ -364,7 +398,7 @@ class TcpLayer:
         self._dirty[conn] = None
 
     def remove(self, conn: Connection) -> None:
-        key = (conn.remote_ip, conn.remote_port, conn.local_port)
+        key = (conn.remote_ip, conn.remote_port, conn.local_ip, conn.local_port)
         if self.connections.get(key) is conn:
             del self.connections[key]
         if conn._listener is not None:
@@ -413,18 +447,20 @@ class TcpLayer:
             if len(payload) > conn.eff_mss:
                 self.counters["tcp.tso_frames"] += 1
             self.ipv4.send(conn.remote_ip, PROTO_TCP, segment, self.now,
-                           flags_fragment=FLAG_DF, offload=header)
+                           flags_fragment=FLAG_DF, offload=header, src=conn.local_ip)
             return
         segment = build_tcp(conn.local_ip, conn.remote_ip, conn.local_port, conn.remote_port,
                             seq, ack, flags, window, options, payload)
-        self.ipv4.send(conn.remote_ip, PROTO_TCP, segment, self.now, flags_fragment=FLAG_DF)
+        self.ipv4.send(conn.remote_ip, PROTO_TCP, segment, self.now, flags_fragment=FLAG_DF,
+                       src=conn.local_ip)
 
     def send_rst(self, local_ip: bytes, local_port: int, remote_ip: bytes, remote_port: int,
                  seq: int, ack: int, with_ack: bool) -> None:
         flags = RST | (ACK if with_ack else 0)
         segment = build_tcp(local_ip, remote_ip, local_port, remote_port, seq, ack, flags, 0)
         self.counters["tcp.tx_segments"] += 1
-        self.ipv4.send(remote_ip, PROTO_TCP, segment, self.now, flags_fragment=FLAG_DF)
+        self.ipv4.send(remote_ip, PROTO_TCP, segment, self.now, flags_fragment=FLAG_DF,
+                       src=local_ip)
 
     # == timers and output ================================================================
 
@@ -473,7 +509,8 @@ class TcpLayer:
         return None
 
     def gauges(self) -> dict[str, int]:
-        g = {"tcp.connections": len(self.connections), "tcp.listeners": len(self.listeners)}
+        g = {"tcp.connections": len(self.connections),
+             "tcp.listeners": len(self.listeners) + len(self.bound_listeners)}
         for state, name in enumerate(STATE_NAMES):
             if state not in (CLOSED,):
                 g["tcp.state_" + name.lower().replace("-", "_")] = self.state_counts[state]

@@ -1,0 +1,1 @@
+"""Labs: topologies of tapstack nodes and Linux hosts in network namespaces."""
