@@ -52,7 +52,7 @@ COUNTERS = (
     "ipv4.tx_fragments", "ipv4.tx_hook_dropped", "ipv4.pmtu_updates",
     "ipv4.forwarded", "ipv4.fwd_ttl_exceeded", "ipv4.fwd_no_route", "ipv4.fwd_frag_needed",
     "ipv4.fwd_fragmented", "ipv4.fwd_bad_source", "ipv4.fwd_martian_destination",
-    "ipv4.fwd_link_broadcast", "ipv4.fwd_directed_broadcast", "ipv4.fwd_host_unreachable",
+    "ipv4.fwd_link_broadcast", "ipv4.fwd_host_unreachable",
     "ipv4.fwd_hook_dropped", "ipv4.fwd_gso_whole", "ipv4.fwd_gso_unsupported",
     "ipv4.fwd_checksum_completed",
 )
@@ -127,6 +127,8 @@ class IPv4Layer:
         dst = ip.dst
         if dst not in self.local:
             if dst in self.broadcasts:
+                # directed broadcasts of our subnets are ours, never forwarded
+                # (RFC 1812 5.3.5.2: forwarding them is off by default)
                 info.broadcast = True
             elif self.forwarding:
                 self._forward(ip, packet, iface, now, info)
@@ -203,9 +205,6 @@ class IPv4Layer:
             self.errors.send(3, 0, quote, now)  # network unreachable
             return
         out = self.interfaces[route.ifindex]
-        if ip.dst in out.directed_broadcasts:
-            c["ipv4.fwd_directed_broadcast"] += 1  # RFC 1812 5.3.5.2: off by default
-            return
         data = bytearray(packet[:ip.total_length])
         decrement_ttl(data)
         if self.hooks.forward:
