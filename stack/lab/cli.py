@@ -91,17 +91,16 @@ def _dispatch(args: argparse.Namespace) -> int:
         raise LabError(f"lab {lab.name} has no segment named {args.segment}")
     out = args.write or f"{args.segment}.pcap"
     cmd = ["ip", "netns", "exec", lab.switch_netns, "tcpdump", "-i",
-           lab.segments[args.segment].bridge, "-U", "-n", "-w", out]
+           lab.segments[args.segment].bridge, "-U", "--immediate-mode", "-n",
+           "-Z", "root", "-w", out]
     if args.count:
         cmd += ["-c", str(args.count)]
     if args.duration:
         cmd = ["timeout", "-s", "INT", "-k", "2", str(args.duration), *cmd]
-    print(f"capturing segment {args.segment} to {out} (Ctrl-C stops)", file=sys.stderr)
-    try:
-        rc = subprocess.call(cmd)
-    except KeyboardInterrupt:
-        rc = 0
-    return 0 if rc in (0, 124) else rc
+    print(f"capturing segment {args.segment} to {out} (Ctrl-C stops)", file=sys.stderr,
+          flush=True)
+    os.execvp(cmd[0], cmd)  # tcpdump itself takes Ctrl-C and SIGINT, and writes the file
+    return 0
 
 
 def _print_status(entries: list[dict]) -> None:
