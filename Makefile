@@ -29,11 +29,13 @@ fuzz:
 	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-100000} $(VENV)/bin/pytest -x \
 		tests/unit/test_fuzz_transport.py tests/unit/test_receive_fuzz.py
 
-# tapstack (plain, --offload) against the kernel with the same app and clients; a few
-# minutes. `make bench ARGS=--quick` is the one-minute smoke run.
+# tapstack (plain, --offload) against the kernel with the same app and clients, then a
+# tapstack router against a Linux router; a few minutes. `make bench ARGS=--quick` is the
+# one-minute smoke run.
 bench:
 	@tools/bootstrap.sh test
 	$(VENV)/bin/python tools/bench.py $(ARGS)
+	$(VENV)/bin/python tools/bench_forward.py $(ARGS)
 
 # Ten minutes of wrk with kernel-made loss; RSS over time in bench/results/soak.png.
 soak:

@@ -1,4 +1,5 @@
-"""`tools/bench.py --quick` produces every figure for every target (nothing about speed)."""
+"""`tools/bench.py --quick` and `tools/bench_forward.py --quick` produce every figure for
+every target (nothing about speed)."""
 
 import json
 import subprocess
@@ -23,3 +24,17 @@ def test_bench_quick_produces_every_figure(tmp_path):
     table = (tmp_path / "quick.md").read_text()
     assert "| bulk download, curl /bytes/ (MB/s) |" in table
     assert (tmp_path / "quick.png").stat().st_size > 1000
+
+
+def test_bench_forward_quick_produces_every_figure(tmp_path):
+    require_tool("iperf3")
+    r = subprocess.run([sys.executable, "tools/bench_forward.py", "--quick", "--out",
+                        str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    results = json.loads((tmp_path / "forward-quick.json").read_text())
+    assert set(results) == {"tapstack", "tapstack offload", "linux", "hooks"}
+    for name in ("tapstack", "tapstack offload", "linux"):
+        assert results[name]["bulk_MBps"] > 0 and results[name]["udp64_pps"] > 0, name
+    assert results["hooks"]["us_per_packet"] > 0
+    table = (tmp_path / "forward-quick.md").read_text()
+    assert "| bulk TCP through the router, iperf3 (MB/s) |" in table
