@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from stack.net.tcp.connection import CLOSED, TIME_WAIT, Connection
-from stack.net.tcp.seq import seq_diff
+from stack.net.tcp.info import fin_acked, tcp_info, unsent_bytes
 from stack.wire.ipv4 import ip_to_str
 
 if TYPE_CHECKING:
@@ -96,7 +96,7 @@ class TcpTransport(asyncio.Transport):
         if self._paused_writing and self.get_write_buffer_size() <= self._low:
             self._paused_writing = False
             self._call(self._protocol.resume_writing)
-        if self._closing and self._conn.state not in (CLOSED,) and self._conn._fin_acked():
+        if self._closing and self._conn.state not in (CLOSED,) and fin_acked(self._conn):
             self._connection_lost(None)  # like a kernel socket: closed once our FIN is acked
 
     def on_closed(self, exc: Exception | None) -> None:
@@ -193,8 +193,7 @@ class TcpTransport(asyncio.Transport):
 
     def get_write_buffer_size(self) -> int:
         """Bytes written and not yet sent (what sits beyond the 'socket buffer')."""
-        conn = self._conn
-        return max(seq_diff(conn.snd_buf.end, conn.snd_nxt), 0)
+        return unsent_bytes(self._conn)
 
     def _maybe_pause(self) -> None:
         if not self._paused_writing and self.get_write_buffer_size() > self._high:
@@ -230,32 +229,6 @@ class TcpTransport(asyncio.Transport):
         """TCP_NODELAY: turn Nagle's algorithm off for this connection."""
         self._conn.nodelay = enabled
         self._stack.kick()
-
-
-def tcp_info(conn: Connection) -> dict[str, Any]:
-    """A snapshot in the spirit of Linux's TCP_INFO."""
-    rto = conn.rto
-    return {
-        "state": conn.state_name,
-        "srtt_ms": None if rto.srtt is None else round(rto.srtt * 1000, 3),
-        "rttvar_ms": round(rto.rttvar * 1000, 3),
-        "rto_ms": round(rto.current() * 1000, 1),
-        "cwnd": conn.cc.cwnd,
-        "ssthresh": conn.cc.ssthresh if conn.cc.ssthresh < (1 << 30) else None,
-        "mss": conn.eff_mss,
-        "peer_mss": conn.peer_mss,
-        "snd_wnd": conn.snd_wnd,
-        "rcv_wnd": max(seq_diff(conn.rcv_adv, conn.rcv_nxt), 0),
-        "snd_wscale": conn.snd_wscale,
-        "rcv_wscale": conn.rcv_wscale,
-        "timestamps": conn.ts_ok,
-        "sack": conn.sack_ok,
-        "unacked": conn.flight_size,
-        "segs_in": conn.segs_in,
-        "segs_out": conn.segs_out,
-        "retransmits": conn.retransmits,
-        "nodelay": conn.nodelay,
-    }
 
 
 class UdpTransport(asyncio.DatagramTransport):
@@ -389,11 +362,8 @@ class Stack:
 
     def peer_mac(self, ip: bytes) -> str | None:
         """The MAC of a neighbour, from the cache of whichever interface knows it."""
-        for iface in self.runtime.node.interfaces:
-            entry = iface.arp.cache.get(ip)
-            if entry is not None:
-                return ":".join(f"{b:02x}" for b in entry[0])
-        return None
+        mac = self.runtime.node.neighbour_mac(ip)
+        return None if mac is None else ":".join(f"{b:02x}" for b in mac)
 
     def _local(self, host: str | None) -> bytes | None:
         """A local address to bind to, None for every address; OSError if not ours."""

@@ -168,6 +168,14 @@ class Node:
 
     # -- observation ----------------------------------------------------------------------
 
+    def neighbour_mac(self, ip: bytes) -> bytes | None:
+        """The MAC a neighbour last announced, from whichever interface's cache has it."""
+        for iface in self.interfaces:
+            entry = iface.arp.cache.get(ip)
+            if entry is not None:
+                return entry[0]
+        return None
+
     def gauges(self) -> dict[str, int]:
         """Current sizes of the bounded tables, for stats."""
         g = {
