@@ -66,3 +66,79 @@ class MemoryWire:
             if not self.step():
                 break
         return self.now
+
+
+class Port:
+    """One interface of a node plugged into a segment of a MemoryLan, with the faults of
+    what it sends."""
+
+    __slots__ = ("ifindex", "node", "queue", "segment")
+
+    def __init__(self, node: object, ifindex: int, segment: str, queue: Impairment) -> None:
+        self.node = node
+        self.ifindex = ifindex
+        self.segment = segment
+        self.queue = queue
+
+
+class MemoryLan:
+    """Whole networks in one process: nodes (anything with receive(ifindex, frame, now),
+    poll(now) -> [(interface with .index, frames)], next_deadline(), start(now)) whose
+    interfaces sit on named segments. A segment is a hub: every frame reaches every other
+    port on it (interfaces drop what is not for their MAC), after the sending port's
+    impairment, if any."""
+
+    def __init__(self, now: float = 0.0) -> None:
+        self.now = now
+        self.ports: dict[tuple[int, int], Port] = {}  # (id(node), ifindex) -> port
+        self.nodes: list = []
+
+    def plug(self, node: object, ifindex: int, segment: str,
+             impair: Impairment | None = None) -> None:
+        if node not in self.nodes:
+            self.nodes.append(node)
+        self.ports[(id(node), ifindex)] = Port(
+            node, ifindex, segment, impair or Impairment(prefix=f"lan_{segment}"))
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.start(self.now)
+
+    def step(self) -> bool:
+        """Move every frame and fire every timer due now; advance to the next event.
+        False when nothing is left to happen."""
+        now = self.now
+        for node in self.nodes:
+            for iface, frames in node.poll(now):
+                port = self.ports.get((id(node), iface.index))
+                if port is None:
+                    continue  # an interface plugged nowhere: its frames go nowhere
+                for frame in frames:
+                    port.queue.push(frame[0] if type(frame) is tuple else frame, now)
+        delivered = False
+        for sender in self.ports.values():
+            for frame in sender.queue.pop_due(now):
+                for port in self.ports.values():
+                    if port.segment == sender.segment and port is not sender:
+                        port.node.receive(port.ifindex, frame, now)
+                        delivered = True
+        if delivered:
+            return True
+        times = [t for t in (*(n.next_deadline() for n in self.nodes),
+                             *(p.queue.next_deadline() for p in self.ports.values()))
+                 if t is not None]
+        if not times:
+            return False
+        self.now = max(min(times), now + 1e-6)  # step past a deadline poll() just served
+        return True
+
+    def run(self, until: Callable[[], bool] | None = None, timeout: float = 600.0) -> float:
+        """Run until `until()` holds, nothing is left to do, or `timeout` virtual
+        seconds pass. Returns the virtual time."""
+        limit = self.now + timeout
+        while self.now <= limit:
+            if until is not None and until():
+                return self.now
+            if not self.step():
+                break
+        return self.now

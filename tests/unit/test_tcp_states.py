@@ -221,6 +221,25 @@ def test_active_close_fin_wait_time_wait_and_retransmitted_fin():
     assert peer.iface.next_deadline() is None  # trap 5: nothing left ticking
 
 
+@pytest.mark.parametrize("fin_acked_first", [True, False])
+def test_half_close_then_their_fin_reports_eof_before_time_wait(fin_acked_first):
+    """After shutdown() the application still reads: the peer's FIN must reach it as EOF
+    before TIME-WAIT lets it go (FIN-WAIT-2, or FIN-WAIT-1 with the FIN acked at once)."""
+    peer = Peer(TcpConfig(msl=1.0))
+    peer.listen()
+    conn, seq, ack = peer.handshake()
+    conn.shutdown()
+    (fin,) = peer.out()
+    assert fin.flags == FIN | ACK and conn.state_name == "FIN-WAIT-1"
+    if fin_acked_first:
+        peer.send(ACK, seq, ack + 1)
+        assert conn.state_name == "FIN-WAIT-2"
+    peer.send(FIN | ACK | PSH, seq, ack + 1, data=b"last words")
+    assert conn.state_name == "TIME-WAIT"
+    user = peer.server_user
+    assert bytes(user.data) == b"last words" and user.eof and user.closed == [None]
+
+
 def test_simultaneous_close_goes_through_closing():
     peer = Peer(TcpConfig(msl=1.0))
     peer.listen()

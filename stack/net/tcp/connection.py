@@ -943,13 +943,20 @@ class Connection:
         state = self.state
         if state in (SYN_RECEIVED, ESTABLISHED):
             self._set_state(CLOSE_WAIT)
-        elif state == FIN_WAIT_1:
-            if self._fin_acked():
-                self._enter_time_wait(now)
-            else:
-                self._set_state(CLOSING)
-        elif state == FIN_WAIT_2:
+        elif state == FIN_WAIT_2 or (state == FIN_WAIT_1 and self._fin_acked()):
+            # TIME-WAIT lets the application go: it must see the end of the stream
+            # first (after a half-close it is still reading), even while paused.
+            if self.user is not None:
+                if self._rcv_buffer:
+                    data = bytes(self._rcv_buffer)
+                    self._rcv_buffer.clear()
+                    self.user.on_data(data)
+                if self.user is not None:
+                    self.user.on_eof()
             self._enter_time_wait(now)
+            return
+        elif state == FIN_WAIT_1:
+            self._set_state(CLOSING)
         if self.user is not None and state in (SYN_RECEIVED, ESTABLISHED, FIN_WAIT_1,
                                                FIN_WAIT_2):
             if self.reading_paused and self._rcv_buffer:
@@ -1206,8 +1213,12 @@ class Connection:
         sack = self.ooo.sack_blocks(MAX_SACK_BLOCKS) if self.sack_ok and self.ooo.blocks \
             else ()
         if sack and payload:
-            # SACK blocks must not push a full segment past the MSS: send fewer or none.
-            room = (self.peer_mss - len(payload) - (TS_OPTION_LEN if ts else 0) - 4) // 8
+            # SACK blocks must not push a full segment past the MSS or the path MTU
+            # (eff_mss is both, less the timestamps): send fewer or none. A datagram
+            # too big for the path would be refused at the IP layer, again at every
+            # retransmission.
+            room = (self.eff_mss + (TS_OPTION_LEN if self.ts_ok else 0) - len(payload)
+                    - (TS_OPTION_LEN if ts else 0) - 4) // 8
             sack = sack[: max(room, 0)]
         opts = build_options(ts=ts, sack_blocks=sack) if ts or sack else b""
         if flags & ACK:
