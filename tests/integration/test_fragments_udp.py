@@ -178,6 +178,14 @@ def test_pmtud_frag_needed_shrinks_a_live_connection(start_stack, tmp_path):
     assert len(data) == 2_000_000
     assert hashlib.sha256(data).hexdigest() == deterministic_sha256(2_000_000)
     assert st.stats()["ipv4"]["pmtu_updates"] == 1
-    after = [ip for ts, ip in read_segments(st.pcap)
-             if ts > sent_at and ip.src == STACK_IP_BYTES and ip.p == 6]
-    assert len(after) > 1000 and max(ip.len for ip in after) <= 1000
+    # From the Frag Needed's arrival in tapstack's own capture (not the test's clock:
+    # an RTO retransmission may leave between the injection and its arrival), plus
+    # 10 ms for the flush in progress, which may already hold a full-size segment.
+    frames = read_segments(st.pcap)
+    arrived = max(ts for ts, ip in frames
+                  if ip.p == 1 and ip.data.type == 3 and ip.data.code == 4
+                  and bytes(ip.data.data.data)[24:28] == seg.data.seq.to_bytes(4, "big"))
+    assert arrived >= sent_at
+    after = [ip for ts, ip in frames
+             if ts > arrived + 0.01 and ip.src == STACK_IP_BYTES and ip.p == 6]
+    assert len(after) > 100 and max(ip.len for ip in after) <= 1000
