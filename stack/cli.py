@@ -5,18 +5,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import importlib
 import ipaddress
 import json
 import logging
 import os
-import random
 import shutil
 import signal
-import socket
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from stack.api import Stack
@@ -29,23 +26,17 @@ from stack.apps.services import (
     UdpEchoProtocol,
 )
 from stack.config import ConfigError, LinkSpec, NodeSpec, load_node
+from stack.launch import UsageError, build_runtime, require_root, stack_environment
 from stack.link import LinkError
 from stack.link import netns as ns
 from stack.link.impair import Impairment, ImpairSpecError
-from stack.link.pcap import PcapTee
-from stack.link.tap import TapLink
 from stack.net.host import HostConfig
-from stack.net.node import Node
 from stack.net.tcp.connection import TcpConfig
-from stack.runtime import Runtime, bind_control_socket, read_stats, run
+from stack.runtime import Runtime, read_stats, run
 from stack.wire.ethernet import is_multicast_mac, mac_from_str
 from stack.wire.ipv4 import ip_to_str
 
 log = logging.getLogger("tapstack")
-
-
-class UsageError(Exception):
-    """A bad option or environment; the message is one sentence for the user."""
 
 
 # -- argument parsing ---------------------------------------------------------------------
@@ -207,12 +198,6 @@ def host_spec(args: argparse.Namespace, config: HostConfig, host_cidr: str | Non
 # -- run ----------------------------------------------------------------------------------
 
 
-def _require_root(what: str) -> None:
-    if os.geteuid() != 0:
-        raise UsageError(f"tapstack {what} needs root (TAP devices and network namespaces); "
-                         f"run it with sudo")
-
-
 def _banner(args: argparse.Namespace, host_cidr: str | None) -> str:
     ip = args.address.split("/")[0]
     prefix = "" if args.no_netns else f"ip netns exec {args.netns} "
@@ -280,98 +265,15 @@ def start_services(args: argparse.Namespace, app: Any
     return setup
 
 
-def _raise_exit(signum: int, _frame: Any) -> None:
-    raise SystemExit(0)
-
-
-def _where(netns: str | None) -> str:
-    return "the current namespace" if netns is None else f"namespace {netns}"
-
-
-@contextlib.contextmanager
-def stack_environment(spec: NodeSpec, command: str, pcap_path: str | None = None
-                      ) -> Iterator[tuple[list[TapLink], socket.socket, PcapTee | None]]:
-    """Namespaces, TAPs, control socket and pcap for one node; all undone on exit.
-
-    Each TAP is created in its interface's namespace (made if missing, and then removed
-    at the end); the process settles in the node's namespace, where its control socket
-    lives."""
-    _require_root(command)
-    if not os.path.exists("/dev/net/tun"):
-        raise UsageError("/dev/net/tun is missing; this kernel or container has no TUN/TAP "
-                         "support")
-    # Until the event loop takes over, SIGTERM unwinds through the finally below.
-    signal.signal(signal.SIGTERM, _raise_exit)
-    created: list[str] = []
-    links: list[TapLink] = []
-    control = None
-    pcap = None
-    start = ns.current_netns()
-    try:
-        for name in [spec.netns, *(link.netns for link in spec.links)]:
-            if name is not None and name not in created and not ns.netns_exists(name):
-                ns.create_netns(name)
-                created.append(name)
-                log.info("created network namespace %s", name)
-                ns.enter_netns(name)
-                ns.ip_link_up("lo")
-                ns.return_to_netns(start)
-        # the control socket first: a second instance of the same node stops here
-        if spec.netns is not None:
-            ns.enter_netns(spec.netns)
-        control = bind_control_socket(spec.control_name, _where(spec.netns))
-        ns.return_to_netns(start)
-        for link_spec, iface in zip(spec.links, spec.node.interfaces, strict=True):
-            if link_spec.netns is not None:
-                ns.enter_netns(link_spec.netns)
-            link = TapLink(link_spec.tap, vnet_hdr=link_spec.offload)
-            link.open(_where(link_spec.netns))
-            links.append(link)
-            ns.configure_host_side(link_spec.tap, link_spec.host_cidr, iface.mtu)
-            if link_spec.bridge:
-                ns.attach_to_bridge(link_spec.tap, link_spec.bridge)
-            ns.return_to_netns(start)
-        if spec.netns is not None:
-            ns.enter_netns(spec.netns)
-        if pcap_path:
-            try:
-                pcap = PcapTee(pcap_path)
-            except OSError as exc:
-                raise UsageError(f"cannot write --pcap {pcap_path}: {exc.strerror}") from None
-        yield links, control, pcap
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # cleanup is not interrupted
-        for link in links:
-            link.close()
-        if control is not None:
-            control.close()
-        if pcap is not None:
-            pcap.close()
-        for name in created:
-            ns.delete_netns(name)
-            log.info("removed network namespace %s", name)
-        os.close(start)
-
-
-def _runtime(spec: NodeSpec, links: list[TapLink], pcap: PcapTee | None,
-             impair: str | None = None) -> Runtime:
-    iface = spec.node.interfaces[0]
-    info = {"address": ", ".join(f"{ip_to_str(a)}/{p}" for a, p in iface.addresses),
-            "mac": ":".join(f"{b:02x}" for b in iface.mac), "tap": spec.links[0].tap,
-            "netns": spec.netns, "mtu": iface.mtu, "pid": os.getpid()}
-    pcaps: list[PcapTee | None] = [pcap] + [None] * (len(links) - 1)
-    return Runtime(Node(spec.node, random.Random()), links, pcaps, info, impair=impair)
-
-
 def _node_banner(spec: NodeSpec) -> str:
     me = shutil.which("tapstack") or "tapstack"
     where = "" if spec.netns is None else f" --netns {spec.netns}"
     role = "router" if spec.node.forwarding else "host"
-    lines = [f"tapstack ready: node {spec.node.name} ({role}) in {_where(spec.netns)}"]
+    lines = [f"tapstack ready: node {spec.node.name} ({role}) in {where(spec.netns)}"]
     for iface, link in zip(spec.node.interfaces, spec.links, strict=True):
         addrs = ", ".join(f"{ip_to_str(a)}/{p}" for a, p in iface.addresses) or "no address"
         bridge = f", bridge {link.bridge}" if link.bridge else ""
-        lines.append(f"  {iface.name}: {addrs} on {link.tap} in {_where(link.netns)}"
+        lines.append(f"  {iface.name}: {addrs} on {link.tap} in {where(link.netns)}"
                      f"{bridge}, mtu {iface.mtu}")
     lines.append(f"  {me} route{where} --node {spec.node.name}")
     lines.append(f"  {me} stats{where} --node {spec.node.name}")
@@ -401,7 +303,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     stats_source: list[Runtime] = []
     app = load_app(args, lambda: stats_source[0].snapshot())
     with stack_environment(spec, args.command, args.pcap) as (links, control, pcap):
-        runtime = _runtime(spec, links, pcap, args.impair)
+        runtime = build_runtime(spec, links, pcap, args.impair)
         stats_source.append(runtime)
 
         def ready() -> None:
@@ -489,7 +391,7 @@ def cmd_connect(args: argparse.Namespace) -> int:
 
     spec = host_spec(args, config, host_cidr)
     with stack_environment(spec, args.command, args.pcap) as (links, control, pcap):
-        runtime = _runtime(spec, links, pcap, args.impair)
+        runtime = build_runtime(spec, links, pcap, args.impair)
         run(runtime, control, None, use_uvloop=not args.asyncio, setup=session)
     if result:
         raise UsageError(f"connect {args.host}:{args.port}: {result[0]}")
@@ -550,7 +452,7 @@ def _snapshot(args: argparse.Namespace) -> dict[str, Any]:
     name = f"node/{args.node}" if args.node else args.tap
     what = f"node {args.node}" if args.node else args.tap
     if not args.no_netns:
-        _require_root(f"{args.command} --netns")
+        require_root(f"{args.command} --netns")
         if not ns.netns_exists(args.netns):
             raise UsageError(f"no tapstack is running in namespace {args.netns} "
                              "(it does not exist)")

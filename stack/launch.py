@@ -1,0 +1,118 @@
+"""Setting up and tearing down what one node needs from the machine: namespaces, TAPs
+(each in its interface's namespace, optionally on a bridge), the control socket and the
+pcap file, then the runtime over them. Used by `tapstack run`, `tapstack connect` and
+the lab's tapstack nodes."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import signal
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+from stack.config import NodeSpec
+from stack.link import netns as ns
+from stack.link.pcap import PcapTee
+from stack.link.tap import TapLink
+from stack.net.node import Node
+from stack.runtime import Runtime, bind_control_socket
+from stack.wire.ipv4 import ip_to_str
+
+log = logging.getLogger("tapstack")
+
+
+class UsageError(Exception):
+    """A bad option or environment; the message is one sentence for the user."""
+
+
+def require_root(what: str) -> None:
+    if os.geteuid() != 0:
+        raise UsageError(f"tapstack {what} needs root (TAP devices and network namespaces); "
+                         f"run it with sudo")
+
+
+def _raise_exit(signum: int, _frame: Any) -> None:
+    raise SystemExit(0)
+
+
+def where(netns: str | None) -> str:
+    return "the current namespace" if netns is None else f"namespace {netns}"
+
+
+@contextlib.contextmanager
+def stack_environment(spec: NodeSpec, command: str, pcap_path: str | None = None
+                      ) -> Iterator[tuple[list[TapLink], socket.socket, PcapTee | None]]:
+    """Namespaces, TAPs, control socket and pcap for one node; all undone on exit.
+
+    Each TAP is created in its interface's namespace (made if missing, and then removed
+    at the end); the process settles in the node's namespace, where its control socket
+    lives."""
+    require_root(command)
+    if not os.path.exists("/dev/net/tun"):
+        raise UsageError("/dev/net/tun is missing; this kernel or container has no TUN/TAP "
+                         "support")
+    # Until the event loop takes over, SIGTERM unwinds through the finally below.
+    signal.signal(signal.SIGTERM, _raise_exit)
+    created: list[str] = []
+    links: list[TapLink] = []
+    control = None
+    pcap = None
+    start = ns.current_netns()
+    try:
+        for name in [spec.netns, *(link.netns for link in spec.links)]:
+            if name is not None and name not in created and not ns.netns_exists(name):
+                ns.create_netns(name)
+                created.append(name)
+                log.info("created network namespace %s", name)
+                ns.enter_netns(name)
+                ns.ip_link_up("lo")
+                ns.return_to_netns(start)
+        # the control socket first: a second instance of the same node stops here
+        if spec.netns is not None:
+            ns.enter_netns(spec.netns)
+        control = bind_control_socket(spec.control_name, where(spec.netns))
+        ns.return_to_netns(start)
+        for link_spec, iface in zip(spec.links, spec.node.interfaces, strict=True):
+            if link_spec.netns is not None:
+                ns.enter_netns(link_spec.netns)
+            link = TapLink(link_spec.tap, vnet_hdr=link_spec.offload)
+            link.open(where(link_spec.netns))
+            links.append(link)
+            ns.configure_host_side(link_spec.tap, link_spec.host_cidr, iface.mtu)
+            if link_spec.bridge:
+                ns.attach_to_bridge(link_spec.tap, link_spec.bridge)
+            ns.return_to_netns(start)
+        if spec.netns is not None:
+            ns.enter_netns(spec.netns)
+        if pcap_path:
+            try:
+                pcap = PcapTee(pcap_path)
+            except OSError as exc:
+                raise UsageError(f"cannot write --pcap {pcap_path}: {exc.strerror}") from None
+        yield links, control, pcap
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # cleanup is not interrupted
+        for link in links:
+            link.close()
+        if control is not None:
+            control.close()
+        if pcap is not None:
+            pcap.close()
+        for name in created:
+            ns.delete_netns(name)
+            log.info("removed network namespace %s", name)
+        os.close(start)
+
+
+def build_runtime(spec: NodeSpec, links: list[TapLink], pcap: PcapTee | None,
+             impair: str | None = None) -> Runtime:
+    iface = spec.node.interfaces[0]
+    info = {"address": ", ".join(f"{ip_to_str(a)}/{p}" for a, p in iface.addresses),
+            "mac": ":".join(f"{b:02x}" for b in iface.mac), "tap": spec.links[0].tap,
+            "netns": spec.netns, "mtu": iface.mtu, "pid": os.getpid()}
+    pcaps: list[PcapTee | None] = [pcap] + [None] * (len(links) - 1)
+    return Runtime(Node(spec.node, random.Random()), links, pcaps, info, impair=impair)
