@@ -26,7 +26,13 @@ from stack.apps.services import (
     UdpEchoProtocol,
 )
 from stack.config import ConfigError, LinkSpec, NodeSpec, load_node
-from stack.launch import UsageError, build_runtime, require_root, stack_environment
+from stack.launch import (
+    UsageError,
+    build_runtime,
+    netns_text,
+    require_root,
+    stack_environment,
+)
 from stack.link import LinkError
 from stack.link import netns as ns
 from stack.link.impair import Impairment, ImpairSpecError
@@ -267,16 +273,16 @@ def start_services(args: argparse.Namespace, app: Any
 
 def _node_banner(spec: NodeSpec) -> str:
     me = shutil.which("tapstack") or "tapstack"
-    where = "" if spec.netns is None else f" --netns {spec.netns}"
+    in_ns = "" if spec.netns is None else f" --netns {spec.netns}"
     role = "router" if spec.node.forwarding else "host"
-    lines = [f"tapstack ready: node {spec.node.name} ({role}) in {where(spec.netns)}"]
+    lines = [f"tapstack ready: node {spec.node.name} ({role}) in {netns_text(spec.netns)}"]
     for iface, link in zip(spec.node.interfaces, spec.links, strict=True):
         addrs = ", ".join(f"{ip_to_str(a)}/{p}" for a, p in iface.addresses) or "no address"
         bridge = f", bridge {link.bridge}" if link.bridge else ""
-        lines.append(f"  {iface.name}: {addrs} on {link.tap} in {where(link.netns)}"
+        lines.append(f"  {iface.name}: {addrs} on {link.tap} in {netns_text(link.netns)}"
                      f"{bridge}, mtu {iface.mtu}")
-    lines.append(f"  {me} route{where} --node {spec.node.name}")
-    lines.append(f"  {me} stats{where} --node {spec.node.name}")
+    lines.append(f"  {me} route{in_ns} --node {spec.node.name}")
+    lines.append(f"  {me} stats{in_ns} --node {spec.node.name}")
     return "\n".join(lines)
 
 

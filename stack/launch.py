@@ -39,7 +39,7 @@ def _raise_exit(signum: int, _frame: Any) -> None:
     raise SystemExit(0)
 
 
-def where(netns: str | None) -> str:
+def netns_text(netns: str | None) -> str:
     return "the current namespace" if netns is None else f"namespace {netns}"
 
 
@@ -74,13 +74,13 @@ def stack_environment(spec: NodeSpec, command: str, pcap_path: str | None = None
         # the control socket first: a second instance of the same node stops here
         if spec.netns is not None:
             ns.enter_netns(spec.netns)
-        control = bind_control_socket(spec.control_name, where(spec.netns))
+        control = bind_control_socket(spec.control_name, netns_text(spec.netns))
         ns.return_to_netns(start)
         for link_spec, iface in zip(spec.links, spec.node.interfaces, strict=True):
             if link_spec.netns is not None:
                 ns.enter_netns(link_spec.netns)
             link = TapLink(link_spec.tap, vnet_hdr=link_spec.offload)
-            link.open(where(link_spec.netns))
+            link.open(netns_text(link_spec.netns))
             links.append(link)
             ns.configure_host_side(link_spec.tap, link_spec.host_cidr, iface.mtu)
             if link_spec.bridge:
