@@ -86,6 +86,10 @@ class IPv4Layer:
         self.pmtu: dict[bytes, tuple[int, float]] = {}  # dst -> (path MTU, expires)
         self.last_error = 0  # errno of the last send() that returned False
         self.errors = IcmpErrorSender(self, counters)
+        # Reassemble fragments before the hooks see them (connection tracking needs the
+        # transport header of every datagram, as Linux's nf_defrag does); a forwarded
+        # datagram is cut again for its egress link if it must be.
+        self.defrag = False
         counters.declare(*COUNTERS)
 
     def addresses_changed(self) -> None:
@@ -116,6 +120,12 @@ class IPv4Layer:
             c["ipv4.rx_" + exc.reason] += 1
             return
         info = PacketInfo(iface.index, checksum_trusted, link_broadcast, vnet)
+        if self.defrag and ip.is_fragment:
+            whole = self.reassembler.add(ip, packet, now)
+            if whole is None:
+                return
+            packet = memoryview(_rebuild(whole[0], whole[1], ip.flags_fragment & FLAG_DF))
+            ip = parse_ipv4(packet, verify_checksum=False)
         if self.hooks.prerouting:
             result = run_hooks(self.hooks.prerouting, bytearray(packet[:ip.total_length]),
                                info, now)
@@ -205,6 +215,7 @@ class IPv4Layer:
             self.errors.send(3, 0, quote, now)  # network unreachable
             return
         out = self.interfaces[route.ifindex]
+        info.out_iface = out.index
         data = bytearray(packet[:ip.total_length])
         decrement_ttl(data)
         if self.hooks.forward:
@@ -399,6 +410,7 @@ class IPv4Layer:
             build_ipv4(src, dst, protocol, len(payload), ident, ttl, tos, flags_fragment))
         packet += payload
         info = PacketInfo(LOCAL)
+        info.out_iface = out.index
         for handlers in (self.hooks.output, self.hooks.postrouting):
             if handlers:
                 packet = run_hooks(handlers, packet, info, now)
@@ -440,6 +452,18 @@ class IPv4Layer:
                                   more | (offset >> 3)) + piece)
         c["ipv4.tx_fragments"] += len(out)
         return out
+
+
+def _rebuild(header: bytes, payload: bytes, df: int) -> bytes:
+    """A reassembled datagram as one: the first fragment's header with the whole length,
+    no fragment offset or MF, and a fresh checksum."""
+    hdr = bytearray(header)
+    total = len(hdr) + len(payload)
+    hdr[2:4] = total.to_bytes(2, "big")
+    hdr[6:8] = df.to_bytes(2, "big")
+    hdr[10:12] = b"\0\0"
+    hdr[10:12] = internet_checksum(bytes(hdr)).to_bytes(2, "big")
+    return bytes(hdr) + payload
 
 
 def _finish_checksum(packet: bytearray, start: int, offset: int) -> None:

@@ -66,6 +66,9 @@ class Node:
         self.tcp = TcpLayer(self.ipv4, self.counters, config.tcp, self.rng)
         self.udp = UdpLayer(self.ipv4, self.counters, self.rng)
         self.last_internal_error: str | None = None
+        # more engines with timers (a middlebox's connection tracker): poll(now) and
+        # next_deadline()
+        self.timers: list = []
         for ic in config.interfaces:
             self.add_interface(ic)
         for rc in config.routes:
@@ -157,12 +160,15 @@ class Node:
         for iface in self.interfaces:
             iface.arp.poll(now)
         self.ipv4.poll(now)
+        for engine in self.timers:
+            engine.poll(now)
         self.tcp.poll(now)
         return [(iface, iface.take()) for iface in self.interfaces if iface.tx]
 
     def next_deadline(self) -> float | None:
         times = [iface.arp.next_deadline() for iface in self.interfaces]
         times += [self.ipv4.next_deadline(), self.tcp.next_deadline()]
+        times += [engine.next_deadline() for engine in self.timers]
         due = [t for t in times if t is not None]
         return min(due) if due else None
 

@@ -12,14 +12,16 @@ class PacketInfo:
     or verified the transport checksum; `broadcast`: addressed to a broadcast address;
     `link_broadcast`: arrived in a broadcast Ethernet frame; `vnet`: the virtio-net header
     it came with, when offloads are on (a GSO super-frame keeps it when forwarded);
-    `conntrack`: the connection-tracking entry, once a tracker is on the hooks."""
+    `conntrack`: the connection-tracking entry and direction, once a tracker is on the
+    hooks; `out_iface`: where the route sends it (forward and postrouting)."""
 
-    __slots__ = ("broadcast", "conntrack", "header", "iface", "link_broadcast", "trusted",
-                 "vnet")
+    __slots__ = ("broadcast", "conntrack", "header", "iface", "link_broadcast", "out_iface",
+                 "trusted", "vnet")
 
     def __init__(self, iface: int, trusted: bool = False, link_broadcast: bool = False,
                  vnet: bytes | memoryview | None = None) -> None:
         self.iface = iface  # index of the interface it arrived on (-1: local output)
+        self.out_iface = -1  # index of the interface it leaves by, once routed
         self.trusted = trusted
         self.link_broadcast = link_broadcast
         self.vnet = vnet

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import random
+from collections.abc import Callable
 from typing import Protocol
 
 from stack.counters import Counters
@@ -45,6 +46,8 @@ class UdpLayer:
         self.counters = counters
         self.rng = rng
         self.endpoints: dict[int, UdpEndpoint] = {}
+        # set by a NAT: (protocol, address, port) -> True when that public port is its own
+        self.reserved: Callable[[int, bytes, int], bool] | None = None
         counters.declare(*COUNTERS)
         ipv4.handlers[PROTO_UDP] = self.receive
         ipv4.error_handlers[PROTO_UDP] = self.receive_error
@@ -59,7 +62,9 @@ class UdpLayer:
             start = self.rng.randrange(span)
             for i in range(span):
                 candidate = EPHEMERAL_LOW + (start + i) % span
-                if candidate not in self.endpoints:
+                if candidate not in self.endpoints and not (
+                        self.reserved is not None and any(
+                            self.reserved(17, a, candidate) for a in self.ipv4.local)):
                     port = candidate
                     break
             else:

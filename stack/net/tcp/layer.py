@@ -95,6 +95,9 @@ class TcpLayer:
         self.bound_listeners: dict[tuple[bytes, int], Listener] = {}  # (address, port)
         self.state_counts = [0] * len(STATE_NAMES)
         self.per_source: dict[bytes, int] = {}  # remote address -> connections
+        self.local_ports: dict[tuple[bytes, int], int] = {}  # (address, port) -> connections
+        # set by a NAT: (protocol, address, port) -> True when that public port is its own
+        self.reserved: Callable[[int, bytes, int], bool] | None = None
         self._dirty: dict[Connection, None] = {}
         self._timers: list[tuple[float, int, Connection]] = []
         self._tiebreak = itertools.count()
@@ -163,7 +166,8 @@ class TcpLayer:
         for i in range(span):
             port = EPHEMERAL_LOW + (start + i) % span
             if (remote_ip, remote_port, local_ip, port) not in self.connections \
-                    and port not in self.listeners:
+                    and port not in self.listeners \
+                    and not (self.reserved is not None and self.reserved(6, local_ip, port)):
                 return port
         self.counters["tcp.ephemeral_exhausted"] += 1
         raise OSError(99, "no free ephemeral port")
@@ -183,6 +187,8 @@ class TcpLayer:
                           self.rng.getrandbits(32))
         self.state_counts[CLOSED] += 1
         self.per_source[remote_ip] = self.per_source.get(remote_ip, 0) + 1
+        here = (local_ip, local_port)
+        self.local_ports[here] = self.local_ports.get(here, 0) + 1
         return conn
 
     # == input ============================================================================
@@ -411,6 +417,12 @@ class TcpLayer:
             self.per_source[conn.remote_ip] = left
         else:
             self.per_source.pop(conn.remote_ip, None)
+        here = (conn.local_ip, conn.local_port)
+        left = self.local_ports.get(here, 0) - 1
+        if left > 0:
+            self.local_ports[here] = left
+        else:
+            self.local_ports.pop(here, None)
 
     def allow_challenge_ack(self, now: float) -> bool:
         """RFC 5961 7: a global per-second budget for challenge ACKs."""
@@ -507,6 +519,11 @@ class TcpLayer:
             if actual is not None:
                 self._schedule(conn)
         return None
+
+    def port_in_use(self, address: bytes, port: int) -> bool:
+        """A listener or a connection of ours holds this local address and port."""
+        return port in self.listeners or (address, port) in self.bound_listeners or \
+            (address, port) in self.local_ports
 
     def gauges(self) -> dict[str, int]:
         g = {"tcp.connections": len(self.connections),

@@ -1,0 +1,368 @@
+"""A node's middlebox: connection tracking, NAT, network ACLs and security groups on the
+IPv4 hook points.
+
+    prerouting   ACL (outbound, on the arrival interface) -> track -> DNAT / un-SNAT
+    forward      security groups, for a flow's first datagram
+    input        the flow joins the table (delivered to us)
+    output       track what we originate
+    postrouting  SNAT / un-DNAT -> ACL (inbound, on the egress interface) -> the flow
+                 joins the table
+
+A flow's first datagram makes an entry; the NAT decides its reply tuple (DNAT when it
+arrives, SNAT when it leaves); the entry joins the table only once the datagram is
+through (a datagram dropped on the way leaves nothing behind). Every later datagram is
+rewritten from the entry, in both directions, and ICMP errors about it are rewritten
+inside too.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from stack.counters import Counters
+from stack.net.conntrack import (
+    CLOSE,
+    ORIGINAL,
+    REPLY,
+    TIME_WAIT,
+    Conntrack,
+    ConntrackConfig,
+    ConntrackEntry,
+    FlowTuple,
+    invert,
+    is_pure_syn,
+    parse_flow,
+)
+from stack.net.filters import Acl, SecurityGroup
+from stack.net.nat import Mapping, NatConfig, NatTable
+from stack.net.packet import LOCAL, PacketInfo
+from stack.wire.rewrite import rewrite, rewrite_quoted
+from stack.wire.virtio import F_NEEDS_CSUM
+
+COUNTERS = ("acl.denied_in", "acl.denied_out", "sg.denied_in", "sg.denied_out")
+
+PRE, POST = 0, 1
+
+
+@dataclass(slots=True)
+class MiddleboxConfig:
+    conntrack: ConntrackConfig = field(default_factory=ConntrackConfig)
+    nat: NatConfig = field(default_factory=NatConfig)
+    acl_in: dict[str, Acl] = field(default_factory=dict)  # by interface name
+    acl_out: dict[str, Acl] = field(default_factory=dict)
+    groups: dict[str, SecurityGroup] = field(default_factory=dict)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.nat.enabled or self.acl_in or self.acl_out or self.groups)
+
+
+class NatFlow:
+    """What the NAT holds for one tracked flow: the mappings it keeps alive."""
+
+    __slots__ = ("mappings",)
+
+    def __init__(self) -> None:
+        self.mappings: list[Mapping] = []
+
+
+def _transport_port(pkt: bytes | bytearray) -> int:
+    hl = (pkt[0] & 0x0F) << 2
+    if pkt[9] in (6, 17) and len(pkt) >= hl + 4 and not (pkt[6] & 0x1F or pkt[7]):
+        return (pkt[hl + 2] << 8) | pkt[hl + 3]
+    return 0
+
+
+class Middlebox:
+    def __init__(self, node, config: MiddleboxConfig, rng: random.Random | None = None
+                 ) -> None:
+        self.node = node
+        self.config = config
+        self.ipv4 = node.ipv4
+        self.counters: Counters = node.counters
+        self.counters.declare(*COUNTERS)
+        self.conntrack = Conntrack(config.conntrack, self.counters)
+        self.conntrack.on_destroy.append(self._destroyed)
+        self.nat = NatTable(config.nat, self.counters, rng or random.Random())
+        self.nat.port_in_use_locally = self._local_port
+        index = {i.name: i.index for i in node.interfaces}
+        for table in (config.acl_in, config.acl_out, config.groups):
+            for name in table:
+                if name not in index:
+                    raise ValueError(f"no interface named {name}")
+        self.acl_in = {index[n]: a for n, a in config.acl_in.items()}
+        self.acl_out = {index[n]: a for n, a in config.acl_out.items()}
+        self.groups = {index[n]: g for n, g in config.groups.items()}
+        # masquerade: egress interface index -> (rule, public address)
+        self.masquerade = {}
+        for rule in config.nat.masquerade:
+            if rule.interface not in index:
+                raise ValueError(f"masquerade: no interface named {rule.interface}")
+            iface = node.interfaces[index[rule.interface]]
+            public = rule.address or iface.primary
+            if public is None:
+                raise ValueError(f"masquerade: interface {rule.interface} has no address")
+            self.masquerade[iface.index] = (rule, public)
+        self.public = {p for _, p in self.masquerade.values()}
+        self.public |= {s.public for s in config.nat.static}
+        self.public |= {f.public for f in config.nat.forwards}
+        hooks = self.ipv4.hooks
+        hooks.add("prerouting", self._prerouting)
+        hooks.add("forward", self._forward)
+        hooks.add("input", self._input)
+        hooks.add("output", self._output)
+        hooks.add("postrouting", self._postrouting)
+        self.ipv4.defrag = True
+        node.tcp.reserved = node.udp.reserved = self._reserved
+        node.timers.append(self.conntrack)
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _local_port(self, protocol: int, address: bytes, port: int) -> bool:
+        if protocol == 6:
+            return self.node.tcp.port_in_use(address, port)
+        if protocol == 17:
+            endpoint = self.node.udp.endpoints.get(port)
+            return endpoint is not None and endpoint.address in (None, address)
+        return False
+
+    def _reserved(self, protocol: int, address: bytes, port: int) -> bool:
+        return (protocol, address, port) in self.nat.by_public
+
+    def _destroyed(self, entry: ConntrackEntry) -> None:
+        if entry.nat is not None:
+            for mapping in entry.nat.mappings:
+                self.nat.release(mapping)
+            entry.nat = None
+
+    @staticmethod
+    def _attach(entry: ConntrackEntry, mapping: Mapping) -> None:
+        if entry.nat is None:
+            entry.nat = NatFlow()
+        entry.nat.mappings.append(mapping)
+        mapping.flows += 1
+
+    def _acl(self, acl: Acl, pkt: bytearray, inbound: bool) -> bool:
+        """Inbound (into the subnet): the far end is the source; outbound: the
+        destination. The port is the destination port either way."""
+        far = bytes(pkt[12:16]) if inbound else bytes(pkt[16:20])
+        return acl.allows(pkt[9], far, _transport_port(pkt), len(pkt))
+
+    # -- rewriting --------------------------------------------------------------------------
+
+    @staticmethod
+    def _targets(entry: ConntrackEntry, d: int, stage: int
+                 ) -> tuple[tuple[bytes, int], tuple[bytes, int]]:
+        """(what the address and port are as the datagram arrives, what they become)."""
+        o, r = entry.orig, entry.reply
+        if stage == PRE:  # the destination: DNAT (original) or un-SNAT (reply)
+            if d == ORIGINAL:
+                return (o.dst, o.dport), (r.src, r.sport)
+            return (r.dst, r.dport), (o.src, o.sport)
+        if d == ORIGINAL:  # the source: SNAT (original) or un-DNAT (reply)
+            return (o.src, o.sport), (r.dst, r.dport)
+        return (r.src, r.sport), (o.dst, o.dport)
+
+    def _translate(self, pkt: bytearray, info: PacketInfo, entry: ConntrackEntry, d: int,
+                   stage: int) -> None:
+        cur, new = self._targets(entry, d, stage)
+        if cur == new:
+            return
+        partial = info.vnet is not None and bool(info.vnet[0] & F_NEEDS_CSUM)
+        rewrite(pkt, stage == POST, new[0], new[1] if new[1] != cur[1] else None, partial)
+
+    def _translate_error(self, pkt: bytearray, entry: ConntrackEntry, d: int,
+                         stage: int) -> None:
+        """An ICMP error travelling in direction `d`: its outer address (when it is the
+        flow's endpoint, not a router on the way) and the quoted datagram's other side."""
+        cur, new = self._targets(entry, d, stage)
+        if cur == new:
+            return
+        outer = slice(16, 20) if stage == PRE else slice(12, 16)
+        if bytes(pkt[outer]) == cur[0]:
+            rewrite(pkt, stage == POST, new[0], None)
+        if rewrite_quoted(pkt, stage == PRE, new[0], new[1]):
+            self.counters["nat.translated_errors"] += 1
+
+    # -- hooks ------------------------------------------------------------------------------
+
+    def _prerouting(self, pkt: bytearray, info: PacketInfo, now: float) -> bytearray | None:
+        acl = self.acl_out.get(info.iface)
+        if acl is not None and not self._acl(acl, pkt, inbound=False):
+            self.counters["acl.denied_out"] += 1
+            return None
+        return self._track(pkt, info, now, PRE)
+
+    def _output(self, pkt: bytearray, info: PacketInfo, now: float) -> bytearray | None:
+        return self._track(pkt, info, now, LOCAL)
+
+    def _track(self, pkt: bytearray, info: PacketInfo, now: float, stage: int
+               ) -> bytearray | None:
+        parsed = parse_flow(pkt)
+        if parsed is None:
+            return pkt  # nothing to track it by
+        t, is_error = parsed
+        ct = self.conntrack
+        if is_error:
+            found = ct.lookup(invert(t))
+            if found is None:
+                self.counters["conntrack.related_unmatched"] += 1
+                # ours to judge (the ICMP layer matches it to a socket), or our own
+                return pkt if stage == LOCAL or t.src in self.ipv4.local else None
+            self.counters["conntrack.related"] += 1
+            info.conntrack = (found[0], found[1], True)
+            if stage == PRE:
+                self._translate_error(pkt, found[0], found[1], PRE)
+            return pkt
+        found = ct.lookup(t)
+        if found is not None and t.proto == 6 and found[1] == ORIGINAL and \
+                found[0].state in (TIME_WAIT, CLOSE) and is_pure_syn(pkt):
+            ct.remove(found[0])  # a new connection on the old tuple
+            found = None
+        if found is not None:
+            entry, d = found
+            ct.update(entry, d, pkt, now)
+            if stage == PRE:
+                self._translate(pkt, info, entry, d, PRE)
+            info.conntrack = (entry, d, False)
+            return pkt
+        if t.proto == 6 and not is_pure_syn(pkt):
+            self.counters["conntrack.no_entry"] += 1
+            # our own TCP answers strays to its addresses (with a RST); nothing else
+            # passes without a flow, and nothing at all on a port the NAT owns
+            ours = stage == LOCAL or (t.dst in self.ipv4.local and
+                                      (6, t.dst, t.dport) not in self.nat.by_public)
+            return pkt if ours else None
+        entry = ct.new(t, now)
+        if entry is None:
+            return None
+        if stage == PRE and t.dst in self.public and not self._dnat(entry, t):
+            return None
+        ct.update(entry, ORIGINAL, pkt, now)
+        if stage == PRE:
+            self._translate(pkt, info, entry, ORIGINAL, PRE)
+        info.conntrack = (entry, ORIGINAL, False)
+        return pkt
+
+    def _dnat(self, entry: ConntrackEntry, t: FlowTuple) -> bool:
+        """A new flow to one of our public addresses: where it really goes. False: drop."""
+        nat, c = self.nat, self.counters
+        static = nat.static_by_public(t.dst)
+        if static is not None:
+            entry.reply = FlowTuple(t.proto, static.private, t.dport, t.src, t.sport)
+            c["nat.static"] += 1
+            return True
+        fwd = nat.forward_for(t.proto, t.dst, t.dport)
+        if fwd is not None:
+            entry.reply = FlowTuple(t.proto, fwd.private, fwd.private_port, t.src, t.sport)
+            c["nat.forwarded_ports"] += 1
+            return True
+        mapping = nat.inbound(t.proto, t.dst, t.dport)
+        if mapping is not None:
+            if not mapping.admits(self.config.nat.filtering, t.src, t.sport):
+                c["nat.filtered"] += 1
+                return False
+            port = mapping.iport
+            entry.reply = FlowTuple(t.proto, mapping.inside, port, t.src,
+                                    port if t.proto == 1 else t.sport)
+            self._attach(entry, mapping)
+            return True
+        if t.proto == 1 or self._local_port(t.proto, t.dst, t.dport):
+            return True  # ours: ping, or a service of this node
+        # RFC 5382 REQ-4a, RFC 4787 REQ-8: an unsolicited packet for no mapping is
+        # dropped in silence (no RST, no ICMP: nothing tells a scanner we are here)
+        c["nat.unsolicited"] += 1
+        return False
+
+    def _forward(self, pkt: bytearray, info: PacketInfo, now: float) -> bytearray | None:
+        ct_info = info.conntrack
+        if ct_info is None or ct_info[0].confirmed or ct_info[2]:
+            return pkt  # a known flow (or its ICMP errors): groups are for new flows
+        if not self.groups:
+            return pkt
+        entry = ct_info[0]
+        proto, src, dst = entry.orig.proto, entry.orig.src, entry.reply.src
+        port = entry.reply.sport if proto in (6, 17) else 0
+        size = len(pkt)
+        group = self.groups.get(info.iface)  # from behind this interface: outbound
+        if group is not None and not group.allows(group.outbound, proto, dst, port, size):
+            self.counters["sg.denied_out"] += 1
+            return None
+        group = self.groups.get(info.out_iface)  # towards what is behind it: inbound
+        if group is not None and not group.allows(group.inbound, proto, src, port, size):
+            self.counters["sg.denied_in"] += 1
+            return None
+        return pkt
+
+    def _input(self, pkt: bytearray, info: PacketInfo, now: float) -> bytearray | None:
+        ct_info = info.conntrack
+        if ct_info is not None and not ct_info[0].confirmed and not ct_info[2] and \
+                not self.conntrack.confirm(ct_info[0], now):
+            return None
+        return pkt
+
+    def _postrouting(self, pkt: bytearray, info: PacketInfo, now: float
+                     ) -> bytearray | None:
+        ct_info = info.conntrack
+        if ct_info is not None:
+            entry, d, related = ct_info
+            if related:
+                self._translate_error(pkt, entry, d, POST)
+            else:
+                if not entry.confirmed and not self._snat(entry, info):
+                    return None
+                self._translate(pkt, info, entry, d, POST)
+        acl = self.acl_in.get(info.out_iface)
+        if acl is not None and not self._acl(acl, pkt, inbound=True):
+            self.counters["acl.denied_in"] += 1
+            return None
+        if ct_info is not None and not ct_info[2] and not ct_info[0].confirmed and \
+                not self.conntrack.confirm(ct_info[0], now):
+            return None
+        return pkt
+
+    def _snat(self, entry: ConntrackEntry, info: PacketInfo) -> bool:
+        """A new flow leaving: the source it takes. False: drop (no port left)."""
+        src = entry.orig.src
+        if src in self.ipv4.local:
+            return True  # our own traffic leaves with our own address
+        out = self.node.interfaces[info.out_iface]
+        nat = self.nat
+        static = nat.static_by_private(src)
+        if static is not None and not out.on_link(src):
+            r = entry.reply
+            entry.reply = FlowTuple(r.proto, r.src, r.sport, static.public, r.dport)
+            self.counters["nat.static"] += 1
+            return True
+        rule = self.masquerade.get(out.index)
+        if rule is not None and rule[0].covers(src):
+            return self._map(entry, rule[1])
+        o, r = entry.orig, entry.reply
+        if info.iface not in self.masquerade and o.dst in self.public and \
+                (r.src, r.sport) != (o.dst, o.dport) and \
+                o.dst in {p for _, p in self.masquerade.values()}:
+            # hairpinning (RFC 4787 REQ-9): an inside host reached another through our
+            # public address; it must see the first one's public endpoint, not its
+            # inside one, or its replies would bypass us
+            self.counters["nat.hairpinned"] += 1
+            return self._map(entry, o.dst)
+        return True
+
+    def _map(self, entry: ConntrackEntry, public: bytes) -> bool:
+        o, r = entry.orig, entry.reply
+        mapping = self.nat.mapping_for(o.proto, o.src, o.sport, public)
+        if mapping is None:
+            return False
+        self._attach(entry, mapping)
+        mapping.remember(r.src, r.sport)  # where it went, for filtering replies to it
+        port = mapping.pport
+        entry.reply = FlowTuple(r.proto, r.src, port if r.proto == 1 else r.sport, public,
+                                port)
+        return True
+
+    # -- observation ------------------------------------------------------------------------
+
+    def gauges(self) -> dict[str, int]:
+        return {"conntrack.entries": self.conntrack.count,
+                "nat.mappings": len(self.nat.by_public)}
