@@ -24,7 +24,6 @@ from stack.counters import Counters
 from stack.net.conntrack import (
     CLOSE,
     ORIGINAL,
-    REPLY,
     TIME_WAIT,
     Conntrack,
     ConntrackConfig,
