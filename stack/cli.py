@@ -38,7 +38,8 @@ from stack.link import netns as ns
 from stack.link.impair import Impairment, ImpairSpecError
 from stack.net.host import HostConfig
 from stack.net.tcp.connection import TcpConfig
-from stack.runtime import Runtime, read_stats, run
+from stack.runtime import Runtime, control_request, read_stats, run
+from stack.show import format_flows, format_routes, format_rules, format_stats
 from stack.wire.ethernet import is_multicast_mac, mac_from_str
 from stack.wire.ipv4 import ip_to_str
 
@@ -117,8 +118,14 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("port", type=int, help="the peer's TCP port")
 
     for name, text in (("stats", "print the counters of a running tapstack"),
-                       ("route", "print a running tapstack's routing table, like ip route")):
+                       ("route", "print a running tapstack's routing table, like ip route"),
+                       ("conntrack", "list the flows a running tapstack tracks, like "
+                                     "conntrack -L"),
+                       ("rules", "list (or add, del) a running tapstack's ACL and "
+                                 "security-group rules, with their hit counters")):
         s = sub.add_parser(name, help=text)
+        if name == "rules":
+            _rules_options(s)
         swhere = s.add_mutually_exclusive_group()
         swhere.add_argument("--netns", default="tapstack",
                             help="namespace the instance runs in (default: %(default)s)")
@@ -134,6 +141,26 @@ def _parser() -> argparse.ArgumentParser:
 
     add_lab_parser(sub)
     return p
+
+
+def _rules_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", nargs="?", choices=["list", "add", "del"], default="list")
+    p.add_argument("--interface", help="the interface the ACL or group sits on")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--acl", dest="kind", action="store_const", const="acl",
+                      help="a network ACL rule (numbered, allow or deny)")
+    kind.add_argument("--sg", dest="kind", action="store_const", const="sg",
+                      help="a security-group rule (allow)")
+    way = p.add_mutually_exclusive_group()
+    way.add_argument("--inbound", dest="direction", action="store_const", const="inbound",
+                     help="into what lies behind the interface")
+    way.add_argument("--outbound", dest="direction", action="store_const",
+                     const="outbound", help="out of what lies behind the interface")
+    p.add_argument("--number", type=int, help="rule number (ACL: order; del: which)")
+    p.add_argument("--action", dest="verdict", choices=["allow", "deny"], default="allow")
+    p.add_argument("--protocol", default="all", help="tcp, udp, icmp or all")
+    p.add_argument("--cidr", default="0.0.0.0/0", help="the far end's prefix")
+    p.add_argument("--ports", help="destination ports, like 80 or 1024-65535")
 
 
 def _interface(text: str, what: str) -> ipaddress.IPv4Interface:
@@ -407,52 +434,6 @@ def cmd_connect(args: argparse.Namespace) -> int:
 # -- stats --------------------------------------------------------------------------------
 
 
-def format_stats(snapshot: dict[str, Any]) -> str:
-    info = snapshot.get("info", {})
-    where = f"namespace {info['netns']}" if info.get("netns") else "the current namespace"
-    interfaces = snapshot.get("interfaces", {})
-    if len(interfaces) > 1:
-        title = f"tapstack node {info.get('node')} ({len(interfaces)} interfaces)"
-    else:
-        title = f"tapstack {info.get('address')} on {info.get('tap')}"
-    lines = [f"{title} in {where}, pid {info.get('pid')}, up {info.get('uptime_s', 0):.0f} s"]
-
-    def table(groups: dict[str, dict[str, int]], indent: str) -> None:
-        for layer, values in groups.items():
-            lines.append(f"{indent}{layer}")
-            width = max(len(k) for k in values)
-            lines.extend(f"{indent}  {name:<{width}}  {value:>12}"
-                         for name, value in values.items())
-
-    table(snapshot.get("counters", {}), "")
-    if len(interfaces) > 1:
-        for name, entry in interfaces.items():
-            addrs = ", ".join(entry.get("addresses", [])) or "no address"
-            lines.append(f"interface {name} ({entry.get('device')}, {addrs})")
-            table(entry.get("counters", {}), "  ")
-    if snapshot.get("last_internal_error"):
-        lines.append(f"last internal error: {snapshot['last_internal_error']}")
-    return "\n".join(lines)
-
-
-def format_routes(snapshot: dict[str, Any]) -> str:
-    """One line per route, as `ip route` prints them."""
-    lines = []
-    for r in snapshot.get("routes", []):
-        words = [r["prefix"]]
-        if r.get("gateway"):
-            words += ["via", r["gateway"]]
-        words += ["dev", r["dev"], "proto", r["proto"]]
-        if r["proto"] == "kernel":
-            words += ["scope", "link"]
-        if r.get("src"):
-            words += ["src", r["src"]]
-        if r.get("metric"):
-            words += ["metric", str(r["metric"])]
-        lines.append(" ".join(words))
-    return "\n".join(lines)
-
-
 def _snapshot(args: argparse.Namespace) -> dict[str, Any]:
     where = "the current namespace" if args.no_netns else f"namespace {args.netns}"
     name = f"node/{args.node}" if args.node else args.tap
@@ -478,6 +459,59 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _request(args: argparse.Namespace, request: dict[str, Any]) -> dict[str, Any]:
+    """Ask the running instance the command names; its 'error' is ours."""
+    name = f"node/{args.node}" if args.node else args.tap
+    what = f"node {args.node}" if args.node else args.tap
+    where_text = "the current namespace" if args.no_netns else f"namespace {args.netns}"
+    if not args.no_netns:
+        require_root(f"{args.command} --netns")
+        if not ns.netns_exists(args.netns):
+            raise UsageError(f"no tapstack is running in namespace {args.netns} "
+                             "(it does not exist)")
+        ns.enter_netns(args.netns)
+    try:
+        answer = control_request(name, request)
+    except (ConnectionRefusedError, FileNotFoundError):
+        raise UsageError(f"no tapstack is running on {what} in {where_text}") from None
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot ask {what} in {where_text}: {exc}") from None
+    if "error" in answer:
+        raise UsageError(answer["error"])
+    return answer
+
+
+def cmd_conntrack(args: argparse.Namespace) -> int:
+    answer = _request(args, {"cmd": "conntrack"})
+    print(json.dumps(answer, indent=2) if args.json else format_flows(answer))
+    return 0
+
+
+def cmd_rules(args: argparse.Namespace) -> int:
+    if args.action == "list":
+        answer = _request(args, {"cmd": "rules"})
+        print(json.dumps(answer, indent=2) if args.json else format_rules(answer))
+        return 0
+    if not args.interface or not args.kind or not args.direction:
+        raise UsageError(f"rules {args.action} needs --interface, --acl or --sg, and "
+                         "--inbound or --outbound")
+    request: dict[str, Any] = {"cmd": "rule", "op": args.action, "interface": args.interface,
+                               "kind": args.kind, "direction": args.direction}
+    if args.action == "del" or args.kind == "acl":
+        if args.number is None:
+            raise UsageError(f"rules {args.action} --{args.kind} needs --number")
+        request["number"] = args.number
+    if args.action == "add":
+        request.update(action=args.verdict, protocol=args.protocol, cidr=args.cidr)
+        if args.ports:
+            low, _, high = args.ports.partition("-")
+            if not low.isdigit() or (high and not high.isdigit()):
+                raise UsageError(f"--ports {args.ports!r} must look like 80 or 1024-65535")
+            request["ports"] = [int(low), int(high or low)]
+    print(_request(args, request)["done"])
+    return 0
+
+
 def cmd_route(args: argparse.Namespace) -> int:
     snapshot = _snapshot(args)
     print(json.dumps(snapshot.get("routes", []), indent=2) if args.json
@@ -496,6 +530,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_serve_kernel(args)
         if args.command == "route":
             return cmd_route(args)
+        if args.command == "conntrack":
+            return cmd_conntrack(args)
+        if args.command == "rules":
+            return cmd_rules(args)
         if args.command == "lab":
             from stack.lab.cli import cmd_lab
 

@@ -25,6 +25,8 @@
     echo = true                  # echo 7, discard 9, source 19, UDP echo 7
     http = 80                    # port, or false
 
+    [conntrack], [nat], [[acl]], [[security_group]]: see config_middlebox.py
+
 A bad file ends with one sentence naming the file, the key and what is wrong.
 """
 
@@ -36,7 +38,9 @@ import tomllib
 from dataclasses import dataclass
 from typing import Any
 
+from stack.config_middlebox import parse_middlebox
 from stack.net.interface import InterfaceConfig
+from stack.net.middlebox import MiddleboxConfig
 from stack.net.node import NodeConfig, RouteConfig
 from stack.net.route import parse_prefix
 from stack.net.tcp.connection import TcpConfig
@@ -69,6 +73,7 @@ class NodeSpec:
     http_port: int | None = 80
     source: str = ""  # the file it came from
     control: str = ""  # control socket name; default node/NAME
+    middlebox: MiddleboxConfig | None = None  # NAT, ACLs, security groups
 
     @property
     def control_name(self) -> str:
@@ -134,8 +139,8 @@ def _address(r: _Reader, text: str, key: str) -> bytes:
 
 def parse_node(data: dict, path: str) -> NodeSpec:
     r = _Reader(path)
-    r.unknown(data, {"name", "netns", "forwarding", "msl", "interface", "route", "services"},
-              "")
+    r.unknown(data, {"name", "netns", "forwarding", "msl", "interface", "route", "services",
+                     "conntrack", "nat", "acl", "security_group"}, "")
     name = r.get(data, "name", "", str, "tapstack")
     netns = r.get(data, "netns", "", str, None)
     forwarding = r.get(data, "forwarding", "", bool, False)
@@ -232,7 +237,8 @@ def parse_node(data: dict, path: str) -> NodeSpec:
         raise r.fail("services.http", f"must be a port (1..65535) or false, not {http!r}")
     node = NodeConfig(name=name, interfaces=interfaces, routes=routes, forwarding=forwarding,
                       tcp=TcpConfig(msl=float(msl)))
-    return NodeSpec(node, links, netns, echo, http_port, path)
+    middlebox = parse_middlebox(data, interfaces, r.fail)
+    return NodeSpec(node, links, netns, echo, http_port, path, middlebox=middlebox)
 
 
 def load_node(path: str) -> NodeSpec:

@@ -18,6 +18,7 @@ from stack.config import NodeSpec
 from stack.link import netns as ns
 from stack.link.pcap import PcapTee
 from stack.link.tap import TapLink
+from stack.net.middlebox import Middlebox
 from stack.net.node import Node
 from stack.runtime import Runtime, bind_control_socket
 from stack.wire.ipv4 import ip_to_str
@@ -115,4 +116,7 @@ def build_runtime(spec: NodeSpec, links: list[TapLink], pcap: PcapTee | None,
             "mac": ":".join(f"{b:02x}" for b in iface.mac), "tap": spec.links[0].tap,
             "netns": spec.netns, "mtu": iface.mtu, "pid": os.getpid()}
     pcaps: list[PcapTee | None] = [pcap] + [None] * (len(links) - 1)
-    return Runtime(Node(spec.node, random.Random()), links, pcaps, info, impair=impair)
+    node = Node(spec.node, random.Random())
+    if spec.middlebox is not None and spec.middlebox.enabled:
+        Middlebox(node, spec.middlebox)
+    return Runtime(node, links, pcaps, info, impair=impair)

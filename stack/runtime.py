@@ -256,10 +256,39 @@ class Runtime:
             "last_internal_error": node.last_internal_error,
         }
 
+    def answer(self, request: dict[str, Any]) -> dict[str, Any]:
+        """One control request: {"cmd": "stats" | "conntrack" | "rules" | "rule", ...}."""
+        cmd = request.get("cmd", "stats")
+        if cmd == "stats":
+            return self.snapshot()
+        box = self.node.middlebox
+        if cmd in ("conntrack", "rules", "rule") and box is None:
+            return {"error": f"node {self.node.name} tracks no connections and has no NAT "
+                             "or filters (see [nat], [[acl]], [[security_group]])"}
+        if cmd == "conntrack":
+            return {"flows": box.describe_flows(self.loop.time()),
+                    "entries": box.conntrack.count,
+                    "max_entries": box.conntrack.config.max_entries}
+        if cmd == "rules":
+            return box.describe_rules()
+        if cmd == "rule":
+            try:
+                return {"done": box.change_rule(request)}
+            except (ValueError, TypeError) as exc:
+                return {"error": str(exc)}
+        return {"error": f"unknown request {cmd!r}"}
+
     async def _serve_control(self, reader: asyncio.StreamReader,
                              writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError):
-            writer.write(json.dumps(self.snapshot()).encode() + b"\n")
+        with contextlib.suppress(ConnectionError, asyncio.TimeoutError):
+            line = await asyncio.wait_for(reader.readline(), 2.0)
+            try:
+                request = json.loads(line) if line.strip() else {}
+            except ValueError:
+                request = {"cmd": "?"}
+            if not isinstance(request, dict):
+                request = {"cmd": "?"}
+            writer.write(json.dumps(self.answer(request)).encode() + b"\n")
             await writer.drain()
         writer.close()
 
@@ -329,9 +358,16 @@ def run(runtime: Runtime, control: socket.socket | None,
 
 def read_stats(name: str, timeout: float = 3.0) -> dict[str, Any]:
     """Fetch a running instance's snapshot over its control socket (current namespace)."""
+    return control_request(name, {"cmd": "stats"}, timeout)
+
+
+def control_request(name: str, request: dict[str, Any], timeout: float = 3.0
+                    ) -> dict[str, Any]:
+    """Ask a running instance (in the current namespace) one question."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(control_address(name))
+        sock.sendall(json.dumps(request).encode() + b"\n")
         chunks = []
         while chunk := sock.recv(65536):
             chunks.append(chunk)

@@ -83,7 +83,25 @@ def _node_toml(lab: Lab, node: LabNode, log_dir: str) -> str:
         lines += [f"metric = {route.metric}", ""]
     http = "false" if node.http is None else str(node.http)
     lines += ["[services]", f"echo = {'true' if node.echo else 'false'}", f"http = {http}"]
-    return "\n".join(lines) + "\n"
+    # NAT and filters, as the lab file gave them (top-level keys, inline tables)
+    head = [f"{key} = {toml_value(value)}" for key, value in node.middlebox.items()]
+    return "\n".join(lines[:3] + head + lines[3:]) + "\n"
+
+
+def toml_value(value: Any) -> str:
+    """A value as inline TOML (strings, numbers, booleans, lists, tables)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {toml_value(v)}"
+                               for k, v in value.items()) + "}"
+    raise ValueError(f"cannot write {value!r} as TOML")
 
 
 def _save_state(lab: Lab, state: dict[str, Any]) -> None:

@@ -37,8 +37,11 @@ import tomllib
 from dataclasses import dataclass, field
 
 from stack.config import ConfigError
+from stack.config_middlebox import parse_middlebox
+from stack.net.interface import InterfaceConfig
 
 KINDS = ("tapstack", "linux")
+MIDDLEBOX_KEYS = ("conntrack", "nat", "acl", "security_group")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 
 
@@ -70,6 +73,7 @@ class LabNode:
     offload: bool = False
     echo: bool = True
     http: int | None = None
+    middlebox: dict = field(default_factory=dict)  # conntrack, nat, acl, security_group
 
 
 @dataclass(slots=True)
@@ -143,7 +147,7 @@ def parse_lab(data: dict, path: str) -> Lab:
         if not isinstance(t, dict):
             raise ConfigError(f"{path}: {where}: must be a table ([[node]])")
         _keys(path, t, {"name", "kind", "interface", "route", "forwarding", "commands",
-                        "offload", "services"}, where)
+                        "offload", "services", *MIDDLEBOX_KEYS}, where)
         node_name = _check_name(path, f"{where}.name", t.get("name"), 8)
         if node_name in nodes or node_name == "sw":
             raise ConfigError(f"{path}: {where}.name: {node_name} is used twice (or is 'sw')")
@@ -203,13 +207,32 @@ def parse_lab(data: dict, path: str) -> Lab:
         forwarding = t.get("forwarding", False)
         if not isinstance(forwarding, bool):
             raise ConfigError(f"{path}: {where}.forwarding: must be true or false")
+        middlebox = {k: t[k] for k in MIDDLEBOX_KEYS if k in t}
+        if middlebox and kind != "tapstack":
+            raise ConfigError(f"{path}: {where}.{next(iter(middlebox))}: only tapstack nodes "
+                              "take NAT and filter settings (give a Linux node commands)")
+        if middlebox:
+            _check_middlebox(path, where, middlebox, ifaces)
         nodes[node_name] = LabNode(node_name, kind, ifaces, routes, forwarding, commands,
                                    bool(t.get("offload", False)),
                                    bool(services.get("echo", True)),
-                                   None if http is False else http)
+                                   None if http is False else http, middlebox)
     if not nodes:
         raise ConfigError(f"{path}: node: a lab needs at least one [[node]]")
     return Lab(name, segments, nodes, path)
+
+
+def _check_middlebox(path: str, where: str, data: dict, ifaces: list[LabInterface]) -> None:
+    """The node's NAT and filters, checked now so that a mistake is one sentence here,
+    not a node that dies at `lab up`."""
+    configs = [InterfaceConfig(i.name, b"\x02" + bytes(5), [
+        (ipaddress.IPv4Interface(a).ip.packed, ipaddress.IPv4Interface(a).network.prefixlen)
+        for a in i.addresses]) for i in ifaces]
+
+    def fail(key: str, what: str) -> ConfigError:
+        return ConfigError(f"{path}: {where}.{key}: {what}")
+
+    parse_middlebox(data, configs, fail)
 
 
 def load_lab(path: str) -> Lab:

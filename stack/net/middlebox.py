@@ -24,6 +24,7 @@ from stack.counters import Counters
 from stack.net.conntrack import (
     CLOSE,
     ORIGINAL,
+    REPLY,
     TIME_WAIT,
     Conntrack,
     ConntrackConfig,
@@ -33,9 +34,10 @@ from stack.net.conntrack import (
     is_pure_syn,
     parse_flow,
 )
-from stack.net.filters import Acl, SecurityGroup
+from stack.net.filters import Acl, SecurityGroup, make_rule
 from stack.net.nat import Mapping, NatConfig, NatTable
 from stack.net.packet import LOCAL, PacketInfo
+from stack.wire.ipv4 import ip_to_str
 from stack.wire.rewrite import rewrite, rewrite_quoted
 from stack.wire.virtio import F_NEEDS_CSUM
 
@@ -115,6 +117,7 @@ class Middlebox:
         self.ipv4.defrag = True
         node.tcp.reserved = node.udp.reserved = self._reserved
         node.timers.append(self.conntrack)
+        node.middlebox = self
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -365,3 +368,93 @@ class Middlebox:
     def gauges(self) -> dict[str, int]:
         return {"conntrack.entries": self.conntrack.count,
                 "nat.mappings": len(self.nat.by_public)}
+
+    def describe_flows(self, now: float) -> list[dict]:
+        """Every tracked flow, as `conntrack -L` shows it: both tuples, state, timeout."""
+        names = {1: "icmp", 6: "tcp", 17: "udp"}
+        out = []
+        for e in self.conntrack.entries():
+            sides = []
+            for d, t in ((ORIGINAL, e.orig), (REPLY, e.reply)):
+                sides.append({"src": ip_to_str(t.src), "dst": ip_to_str(t.dst),
+                              "sport": t.sport, "dport": t.dport,
+                              "packets": e.packets[d], "bytes": e.bytes[d]})
+            out.append({"protocol": names.get(e.orig.proto, str(e.orig.proto)),
+                        "state": e.state_name, "timeout": max(round(e.expires - now), 0),
+                        "assured": e.assured, "original": sides[0], "reply": sides[1],
+                        "nat": e.orig.src != e.reply.dst or e.orig.dst != e.reply.src})
+        out.sort(key=lambda f: (f["protocol"], f["original"]["src"], f["original"]["sport"]))
+        return out
+
+    def describe_rules(self) -> dict:
+        names = {i.index: i.name for i in self.node.interfaces}
+        acls: dict[str, dict] = {}
+        for direction, table in (("inbound", self.acl_in), ("outbound", self.acl_out)):
+            for index, acl in table.items():
+                entry = acls.setdefault(names[index], {})
+                entry[direction] = [r.describe() for r in acl.rules]
+                entry[f"{direction}_default_denied"] = acl.default_hits
+        groups = {names[i]: {"inbound": [r.describe() for r in g.inbound],
+                             "outbound": [r.describe() for r in g.outbound]}
+                  for i, g in self.groups.items()}
+        nat = self.config.nat
+        return {
+            "acl": acls, "security_groups": groups,
+            "nat": {
+                "filtering": nat.filtering, "port_range": list(nat.port_range),
+                "ports_per_subscriber": nat.ports_per_subscriber,
+                "masquerade": [{"interface": names[i], "address": ip_to_str(p)}
+                               for i, (_, p) in self.masquerade.items()],
+                "static": [{"public": ip_to_str(s.public), "private": ip_to_str(s.private)}
+                           for s in nat.static],
+                "forward": [{"protocol": {6: "tcp", 17: "udp"}[f.protocol],
+                             "public": f"{ip_to_str(f.public)}:{f.port}",
+                             "to": f"{ip_to_str(f.private)}:{f.private_port}"}
+                            for f in nat.forwards],
+                "mappings": len(self.nat.by_public),
+            },
+        }
+
+    def change_rule(self, request: dict) -> str:
+        """Add or delete one ACL or security-group rule at run time. Returns what was
+        done; ValueError (one sentence) when the request is wrong."""
+        index = {i.name: i.index for i in self.node.interfaces}
+        name = request.get("interface")
+        if name not in index:
+            raise ValueError(f"no interface named {name}")
+        kind, direction = request.get("kind"), request.get("direction")
+        if kind not in ("acl", "sg") or direction not in ("inbound", "outbound"):
+            raise ValueError("say --acl or --sg, and inbound or outbound")
+        op = request.get("op")
+        i = index[name]
+        if kind == "acl":
+            table = (self.acl_in if direction == "inbound" else self.acl_out).get(i)
+            if table is None:
+                raise ValueError(f"{name} has no network ACL (add an [[acl]] for it in the "
+                                 "node's file)")
+            if op == "del":
+                if not table.remove(int(request.get("number", -1))):
+                    raise ValueError(f"{name} {direction} has no rule {request.get('number')}")
+                return f"deleted ACL rule {request['number']} ({name} {direction})"
+            rule = make_rule(int(request.get("number", 0)), request.get("action", "allow"),
+                             request.get("protocol", "all"), request.get("cidr", "0.0.0.0/0"),
+                             request.get("ports"))
+            table.add(rule)
+            return f"added ACL rule {rule.number} ({name} {direction})"
+        group = self.groups.get(i)
+        if group is None:
+            raise ValueError(f"{name} has no security group (add a [[security_group]] for it "
+                             "in the node's file)")
+        rules = group.inbound if direction == "inbound" else group.outbound
+        if op == "del":
+            number = int(request.get("number", -1))
+            kept = [r for r in rules if r.number != number]
+            if len(kept) == len(rules):
+                raise ValueError(f"{name} {direction} has no security-group rule {number}")
+            rules[:] = kept
+            return f"deleted security-group rule {number} ({name} {direction})"
+        rule = make_rule(group.next_number, "allow", request.get("protocol", "all"),
+                         request.get("cidr", "0.0.0.0/0"), request.get("ports"))
+        group.next_number += 1
+        rules.append(rule)
+        return f"added security-group rule {rule.number} ({name} {direction})"

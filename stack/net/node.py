@@ -69,6 +69,7 @@ class Node:
         # more engines with timers (a middlebox's connection tracker): poll(now) and
         # next_deadline()
         self.timers: list = []
+        self.middlebox = None  # connection tracking, NAT and filters, once installed
         for ic in config.interfaces:
             self.add_interface(ic)
         for rc in config.routes:
@@ -194,6 +195,8 @@ class Node:
             "udp.endpoints": len(self.udp.endpoints),
         }
         g.update(self.tcp.gauges())
+        if self.middlebox is not None:
+            g.update(self.middlebox.gauges())
         return g
 
     def all_counters(self) -> Counters:

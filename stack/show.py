@@ -1,0 +1,109 @@
+"""What the inspection commands print: counters, routes, tracked flows, rules. Each
+takes the JSON a running node answered on its control socket."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def format_stats(snapshot: dict[str, Any]) -> str:
+    info = snapshot.get("info", {})
+    where = f"namespace {info['netns']}" if info.get("netns") else "the current namespace"
+    interfaces = snapshot.get("interfaces", {})
+    if len(interfaces) > 1:
+        title = f"tapstack node {info.get('node')} ({len(interfaces)} interfaces)"
+    else:
+        title = f"tapstack {info.get('address')} on {info.get('tap')}"
+    lines = [f"{title} in {where}, pid {info.get('pid')}, up {info.get('uptime_s', 0):.0f} s"]
+
+    def table(groups: dict[str, dict[str, int]], indent: str) -> None:
+        for layer, values in groups.items():
+            lines.append(f"{indent}{layer}")
+            width = max(len(k) for k in values)
+            lines.extend(f"{indent}  {name:<{width}}  {value:>12}"
+                         for name, value in values.items())
+
+    table(snapshot.get("counters", {}), "")
+    if len(interfaces) > 1:
+        for name, entry in interfaces.items():
+            addrs = ", ".join(entry.get("addresses", [])) or "no address"
+            lines.append(f"interface {name} ({entry.get('device')}, {addrs})")
+            table(entry.get("counters", {}), "  ")
+    if snapshot.get("last_internal_error"):
+        lines.append(f"last internal error: {snapshot['last_internal_error']}")
+    return "\n".join(lines)
+
+
+def format_routes(snapshot: dict[str, Any]) -> str:
+    """One line per route, as `ip route` prints them."""
+    lines = []
+    for r in snapshot.get("routes", []):
+        words = [r["prefix"]]
+        if r.get("gateway"):
+            words += ["via", r["gateway"]]
+        words += ["dev", r["dev"], "proto", r["proto"]]
+        if r["proto"] == "kernel":
+            words += ["scope", "link"]
+        if r.get("src"):
+            words += ["src", r["src"]]
+        if r.get("metric"):
+            words += ["metric", str(r["metric"])]
+        lines.append(" ".join(words))
+    return "\n".join(lines)
+
+
+def format_flows(answer: dict[str, Any]) -> str:
+    """As `conntrack -L` prints them."""
+    numbers = {"tcp": 6, "udp": 17, "icmp": 1}
+    lines = []
+    for f in answer["flows"]:
+        o, r = f["original"], f["reply"]
+        words = [f"{f['protocol']:<8} {numbers.get(f['protocol'], 0):<2} {f['timeout']}"]
+        if f["protocol"] == "tcp":
+            words.append(f["state"])
+        for side in (o, r):
+            words.append(f"src={side['src']} dst={side['dst']}")
+            if f["protocol"] == "icmp":
+                words.append(f"id={side['sport']}")
+            else:
+                words.append(f"sport={side['sport']} dport={side['dport']}")
+            words.append(f"packets={side['packets']} bytes={side['bytes']}")
+            if side is o and not r["packets"]:
+                words.append("[UNREPLIED]")
+        if f["assured"]:
+            words.append("[ASSURED]")
+        lines.append(" ".join(words))
+    lines.append(f"tapstack conntrack: {answer['entries']} flow entries "
+                 f"(max {answer['max_entries']})")
+    return "\n".join(lines)
+
+
+def _rule_text(r: dict[str, Any], acl: bool) -> str:
+    ports = "" if r["ports"] is None else (
+        f" port {r['ports'][0]}" if r["ports"][0] == r["ports"][1]
+        else f" ports {r['ports'][0]}-{r['ports'][1]}")
+    head = f"{r['number']:>5} {r['action']:<5} " if acl else f"{r['number']:>5} allow "
+    return f"  {head}{r['protocol']:<4} {r['cidr']}{ports}  (hits {r['hits']}, " \
+           f"bytes {r['bytes']})"
+
+
+def format_rules(answer: dict[str, Any]) -> str:
+    lines = []
+    for name, entry in answer["acl"].items():
+        for direction in ("inbound", "outbound"):
+            lines.append(f"network ACL on {name}, {direction}:")
+            lines += [_rule_text(r, True) for r in entry.get(direction, [])]
+            lines.append(f"      * deny  all  0.0.0.0/0  "
+                         f"(hits {entry.get(direction + '_default_denied', 0)})")
+    for name, entry in answer["security_groups"].items():
+        for direction in ("inbound", "outbound"):
+            lines.append(f"security group on {name}, {direction}:")
+            lines += [_rule_text(r, False) for r in entry[direction]] or ["  (none)"]
+    nat = answer["nat"]
+    masq = ", ".join(f"{m['interface']} as {m['address']}" for m in nat["masquerade"])
+    lines.append(f"nat: masquerade {masq or 'none'}; filtering {nat['filtering']}; ports "
+                 f"{nat['port_range'][0]}-{nat['port_range'][1]}; "
+                 f"{nat['mappings']} mappings")
+    lines += [f"nat: {s['public']} = {s['private']} (1:1)" for s in nat["static"]]
+    lines += [f"nat: {f['protocol']} {f['public']} -> {f['to']}" for f in nat["forward"]]
+    return "\n".join(lines)
