@@ -17,12 +17,12 @@ declare -A pkg_of=(
     [tshark]=tshark [curl]=curl [nc]=netcat-openbsd [socat]=socat [iptables]=iptables
     [hping3]=hping3 [gcc]=gcc [wrk]=wrk [ab]=apache2-utils [nmap]=nmap
     [shellcheck]=shellcheck [vagrant]=vagrant [traceroute]=traceroute
-    [tracepath]=iputils-tracepath [iperf3]=iperf3
+    [tracepath]=iputils-tracepath [iperf3]=iperf3 [conntrack]=conntrack
 )
 case "$target" in
     run) wanted=(ip gcc) ;;
     test) wanted=(ip ping arping tcpdump tshark curl nc socat iptables hping3 gcc wrk ab nmap
-                 shellcheck vagrant traceroute tracepath iperf3) ;;
+                 shellcheck vagrant traceroute tracepath iperf3 conntrack) ;;
     *) wanted=() ;;
 esac
 
