@@ -119,9 +119,11 @@ to = "default"
 via = "198.51.100.1"
 """
 
-TAPSTACK_NAT = """services = { echo = false, http = false }
-conntrack = { udp = 4 }
-nat = { masquerade = [{ interface = "wan" }], forward = [{ protocol = "tcp", interface = "wan", port = 8080, to = "192.168.1.3:8000" }] }"""
+TAPSTACK_NAT = (
+    'services = { echo = false, http = false }\n'
+    'conntrack = { udp = 4 }\n'
+    'nat = { masquerade = [{ interface = "wan" }], forward = [{ protocol = "tcp", '
+    'interface = "wan", port = 8080, to = "192.168.1.3:8000" }] }')
 
 # The reference: what a Linux home router is configured with. Hairpinning needs its own
 # SNAT rule on Linux (tapstack does it by itself, RFC 4787 REQ-9).
@@ -467,7 +469,8 @@ name = "cgn"
 kind = "tapstack"
 forwarding = true
 services = {{ echo = false, http = false }}
-nat = {{ masquerade = [{{ interface = "wan", sources = ["100.64.0.0/10"] }}], ports_per_subscriber = 1000 }}
+nat = {{ masquerade = [{{ interface = "wan", sources = ["100.64.0.0/10"] }}], \
+ports_per_subscriber = 1000 }}
 [[node.interface]]
 name = "inside"
 segment = "isp"
