@@ -29,6 +29,7 @@ from stack.link import netns as ns
 from stack.runtime import read_stats
 
 STATE_ROOT = "/run/tapstack/labs"
+ETC_NETNS = "/etc/netns"
 READY_TIMEOUT = 20.0
 
 
@@ -198,9 +199,33 @@ def _build(lab: Lab, state: dict[str, Any], directory: str) -> None:
     _save_state(lab, state)
 
 
+def _hosts_file(lab: Lab) -> str:
+    """Every node by name: `ip netns exec` puts this over /etc/hosts in a Linux node."""
+    lines = ["127.0.0.1 localhost"]
+    for node in lab.nodes.values():
+        for k, (iface, address) in enumerate(
+                (i, a) for i in node.interfaces for a in i.addresses):
+            name = node.name if k == 0 else f"{node.name}-{iface.name}"
+            lines.append(f"{address.split('/')[0]} {name}")
+    return "\n".join(lines) + "\n"
+
+
+def _etc(lab: Lab, node: LabNode) -> None:
+    """/etc/netns/NS: the lab's names, and no DNS server (an address lookup that asks
+    one, as Python's http.server does at start, fails at once instead of waiting out
+    the machine's resolver)."""
+    etc = os.path.join(ETC_NETNS, lab.netns(node))
+    os.makedirs(etc, exist_ok=True)
+    with open(os.path.join(etc, "hosts"), "w") as f:
+        f.write(_hosts_file(lab))
+    with open(os.path.join(etc, "resolv.conf"), "w") as f:
+        f.write(f"# tapstack lab {lab.name}: no name server\nnameserver 127.0.0.1\n")
+
+
 def _build_linux(lab: Lab, node: LabNode) -> None:
     sw, name = lab.switch_netns, lab.netns(node)
     ns.create_netns(name)
+    _etc(lab, node)
     _quiet_namespace(name)
     for iface in node.interfaces:
         port = lab.port(node, iface)
@@ -280,6 +305,7 @@ def down(lab: Lab) -> list[str]:
         if ns.netns_exists(name):
             _run("ip", "netns", "delete", name, check=False)
             removed.append(name)
+        shutil.rmtree(os.path.join(ETC_NETNS, name), ignore_errors=True)
     shutil.rmtree(state_dir(lab.name), ignore_errors=True)
     return removed
 

@@ -184,7 +184,8 @@ def test_ping_no_route_and_ttl_one(chain):
     assert "From 10.1.0.1" in r.stdout and "Destination Net Unreachable" in r.stdout, r.stdout
     r = chain.run("a", "ping", "-n", "-c", "1", "-W", "2", "-t", "1", "10.2.0.2")
     assert "From 10.1.0.1" in r.stdout and "Time to live exceeded" in r.stdout, r.stdout
-    r = chain.run("a", "ping", "-n", "-c", "2", "-W", "2", "10.2.0.2")
+    r = chain.run("a", "ping", "-n", "-c", "2", "-W", "2", "b")  # the lab's names
+    assert "PING b (10.2.0.2)" in r.stdout, r.stdout
     assert " 0% packet loss" in r.stdout and "ttl=62" in r.stdout, r.stdout
 
 
@@ -359,5 +360,6 @@ def test_lab_down_after_kill_9_leaves_nothing(tmp_path):
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
     assert "r.eth0" not in links and "h.eth0" not in links
     assert not os.path.exists(f"/run/tapstack/labs/{lab.name}")
+    assert not os.path.exists(f"/etc/netns/{lab.name}-h")
     # a second down is harmless
     assert "nothing was up" in lab.down().stdout
