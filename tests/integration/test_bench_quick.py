@@ -27,14 +27,20 @@ def test_bench_quick_produces_every_figure(tmp_path):
 
 
 def test_bench_forward_quick_produces_every_figure(tmp_path):
-    require_tool("iperf3")
+    for tool in ("iperf3", "ab", "iptables"):
+        require_tool(tool)
     r = subprocess.run([sys.executable, "tools/bench_forward.py", "--quick", "--out",
                         str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     results = json.loads((tmp_path / "forward-quick.json").read_text())
-    assert set(results) == {"tapstack", "tapstack offload", "linux", "hooks"}
-    for name in ("tapstack", "tapstack offload", "linux"):
-        assert results[name]["bulk_MBps"] > 0 and results[name]["udp64_pps"] > 0, name
+    routers = {"tapstack", "tapstack offload", "linux", "tapstack nat",
+               "tapstack offload nat", "linux nat"}
+    assert set(results) == routers | {"hooks", "conntrack_bytes_per_flow"}
+    for name in routers:
+        figures = results[name]
+        assert figures["bulk_MBps"] > 0 and figures["udp64_pps"] > 0, name
+        assert figures["new_flows_per_s"] > 0, name
     assert results["hooks"]["us_per_packet"] > 0
+    assert results["conntrack_bytes_per_flow"]["bytes"] > 0
     table = (tmp_path / "forward-quick.md").read_text()
     assert "| bulk TCP through the router, iperf3 (MB/s) |" in table
