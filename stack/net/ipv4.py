@@ -338,6 +338,8 @@ class IPv4Layer:
         if route is None:
             return False
         out = self.interfaces[route.ifindex]
+        if self.hooks.output or self.hooks.postrouting:
+            return False  # the hooks see (and may rewrite) whole, checksummed datagrams
         return out.offload and out.arp.lookup(route.gateway or dst, now) is not None
 
     def _broadcast_route(self, src: bytes | None) -> Route | None:

@@ -349,15 +349,16 @@ s.sendto(icmp, ("203.0.113.1", 0))
 
 
 def test_an_icmp_error_for_no_tracked_flow_goes_nowhere(home):
-    if home.kind != "tapstack":
-        pytest.skip("counters are tapstack's")
-    before = home.stats("router")["counters"]["conntrack"]["related_unmatched"]
+    tapstack = home.kind == "tapstack"
+    if tapstack:
+        before = home.stats("router")["counters"]["conntrack"]["related_unmatched"]
     cap = Capture(home, "home")
     assert home.run("server", "python3", "-c", INJECT).returncode == 0
     time.sleep(0.3)
-    assert [p for p in cap.stop() if p.p == 1] == []
-    after = home.stats("router")["counters"]["conntrack"]["related_unmatched"]
-    assert after == before + 1
+    assert [p for p in cap.stop() if p.p == 1] == []  # nothing reaches the LAN
+    if tapstack:
+        after = home.stats("router")["counters"]["conntrack"]["related_unmatched"]
+        assert after == before + 1
 
 
 GATEWAY = """
