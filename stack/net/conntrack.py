@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from stack.counters import Counters
-from stack.net.tcp.seq import seq_add, seq_ge, seq_gt, seq_le
+from stack.net.tcp.seq import seq_add, seq_ge, seq_gt, seq_le, seq_lt
 from stack.wire.rewrite import ICMP_ERROR_TYPES, ICMP_QUERY_TYPES
 
 ORIGINAL, REPLY = 0, 1
@@ -73,13 +73,14 @@ class ConntrackConfig:
 class _Window:
     """What one direction of a TCP flow has sent and may send (sequence space)."""
 
-    __slots__ = ("end", "maxend", "maxwin", "scale")
+    __slots__ = ("end", "maxack", "maxend", "maxwin", "scale")
 
     def __init__(self) -> None:
         self.end = 0  # highest seq + len sent
         self.maxend = 0  # highest seq the other side's ACK + window allow
         self.maxwin = 0  # largest window advertised (scaled); 0: nothing seen yet
         self.scale = 0
+        self.maxack: int | None = None  # highest ACK this side sent
 
 
 class ConntrackEntry:
@@ -147,9 +148,11 @@ class Conntrack:
         self.table: dict[FlowTuple, ConntrackEntry] = {}
         self.count = 0  # entries (each is in the table under two tuples)
         self._unassured: dict[ConntrackEntry, None] = {}  # insertion order: oldest first
+        self._closing: dict[ConntrackEntry, None] = {}  # TCP flows going away, oldest first
         self._timers: list[tuple[float, int, ConntrackEntry]] = []
         self._order = itertools.count()
         self.on_destroy: list[Callable[[ConntrackEntry], None]] = []
+        self.on_confirm: list[Callable[[ConntrackEntry], None]] = []
         counters.declare(*COUNTERS)
 
     # -- lookup and creation ----------------------------------------------------------------
@@ -160,19 +163,20 @@ class Conntrack:
             return None
         return entry, (ORIGINAL if entry.orig == t else REPLY)
 
-    def new(self, t: FlowTuple, now: float) -> ConntrackEntry | None:
-        """An unconfirmed entry for a flow's first datagram; None when the table is full
-        of assured entries (counted). It joins the table at confirm()."""
-        if self.count >= self.config.max_entries and not self._evict():
-            self.counters["conntrack.table_full"] += 1
-            return None
+    def new(self, t: FlowTuple, now: float) -> ConntrackEntry:
+        """An unconfirmed entry for a flow's first datagram. It joins the table at
+        confirm(), once the datagram has passed every check (so a datagram that is
+        dropped on the way evicts nothing)."""
         return ConntrackEntry(t, now)
 
     def _evict(self) -> bool:
-        for victim in self._unassured:
-            self.remove(victim)
-            self.counters["conntrack.evicted"] += 1
-            return True
+        """Room for one more: the oldest flow never assured goes, else the oldest TCP
+        flow already closing (as Linux's early drop). Established flows never go."""
+        for table in (self._unassured, self._closing):
+            for victim in table:
+                self.remove(victim)
+                self.counters["conntrack.evicted"] += 1
+                return True
         return False
 
     def confirm(self, entry: ConntrackEntry, now: float) -> bool:
@@ -194,6 +198,8 @@ class Conntrack:
             self._unassured[entry] = None
         self.counters["conntrack.new"] += 1
         heapq.heappush(self._timers, (entry.expires, next(self._order), entry))
+        for callback in self.on_confirm:
+            callback(entry)
         return True
 
     def remove(self, entry: ConntrackEntry) -> None:
@@ -205,6 +211,7 @@ class Conntrack:
                 del self.table[t]
         self.count -= 1
         self._unassured.pop(entry, None)
+        self._closing.pop(entry, None)
         self.counters["conntrack.destroyed"] += 1
         for callback in self.on_destroy:
             callback(entry)
@@ -289,29 +296,46 @@ class Conntrack:
             else:
                 self.counters["conntrack.invalid"] += 1
                 return False
+        if flags & RST and state in (SYN_SENT, SYN_SENT2) and d == REPLY:
+            # a refusal must answer the SYN exactly (RFC 9293 3.10.7.3)
+            if not flags & ACK or ack != receiver.end:
+                self.counters["conntrack.invalid"] += 1
+                return False
+        elif flags & RST and receiver.maxack is not None and \
+                seq_lt(seq, receiver.maxack):
+            # RFC 5961: a RST below what the other side has acknowledged is blind
+            self.counters["conntrack.out_of_window"] += 1
+            return False
         if not self._in_window(sender, receiver, seq, ack, win, flags, end):
             self.counters["conntrack.out_of_window"] += 1
             return False
         if flags & RST:
-            entry.state = CLOSE
+            self._set_tcp(entry, CLOSE)
             entry.expires = now + self.config.tcp_close
             return True
         if flags & FIN:
             if state in (ESTABLISHED, SYN_RECV):
-                entry.state, entry.fin_dir = FIN_WAIT, d
+                entry.fin_dir = d
+                self._set_tcp(entry, FIN_WAIT)
             elif state in (FIN_WAIT, CLOSE_WAIT) and d != entry.fin_dir:
-                entry.state = LAST_ACK
+                self._set_tcp(entry, LAST_ACK)
         elif flags & ACK:
             if state == SYN_RECV and d == ORIGINAL:
                 entry.state = ESTABLISHED
                 self._assure(entry)
             elif state == FIN_WAIT and d != entry.fin_dir:
-                entry.state = CLOSE_WAIT
+                self._set_tcp(entry, CLOSE_WAIT)
             elif state == LAST_ACK and d == entry.fin_dir:
-                entry.state = TIME_WAIT
+                self._set_tcp(entry, TIME_WAIT)
         entry.expires = now + (self.config.tcp_established if entry.state == ESTABLISHED
                                else self.config.tcp_transitory)
         return True
+
+    def _set_tcp(self, entry: ConntrackEntry, state: int) -> None:
+        """A move into a closing state makes the flow evictable when the table fills."""
+        entry.state = state
+        if entry.confirmed and entry not in self._closing:
+            self._closing[entry] = None
 
     @staticmethod
     def _in_window(sender: _Window, receiver: _Window, seq: int, ack: int, win: int,
@@ -338,6 +362,8 @@ class Conntrack:
             limit = seq_add(ack, max(scaled, 1))
             if seq_gt(limit, receiver.maxend):
                 receiver.maxend = limit
+            if sender.maxack is None or seq_gt(ack, sender.maxack):
+                sender.maxack = ack
         if seq_gt(sender.end, sender.maxend):
             sender.maxend = sender.end
         return True

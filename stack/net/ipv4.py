@@ -124,6 +124,9 @@ class IPv4Layer:
             whole = self.reassembler.add(ip, packet, now)
             if whole is None:
                 return
+            if len(whole[0]) + len(whole[1]) > 65535:
+                c["ipv4.reasm_too_big"] += 1  # the first header's options made it too big
+                return
             packet = memoryview(_rebuild(whole[0], whole[1], ip.flags_fragment & FLAG_DF))
             ip = parse_ipv4(packet, verify_checksum=False)
         if self.hooks.prerouting:

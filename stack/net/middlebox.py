@@ -38,7 +38,7 @@ from stack.net.filters import Acl, SecurityGroup, make_rule
 from stack.net.nat import Mapping, NatConfig, NatTable
 from stack.net.packet import LOCAL, PacketInfo
 from stack.wire.ipv4 import ip_to_str
-from stack.wire.rewrite import rewrite, rewrite_quoted
+from stack.wire.rewrite import ICMP_QUERY_TYPES, rewrite, rewrite_quoted
 from stack.wire.virtio import F_NEEDS_CSUM
 
 COUNTERS = ("acl.denied_in", "acl.denied_out", "sg.denied_in", "sg.denied_out")
@@ -85,8 +85,10 @@ class Middlebox:
         self.counters.declare(*COUNTERS)
         self.conntrack = Conntrack(config.conntrack, self.counters)
         self.conntrack.on_destroy.append(self._destroyed)
+        self.conntrack.on_confirm.append(self._confirmed)
         self.nat = NatTable(config.nat, self.counters, rng or random.Random())
         self.nat.port_in_use_locally = self._local_port
+        self.nat.tuple_in_use = self.conntrack.table.__contains__
         index = {i.name: i.index for i in node.interfaces}
         for table in (config.acl_in, config.acl_out, config.groups):
             for name in table:
@@ -116,8 +118,15 @@ class Middlebox:
         hooks.add("postrouting", self._postrouting)
         self.ipv4.defrag = True
         node.tcp.reserved = node.udp.reserved = self._reserved
-        node.timers.append(self.conntrack)
+        node.timers.append(self)
         node.middlebox = self
+
+    def poll(self, now: float) -> None:
+        self.conntrack.poll(now)
+        self.nat.sweep()  # mappings made for datagrams that were then dropped
+
+    def next_deadline(self) -> float | None:
+        return self.conntrack.next_deadline()
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -132,6 +141,11 @@ class Middlebox:
     def _reserved(self, protocol: int, address: bytes, port: int) -> bool:
         return (protocol, address, port) in self.nat.by_public
 
+    def _confirmed(self, entry: ConntrackEntry) -> None:
+        if entry.nat is not None:
+            for mapping in entry.nat.mappings:
+                self.nat.hold(mapping)
+
     def _destroyed(self, entry: ConntrackEntry) -> None:
         if entry.nat is not None:
             for mapping in entry.nat.mappings:
@@ -140,10 +154,10 @@ class Middlebox:
 
     @staticmethod
     def _attach(entry: ConntrackEntry, mapping: Mapping) -> None:
+        """The flow will hold the mapping once it is confirmed (see _confirmed)."""
         if entry.nat is None:
             entry.nat = NatFlow()
         entry.nat.mappings.append(mapping)
-        mapping.flows += 1
 
     def _acl(self, acl: Acl, pkt: bytearray, inbound: bool) -> bool:
         """Inbound (into the subnet): the far end is the source; outbound: the
@@ -203,7 +217,12 @@ class Middlebox:
                ) -> bytearray | None:
         parsed = parse_flow(pkt)
         if parsed is None:
-            return pkt  # nothing to track it by
+            if pkt[9] in (1, 6, 17):
+                # too short to read, or an error about an error: it cannot belong to a
+                # flow, and must not slip past what flows are checked by
+                self.counters["conntrack.invalid"] += 1
+                return None
+            return pkt  # another protocol, and a first datagram: tracked by address
         t, is_error = parsed
         ct = self.conntrack
         if is_error:
@@ -237,9 +256,7 @@ class Middlebox:
                                       (6, t.dst, t.dport) not in self.nat.by_public)
             return pkt if ours else None
         entry = ct.new(t, now)
-        if entry is None:
-            return None
-        if stage == PRE and t.dst in self.public and not self._dnat(entry, t):
+        if stage == PRE and t.dst in self.public and not self._dnat(entry, t, info):
             return None
         ct.update(entry, ORIGINAL, pkt, now)
         if stage == PRE:
@@ -247,7 +264,14 @@ class Middlebox:
         info.conntrack = (entry, ORIGINAL, False)
         return pkt
 
-    def _dnat(self, entry: ConntrackEntry, t: FlowTuple) -> bool:
+    def _hairpin(self, src: bytes, inside: bytes) -> bool:
+        """Both ends are on the same side of us: the way back to the source leaves by the
+        interface the flow will leave by."""
+        routes = self.ipv4.routes
+        a, b = routes.lookup(src), routes.lookup(inside)
+        return a is not None and b is not None and a.ifindex == b.ifindex
+
+    def _dnat(self, entry: ConntrackEntry, t: FlowTuple, info: PacketInfo) -> bool:
         """A new flow to one of our public addresses: where it really goes. False: drop."""
         nat, c = self.nat, self.counters
         static = nat.static_by_public(t.dst)
@@ -262,7 +286,17 @@ class Middlebox:
             return True
         mapping = nat.inbound(t.proto, t.dst, t.dport)
         if mapping is not None:
-            if not mapping.admits(self.config.nat.filtering, t.src, t.sport):
+            src, sport = t.src, t.sport
+            if self._hairpin(t.src, mapping.inside):
+                # the source will reach the target as its own public endpoint: filter
+                # by that (RFC 4787 REQ-9); and it has now "sent to" the target's public
+                # endpoint, as it would have through another NAT, so that the target's
+                # answer passes its own mapping: two inside hosts can meet
+                mine = nat.by_inside.get((t.proto, t.src, t.sport, t.dst))
+                src, sport = t.dst, (mine.pport if mine is not None else -1)
+                if mine is not None:
+                    mine.remember(t.dst, t.dport)
+            if not mapping.admits(self.config.nat.filtering, src, sport):
                 c["nat.filtered"] += 1
                 return False
             port = mapping.iport
@@ -312,7 +346,7 @@ class Middlebox:
             if related:
                 self._translate_error(pkt, entry, d, POST)
             else:
-                if not entry.confirmed and not self._snat(entry, info):
+                if not entry.confirmed and not self._snat(entry, info, pkt):
                     return None
                 self._translate(pkt, info, entry, d, POST)
         acl = self.acl_in.get(info.out_iface)
@@ -324,36 +358,45 @@ class Middlebox:
             return None
         return pkt
 
-    def _snat(self, entry: ConntrackEntry, info: PacketInfo) -> bool:
+    def _snat(self, entry: ConntrackEntry, info: PacketInfo, pkt: bytearray) -> bool:
         """A new flow leaving: the source it takes. False: drop (no port left)."""
         src = entry.orig.src
         if src in self.ipv4.local:
             return True  # our own traffic leaves with our own address
         out = self.node.interfaces[info.out_iface]
         nat = self.nat
+        o, r = entry.orig, entry.reply
         static = nat.static_by_private(src)
+        if (r.src, r.sport) != (o.dst, o.dport) and o.dst in self.public and \
+                self._hairpin(src, r.src):
+            # hairpinning (RFC 4787 REQ-9): an inside host reached another through one
+            # of our public addresses; it must appear as its own public endpoint, or
+            # the replies would go straight back and miss us
+            self.counters["nat.hairpinned"] += 1
+            if static is not None:
+                entry.reply = FlowTuple(r.proto, r.src, r.sport, static.public, r.dport)
+                return True
+            masquerade = [p for _, p in self.masquerade.values()]
+            return self._map(entry, o.dst if o.dst in masquerade or not masquerade
+                             else masquerade[0], pkt)
         if static is not None and not out.on_link(src):
-            r = entry.reply
             entry.reply = FlowTuple(r.proto, r.src, r.sport, static.public, r.dport)
             self.counters["nat.static"] += 1
             return True
         rule = self.masquerade.get(out.index)
         if rule is not None and rule[0].covers(src):
-            return self._map(entry, rule[1])
-        o, r = entry.orig, entry.reply
-        if info.iface not in self.masquerade and o.dst in self.public and \
-                (r.src, r.sport) != (o.dst, o.dport) and \
-                o.dst in {p for _, p in self.masquerade.values()}:
-            # hairpinning (RFC 4787 REQ-9): an inside host reached another through our
-            # public address; it must see the first one's public endpoint, not its
-            # inside one, or its replies would bypass us
-            self.counters["nat.hairpinned"] += 1
-            return self._map(entry, o.dst)
+            return self._map(entry, rule[1], pkt)
         return True
 
-    def _map(self, entry: ConntrackEntry, public: bytes) -> bool:
+    def _map(self, entry: ConntrackEntry, public: bytes, pkt: bytearray) -> bool:
         o, r = entry.orig, entry.reply
-        mapping = self.nat.mapping_for(o.proto, o.src, o.sport, public)
+        hl = (pkt[0] & 0x0F) << 2
+        if r.proto not in (6, 17) and not (r.proto == 1 and len(pkt) > hl
+                                           and pkt[hl] in ICMP_QUERY_TYPES):
+            # no ports to map (GRE, ESP, other ICMP): the address alone
+            entry.reply = FlowTuple(r.proto, r.src, r.sport, public, r.dport)
+            return True
+        mapping = self.nat.mapping_for(o.proto, o.src, o.sport, public, (r.src, r.sport))
         if mapping is None:
             return False
         self._attach(entry, mapping)

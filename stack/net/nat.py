@@ -119,17 +119,33 @@ class NatTable:
         self.by_inside: dict[tuple[int, bytes, int, bytes], Mapping] = {}
         self.by_public: dict[tuple[int, bytes, int], Mapping] = {}
         self.per_subscriber: dict[bytes, int] = {}
+        self.idle: set[Mapping] = set()  # no confirmed flow holds them (yet, or any more)
         self.port_in_use_locally = lambda protocol, address, port: False
+        # (protocol, src, sport, dst, dport) -> True when a tracked flow has that tuple
+        self.tuple_in_use = lambda t: False
         counters.declare(*COUNTERS)
 
-    def public_port_taken(self, protocol: int, public: bytes, port: int) -> bool:
-        return (protocol, public, port) in self.by_public or \
-            self.port_in_use_locally(protocol, public, port)
+    def public_port_taken(self, protocol: int, public: bytes, port: int,
+                          remote: tuple[bytes, int] | None = None) -> bool:
+        """The port is a mapping's, a port forward's, a local socket's, or (towards
+        `remote`) already the public end of a tracked flow (as after a socket closed
+        while its flow lingers in TIME-WAIT)."""
+        if (protocol, public, port) in self.by_public or \
+                self.port_in_use_locally(protocol, public, port):
+            return True
+        if any(f.protocol == protocol and f.public == public and f.port == port
+               for f in self.config.forwards):
+            return True
+        if remote is not None:
+            rport = port if protocol == 1 else remote[1]
+            return self.tuple_in_use((protocol, remote[0], rport, public, port))
+        return False
 
-    def mapping_for(self, protocol: int, inside: bytes, iport: int, public: bytes
-                    ) -> Mapping | None:
+    def mapping_for(self, protocol: int, inside: bytes, iport: int, public: bytes,
+                    remote: tuple[bytes, int] | None = None) -> Mapping | None:
         """The inside endpoint's mapping on `public`, made if needed (None: no port left,
-        or the subscriber's limit reached; counted)."""
+        or the subscriber's limit reached; counted). A new mapping is idle until a flow
+        that uses it is confirmed (hold); sweep() drops those no flow took."""
         key = (protocol, inside, iport, public)
         mapping = self.by_inside.get(key)
         if mapping is not None:
@@ -138,7 +154,7 @@ class NatTable:
         if limit and self.per_subscriber.get(inside, 0) >= limit:
             self.counters["nat.subscriber_limit"] += 1
             return None
-        pport = self._allocate(protocol, public, iport)
+        pport = self._allocate(protocol, public, iport, remote)
         if pport is None:
             self.counters["nat.ports_exhausted"] += 1
             return None
@@ -147,29 +163,51 @@ class NatTable:
         self.by_public[(protocol, public, pport)] = mapping
         self.per_subscriber[inside] = self.per_subscriber.get(inside, 0) + 1
         self.counters["nat.mappings_created"] += 1
+        self.idle.add(mapping)
         return mapping
 
-    def _allocate(self, protocol: int, public: bytes, wanted: int) -> int | None:
+    def _allocate(self, protocol: int, public: bytes, wanted: int,
+                  remote: tuple[bytes, int] | None) -> int | None:
         low, high = self.config.port_range
         if protocol == 1:
             low, high = 1, 65535  # ICMP identifiers: any non-zero value
-        if low <= wanted <= high and not self.public_port_taken(protocol, public, wanted):
+        if low <= wanted <= high and \
+                not self.public_port_taken(protocol, public, wanted, remote):
             return wanted  # port preservation (RFC 4787 REQ-3)
         span = high - low + 1
         start = self.rng.randrange(span)
         for i in range(span):
             port = low + (start + i) % span
-            if not self.public_port_taken(protocol, public, port):
+            if not self.public_port_taken(protocol, public, port, remote):
                 return port
         return None
 
+    def hold(self, mapping: Mapping) -> None:
+        """A confirmed flow uses the mapping."""
+        mapping.flows += 1
+
     def release(self, mapping: Mapping) -> None:
+        """A flow that used the mapping is gone; the last one idles it."""
         mapping.flows -= 1
-        if mapping.flows > 0:
-            return
-        self.by_inside.pop((mapping.protocol, mapping.inside, mapping.iport, mapping.public),
-                           None)
-        self.by_public.pop((mapping.protocol, mapping.public, mapping.pport), None)
+        if mapping.flows <= 0:
+            self.idle.add(mapping)
+
+    def sweep(self) -> None:
+        """Drop the mappings no flow holds: made for a datagram that was then dropped
+        (an ACL, a full table, no route), or left by their last flow."""
+        for mapping in self.idle:
+            if mapping.flows <= 0:
+                self._drop(mapping)
+        self.idle.clear()
+
+    def _drop(self, mapping: Mapping) -> None:
+        inside = (mapping.protocol, mapping.inside, mapping.iport, mapping.public)
+        public = (mapping.protocol, mapping.public, mapping.pport)
+        if self.by_inside.get(inside) is not mapping:
+            return  # dropped already
+        del self.by_inside[inside]
+        if self.by_public.get(public) is mapping:
+            del self.by_public[public]
         left = self.per_subscriber.get(mapping.inside, 0) - 1
         if left > 0:
             self.per_subscriber[mapping.inside] = left

@@ -51,12 +51,13 @@ def is_first_fragment(pkt: bytes | bytearray) -> bool:
     return ((pkt[6] & 0x1F) << 8 | pkt[7]) == 0
 
 
-def _l4_checksum_offset(proto: int, pkt: bytearray, hl: int) -> int | None:
+def _l4_checksum_offset(proto: int, pkt: bytearray, hl: int, partial: bool
+                        ) -> int | None:
     """Where the transport checksum that covers the pseudo-header lives, if it does."""
     if proto == PROTO_TCP and len(pkt) >= hl + 18:
         return hl + 16
-    if proto == PROTO_UDP and len(pkt) >= hl + 8 and (pkt[hl + 6] or pkt[hl + 7]):
-        return hl + 6  # a zero UDP checksum means "none": it stays zero
+    if proto == PROTO_UDP and len(pkt) >= hl + 8 and (partial or pkt[hl + 6] or pkt[hl + 7]):
+        return hl + 6  # a zero UDP checksum means "none" (a partial sum is never that)
     return None
 
 
@@ -69,7 +70,7 @@ def rewrite(pkt: bytearray, source: bool, addr: bytes, port: int | None,
     proto = pkt[9]
     at = 12 if source else 16
     old_addr = bytes(pkt[at:at + 4])
-    l4 = _l4_checksum_offset(proto, pkt, hl) if is_first_fragment(pkt) else None
+    l4 = _l4_checksum_offset(proto, pkt, hl, partial) if is_first_fragment(pkt) else None
     if old_addr != addr:
         pkt[at:at + 4] = addr
         _patch(pkt, 10, old_addr, addr)
@@ -89,9 +90,11 @@ def rewrite(pkt: bytearray, source: bool, addr: bytes, port: int | None,
     new = _U16.pack(port)
     if old != new:
         pkt[where:where + 2] = new
-        if l4 is not None:
-            _patch(pkt, l4, old, new, partial)
-            if proto == PROTO_UDP and not partial and pkt[l4] == 0 and pkt[l4 + 1] == 0:
+        # a partial sum covers the pseudo-header only: the kernel adds the ports itself
+        # when it finishes the checksum (as Linux's csum_replace2 with pseudohdr false)
+        if l4 is not None and not partial:
+            _patch(pkt, l4, old, new)
+            if proto == PROTO_UDP and pkt[l4] == 0 and pkt[l4 + 1] == 0:
                 pkt[l4:l4 + 2] = b"\xff\xff"
 
 
@@ -133,6 +136,8 @@ def rewrite_quoted(pkt: bytearray, source: bool, addr: bytes, port: int | None) 
             pkt[where:where + 2] = _U16.pack(port)
             if l4sum is not None:
                 _patch(pkt, l4sum, old, bytes(pkt[where:where + 2]))
+                if proto == PROTO_UDP and pkt[l4sum] == 0 and pkt[l4sum + 1] == 0:
+                    pkt[l4sum:l4sum + 2] = b"\xff\xff"
     pkt[hl + 2:hl + 4] = b"\0\0"
     pkt[hl + 2:hl + 4] = _U16.pack(internet_checksum(bytes(pkt[hl:])))
     return True

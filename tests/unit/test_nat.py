@@ -12,7 +12,7 @@ from stack.net.conntrack import ESTABLISHED, ConntrackConfig
 from stack.net.host import Host, HostConfig
 from stack.net.interface import InterfaceConfig
 from stack.net.middlebox import Middlebox, MiddleboxConfig
-from stack.net.nat import Masquerade, NatConfig, PortForward
+from stack.net.nat import Masquerade, NatConfig, PortForward, StaticNat
 from stack.net.node import Node, NodeConfig
 from tests.unit.tcp_peer import User
 
@@ -41,7 +41,8 @@ class Tap:
 
 class Net:
     def __init__(self, filtering: str = "address", conntrack: ConntrackConfig | None = None,
-                 forwards: list[PortForward] | None = None, limit: int = 0) -> None:
+                 forwards: list[PortForward] | None = None, limit: int = 0,
+                 static: list[StaticNat] | None = None) -> None:
         self.lan = MemoryLan()
         self.router = Node(NodeConfig(name="r", forwarding=True, interfaces=[
             InterfaceConfig("lan", bytes.fromhex("020000000a01"), [(ip("192.168.1.1"), 24)]),
@@ -50,7 +51,8 @@ class Net:
         self.box = Middlebox(self.router, MiddleboxConfig(
             conntrack=conntrack or ConntrackConfig(),
             nat=NatConfig(masquerade=[Masquerade("wan")], filtering=filtering,
-                          forwards=forwards or [], ports_per_subscriber=limit)),
+                          forwards=forwards or [], ports_per_subscriber=limit,
+                          static=static or [])),
             random.Random(8))
         self.lan.plug(self.router, 0, "lan")
         self.lan.plug(self.router, 1, "wan")
@@ -237,3 +239,147 @@ def test_subscriber_port_limit():
         a.udp.sendto(a.udp.bind(port, udp_user([])), b"q", x.address, 53, net.lan.now)
     net.run(timeout=1.0)
     assert len(net.box.nat.by_public) == 2 and net.router.counters["nat.subscriber_limit"] == 1
+
+
+# -- found by review: each of these failed on the first version --------------------------
+
+
+def test_a_dropped_first_datagram_leaves_no_mapping_behind():
+    from stack.net.filters import Acl, make_rule
+
+    net = Net()
+    net.box.acl_in[1] = Acl([make_rule(100, "allow", "all", "203.0.113.20/32", None)])
+    a, x = net.inside[0], net.outside[0]
+    for port in range(7000, 7010):  # towards x, which wan's ACL denies
+        a.udp.sendto(a.udp.bind(port, udp_user([])), b"q", x.address, 53, net.lan.now)
+    net.run(timeout=1.0)
+    assert net.router.counters["acl.denied_in"] == 10
+    assert net.box.conntrack.count == 0 and net.box.nat.by_public == {}
+    assert net.box.nat.per_subscriber == {}
+
+
+def test_datagrams_dying_on_the_way_do_not_pin_a_mapping():
+    net = Net(filtering="endpoint", conntrack=ConntrackConfig(udp=3.0))
+    a, x = net.inside[0], net.outside[0]
+    x.udp.bind(53, udp_user([]))
+    a.udp.sendto(a.udp.bind(7000, udp_user([])), b"q", x.address, 53, net.lan.now)
+    net.run(lambda: net.box.conntrack.count == 1, timeout=1.0)
+    (mapping,) = net.box.nat.by_public.values()
+    probe = dpkt.udp.UDP(sport=999, dport=mapping.pport, data=b"z")
+    probe.ulen = len(probe)
+    packet = dpkt.ip.IP(src=net.outside[1].address, dst=ip(PUBLIC), p=17, ttl=1, data=probe)
+    packet.len = len(packet)
+    for _ in range(5):  # TTL 1 after DNAT: Time Exceeded, never confirmed
+        net.router.receive(1, bytes(dpkt.ethernet.Ethernet(
+            dst=net.router.interfaces[1].mac, src=net.outside[1].mac, type=0x0800,
+            data=packet)), net.lan.now)
+    assert mapping.flows == 1
+    net.run(lambda: net.box.nat.by_public == {}, timeout=20)
+    assert net.box.nat.by_public == {} and mapping.flows == 0
+
+
+def test_two_inside_hosts_meet_through_the_public_address_under_address_filtering():
+    net = Net(filtering="address")
+    a, b, x = net.inside[0], net.inside[1], net.outside[0]
+    x.udp.bind(3478, udp_user([]))  # a "STUN server" each of them talks to first
+    got_a, got_b = [], []
+    ep_a = a.udp.bind(7000, udp_user(got_a))
+    ep_b = b.udp.bind(8000, udp_user(got_b))
+    a.udp.sendto(ep_a, b"hello", x.address, 3478, net.lan.now)
+    b.udp.sendto(ep_b, b"hello", x.address, 3478, net.lan.now)
+    net.run(timeout=0.5)
+    for _ in range(3):  # both punch towards the other's public endpoint
+        a.udp.sendto(ep_a, b"hi from a", ip(PUBLIC), 8000, net.lan.now)
+        b.udp.sendto(ep_b, b"hi from b", ip(PUBLIC), 7000, net.lan.now)
+        net.run(timeout=0.5)
+    assert (b"hi from b", (PUBLIC, 8000)) in got_a
+    assert (b"hi from a", (PUBLIC, 7000)) in got_b
+
+
+def test_a_table_of_closing_flows_still_takes_new_ones():
+    net = Net(conntrack=ConntrackConfig(max_entries=3))
+    a, x = net.inside[0], net.outside[0]
+    for port in (41000, 41001, 41002, 41003):
+        conn, server = connect(net, a, x, 80, sport=port)
+        assert conn.user.established, port
+        conn.close()
+        server.close()
+        net.run(lambda: conn.state_name in ("TIME-WAIT", "CLOSED"), timeout=5)
+    assert net.router.counters["conntrack.table_full"] == 0
+    assert net.router.counters["conntrack.evicted"] >= 1
+
+
+def test_a_blind_rst_does_not_close_the_flow():
+    net = Net()
+    a, x = net.inside[0], net.outside[0]
+    conn, server = connect(net, a, x, 80, sport=42000)
+    conn.send(b"x" * 3000)
+    net.run(lambda: len(server.user.data) == 3000)
+    (entry,) = [e for e in net.box.conntrack.entries() if e.orig.proto == 6]
+    rst = dpkt.tcp.TCP(sport=80, dport=42000, flags=dpkt.tcp.TH_RST,
+                       seq=(server.snd_nxt - 1000) & 0xFFFFFFFF)  # in the window, not exact
+    packet = dpkt.ip.IP(src=x.address, dst=ip(PUBLIC), p=6, data=rst)
+    net.router.receive(1, bytes(dpkt.ethernet.Ethernet(
+        dst=net.router.interfaces[1].mac, src=x.mac, type=0x0800, data=packet)), net.lan.now)
+    assert entry.state == ESTABLISHED
+    assert net.router.counters["conntrack.out_of_window"] >= 1
+
+
+def test_truncated_transport_headers_do_not_slip_past_tracking():
+    net = Net()
+    x = net.outside[0]
+    short = dpkt.ip.IP(src=x.address, dst=ip(PUBLIC), p=17, data=b"\x00\x35\x1f")
+    net.router.receive(1, bytes(dpkt.ethernet.Ethernet(
+        dst=net.router.interfaces[1].mac, src=x.mac, type=0x0800, data=short)), net.lan.now)
+    assert net.router.counters["conntrack.invalid"] == 1
+
+
+def test_protocols_without_ports_are_masqueraded_by_address():
+    net = Net()
+    a, x = net.inside[0], net.outside[0]
+    a.ipv4.send(x.address, 47, b"\x00\x00\x08\x00" + b"gre payload", net.lan.now)
+    net.run(timeout=0.5)
+    seen = [p for p in net.taps[x.address].seen if p.p == 47]
+    assert [p.src for p in seen] == [ip(PUBLIC)]
+    x.ipv4.send(ip(PUBLIC), 47, b"\x00\x00\x08\x00" + b"gre answer", net.lan.now)
+    net.run(timeout=0.5)
+    assert [p.src for p in net.taps[a.address].seen if p.p == 47] == [x.address]
+
+
+def test_hairpinning_to_a_one_to_one_public_address():
+    net = Net(static=[StaticNat(ip("203.0.113.5"), ip("192.168.1.3"))])
+    net.router.add_address("wan", ip("203.0.113.5"), 24)
+    a, b = net.inside
+    accepted = []
+    b.tcp.listen(80, lambda c: (setattr(c, "user", User()), accepted.append(c)))
+    conn = a.tcp.connect(ip("203.0.113.5"), 80, net.lan.now)
+    conn.user = User()
+    net.run(lambda: conn.user.established and accepted, timeout=3)
+    assert conn.user.established and accepted[0].remote_ip == ip(PUBLIC)
+
+
+def test_an_oversized_datagram_in_fragments_is_dropped_and_counted():
+    net = Net()
+    x = net.outside[0]
+    options = bytes([0x94, 4, 0, 0]) * 10  # 40 bytes: a 60-byte first header
+    data = bytes(65515 - 8)  # ends at 65515 with the UDP header: 65575 with that header
+    whole = dpkt.udp.UDP(sport=1, dport=2, data=data)
+    whole.ulen = 8 + len(data)
+    body = bytes(whole)
+    frames, offset, step = [], 0, 1480
+    while offset < len(body):
+        piece = body[offset:offset + step]
+        more = offset + step < len(body)
+        frag = dpkt.ip.IP(src=x.address, dst=ip(PUBLIC), p=17, id=9, data=piece,
+                          mf=int(more), offset=offset >> 3)
+        if offset == 0:
+            frag.opts = options
+            frag.hl = 15
+        frag.len = frag.hl * 4 + len(piece)
+        frames.append(bytes(dpkt.ethernet.Ethernet(
+            dst=net.router.interfaces[1].mac, src=x.mac, type=0x0800, data=frag)))
+        offset += step
+    for f in frames:
+        net.router.receive(1, f, net.lan.now)
+    assert net.router.counters["ipv4.reasm_too_big"] == 1
+    assert net.router.counters["stack.internal_errors"] == 0
