@@ -304,7 +304,7 @@ def test_a_table_of_closing_flows_still_takes_new_ones():
         assert conn.user.established, port
         conn.close()
         server.close()
-        net.run(lambda: conn.state_name in ("TIME-WAIT", "CLOSED"), timeout=5)
+        net.run(lambda c=conn: c.state_name in ("TIME-WAIT", "CLOSED"), timeout=5)
     assert net.router.counters["conntrack.table_full"] == 0
     assert net.router.counters["conntrack.evicted"] >= 1
 
