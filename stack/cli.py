@@ -17,6 +17,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from stack.api import Stack
+from stack.apps.dns.server import DnsServer, DnsTcpProtocol, DnsUdpProtocol
+from stack.apps.dns.zone import ZoneError, Zones, load_zone
 from stack.apps.http.server import HttpServerProtocol
 from stack.apps.http.site import Site
 from stack.apps.services import (
@@ -101,6 +103,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--http-port", type=int, default=80,
                    help="port of the HTTP server (default: %(default)s)")
     r.add_argument("--no-http", action="store_true", help="do not serve HTTP")
+    r.add_argument("--dns-zone", action="append", default=[], metavar="FILE",
+                   help="serve this RFC 1035 zone file on UDP and TCP port 53 "
+                        "(authoritative; repeatable)")
 
     k = sub.add_parser("serve-kernel",
                        help="the same HTTP server on ordinary kernel sockets (uvloop), for "
@@ -247,6 +252,7 @@ def _banner(args: argparse.Namespace, host_cidr: str | None) -> str:
         f"  {prefix}ping -c 3 {ip}",
         f"  {prefix}arping -c 3 -I {args.tap} {ip}",
         *([] if args.no_http else [f"  {prefix}curl http://{ip}{port}/"]),
+        *([f"  {prefix}dig @{ip} {z}" for z in _zone_names(args.dns_zone)]),
         f"  {prefix}tcpdump -ni {args.tap}",
         *([] if args.no_services else [
             f"  {prefix}nc {ip} 7          (echo; also discard on 9, UDP echo: nc -u)",
@@ -258,6 +264,17 @@ def _banner(args: argparse.Namespace, host_cidr: str | None) -> str:
 
 
 SERVICES = {7: EchoProtocol, 9: DiscardProtocol, 19: SourceProtocol}
+
+
+def _zone_names(paths: list[str]) -> list[str]:
+    """The zones the files name, for the banner's dig lines."""
+    names = []
+    for path in paths:
+        try:
+            names.append(str(load_zone(path).origin))
+        except ZoneError:
+            continue
+    return names
 
 
 def _http_options(p: argparse.ArgumentParser) -> None:
@@ -283,10 +300,25 @@ def load_app(args: argparse.Namespace, stats: Callable[[], dict] | None) -> Any:
         raise UsageError(f"--app {args.app}: cannot load it ({exc})") from None
 
 
-def start_services(args: argparse.Namespace, app: Any
+def load_dns(paths: list[str]) -> DnsServer | None:
+    """The authoritative server for these zone files; UsageError when one is bad."""
+    if not paths:
+        return None
+    try:
+        return DnsServer(Zones([load_zone(path) for path in paths]))
+    except ZoneError as exc:
+        raise UsageError(f"--dns-zone {exc}") from None
+
+
+def start_services(args: argparse.Namespace, app: Any, dns_server: DnsServer | None = None
                    ) -> Callable[[Runtime], Awaitable[None]]:
     async def setup(runtime: Runtime) -> None:
         stack = Stack(runtime)
+        if dns_server is not None:
+            await stack.create_datagram_endpoint(lambda: DnsUdpProtocol(dns_server),
+                                                 local_addr=("", 53))
+            await stack.create_server(lambda: DnsTcpProtocol(dns_server), port=53)
+            runtime.app_counters["dns"] = lambda: dict(dns_server.counters)
         if not args.no_services:
             for port, protocol in SERVICES.items():
                 await stack.create_server(protocol, port=port)
@@ -335,6 +367,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             return _banner(args, host_cidr)
     stats_source: list[Runtime] = []
     app = load_app(args, lambda: stats_source[0].snapshot())
+    dns_server = load_dns(args.dns_zone + spec.dns_zones)
     with stack_environment(spec, args.command, args.pcap) as (links, control, pcap):
         runtime = build_runtime(spec, links, pcap, args.impair)
         stats_source.append(runtime)
@@ -343,7 +376,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(banner(), flush=True)
 
         run(runtime, control, ready, use_uvloop=not args.asyncio,
-            setup=start_services(args, app))
+            setup=start_services(args, app, dns_server))
     return 0
 
 

@@ -24,6 +24,7 @@
     [services]
     echo = true                  # echo 7, discard 9, source 19, UDP echo 7
     http = 80                    # port, or false
+    dns_zones = ["bob.com.zone"] # authoritative DNS on UDP and TCP 53 (zone files)
 
     [conntrack], [nat], [[acl]], [[security_group]]: see config_middlebox.py
 
@@ -35,7 +36,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from stack.config_middlebox import parse_middlebox
@@ -74,6 +75,7 @@ class NodeSpec:
     source: str = ""  # the file it came from
     control: str = ""  # control socket name; default node/NAME
     middlebox: MiddleboxConfig | None = None  # NAT, ACLs, security groups
+    dns_zones: list[str] = field(default_factory=list)  # served on port 53
 
     @property
     def control_name(self) -> str:
@@ -226,8 +228,11 @@ def parse_node(data: dict, path: str) -> NodeSpec:
         metric = r.get(t, "metric", where, int, 0)
         routes.append(RouteConfig(to, gateway, dev, metric))
     services = r.get(data, "services", "", dict, {})
-    r.unknown(services, {"echo", "http"}, "services")
+    r.unknown(services, {"echo", "http", "dns_zones"}, "services")
     echo = r.get(services, "echo", "services", bool, True)
+    dns_zones = r.get(services, "dns_zones", "services", list, [])
+    if not all(isinstance(z, str) for z in dns_zones):
+        raise r.fail("services.dns_zones", "must be a list of zone file paths")
     http = services.get("http", 80)
     if http is False:
         http_port = None
@@ -238,7 +243,8 @@ def parse_node(data: dict, path: str) -> NodeSpec:
     node = NodeConfig(name=name, interfaces=interfaces, routes=routes, forwarding=forwarding,
                       tcp=TcpConfig(msl=float(msl)))
     middlebox = parse_middlebox(data, interfaces, r.fail)
-    return NodeSpec(node, links, netns, echo, http_port, path, middlebox=middlebox)
+    return NodeSpec(node, links, netns, echo, http_port, path, middlebox=middlebox,
+                    dns_zones=dns_zones)
 
 
 def load_node(path: str) -> NodeSpec:

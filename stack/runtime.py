@@ -78,6 +78,8 @@ class Runtime:
         if len(self.links) != len(node.interfaces) or len(pcaps) != len(self.links):
             raise ValueError("one link (and one pcap slot) per interface")
         self.info = dict(info or {})
+        # counters of the applications on this node (name -> a function giving them)
+        self.app_counters: dict[str, Callable[[], dict[str, int]]] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
@@ -232,6 +234,8 @@ class Runtime:
         counters = node.stats()
         counters.setdefault("link", {})["tx_errors"] = sum(link.tx_errors
                                                            for link in self.links)
+        for name, read in self.app_counters.items():
+            counters[name] = dict(sorted(read().items()))
         interfaces = {}
         for iface, link, per in zip(node.interfaces, self.links,
                                     node.interface_stats().values(), strict=True):
