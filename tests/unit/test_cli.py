@@ -39,3 +39,12 @@ def test_defaults_match_the_design():
     assert config.address == bytes([10, 77, 0, 2]) and config.prefixlen == 24
     assert config.mac == bytes.fromhex("02000a4d0002") and config.mtu == 1500
     assert config.gateway == bytes([10, 77, 0, 1])
+
+
+def test_bad_zone_file_is_one_sentence(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cli.ns, "create_netns", lambda name: pytest.fail("created a netns"))
+    zone = tmp_path / "x.zone"
+    zone.write_text("$ORIGIN x.\n$TTL 60\n@ IN A 192.0.2.1\n")
+    assert cli.main(["run", "--netns", "never-made", "--dns-zone", str(zone)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"tapstack: --dns-zone {zone}: the zone has no SOA record at its apex"]
