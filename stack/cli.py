@@ -40,7 +40,7 @@ from stack.link import netns as ns
 from stack.link.impair import Impairment, ImpairSpecError
 from stack.net.host import HostConfig
 from stack.net.tcp.connection import TcpConfig
-from stack.runtime import Runtime, control_request, read_stats, run
+from stack.runtime import Runtime, control_request, run
 from stack.show import format_flows, format_routes, format_rules, format_stats
 from stack.wire.ethernet import is_multicast_mac, mac_from_str
 from stack.wire.ipv4 import ip_to_str
@@ -467,27 +467,8 @@ def cmd_connect(args: argparse.Namespace) -> int:
 # -- stats --------------------------------------------------------------------------------
 
 
-def _snapshot(args: argparse.Namespace) -> dict[str, Any]:
-    where = "the current namespace" if args.no_netns else f"namespace {args.netns}"
-    name = f"node/{args.node}" if args.node else args.tap
-    what = f"node {args.node}" if args.node else args.tap
-    if not args.no_netns:
-        require_root(f"{args.command} --netns")
-        if not ns.netns_exists(args.netns):
-            raise UsageError(f"no tapstack is running in namespace {args.netns} "
-                             "(it does not exist)")
-        ns.enter_netns(args.netns)
-    try:
-        return read_stats(name)
-    except (ConnectionRefusedError, FileNotFoundError):
-        raise UsageError(f"no tapstack is running on {what} in {where}") from None
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot read {args.command} from {what} in {where}: {exc}"
-                         ) from None
-
-
 def cmd_stats(args: argparse.Namespace) -> int:
-    snapshot = _snapshot(args)
+    snapshot = _request(args, {"cmd": "stats"})
     print(json.dumps(snapshot, indent=2) if args.json else format_stats(snapshot))
     return 0
 
@@ -508,7 +489,8 @@ def _request(args: argparse.Namespace, request: dict[str, Any]) -> dict[str, Any
     except (ConnectionRefusedError, FileNotFoundError):
         raise UsageError(f"no tapstack is running on {what} in {where_text}") from None
     except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot ask {what} in {where_text}: {exc}") from None
+        raise UsageError(f"cannot read {args.command} from {what} in {where_text}: {exc}"
+                         ) from None
     if "error" in answer:
         raise UsageError(answer["error"])
     return answer
@@ -546,7 +528,7 @@ def cmd_rules(args: argparse.Namespace) -> int:
 
 
 def cmd_route(args: argparse.Namespace) -> int:
-    snapshot = _snapshot(args)
+    snapshot = _request(args, {"cmd": "stats"})
     print(json.dumps(snapshot.get("routes", []), indent=2) if args.json
           else format_routes(snapshot))
     return 0

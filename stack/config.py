@@ -247,15 +247,19 @@ def parse_node(data: dict, path: str) -> NodeSpec:
                     dns_zones=dns_zones)
 
 
-def load_node(path: str) -> NodeSpec:
-    """Read and check a node file; ConfigError (one sentence) when anything is wrong."""
+def read_toml(path: str) -> dict:
+    """A TOML file as a dict; ConfigError (one sentence) when it cannot be read."""
     try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            return tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read it ({exc.strerror})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from None
-    return parse_node(data, path)
+
+
+def load_node(path: str) -> NodeSpec:
+    """Read and check a node file; ConfigError (one sentence) when anything is wrong."""
+    return parse_node(read_toml(path), path)

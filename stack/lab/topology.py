@@ -33,10 +33,9 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import tomllib
 from dataclasses import dataclass, field
 
-from stack.config import ConfigError
+from stack.config import ConfigError, read_toml
 from stack.config_middlebox import parse_middlebox
 from stack.net.interface import InterfaceConfig
 
@@ -236,13 +235,4 @@ def _check_middlebox(path: str, where: str, data: dict, ifaces: list[LabInterfac
 
 
 def load_lab(path: str) -> Lab:
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read it ({exc.strerror})") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
-    return parse_lab(data, path)
+    return parse_lab(read_toml(path), path)

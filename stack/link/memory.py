@@ -21,7 +21,27 @@ class Station(Protocol):
     def next_deadline(self) -> float | None: ...
 
 
-class MemoryWire:
+class _VirtualTime:
+    """Driving a simulation: step() until a condition holds or nothing is left."""
+
+    now: float
+
+    def step(self) -> bool:
+        raise NotImplementedError
+
+    def run(self, until: Callable[[], bool] | None = None, timeout: float = 600.0) -> float:
+        """Run until `until()` holds (checked after every step), nothing is left to do, or
+        `timeout` virtual seconds pass. Returns the virtual time."""
+        limit = self.now + timeout
+        while self.now <= limit:
+            if until is not None and until():
+                return self.now
+            if not self.step():
+                break
+        return self.now
+
+
+class MemoryWire(_VirtualTime):
     def __init__(self, a: Station, b: Station, a_to_b: Impairment | None = None,
                  b_to_a: Impairment | None = None, now: float = 0.0) -> None:
         self.a, self.b = a, b
@@ -56,16 +76,6 @@ class MemoryWire:
         self.now = max(min(times), now + 1e-6)
         return True
 
-    def run(self, until: Callable[[], bool] | None = None, timeout: float = 600.0) -> float:
-        """Run until `until()` holds (checked after every step), nothing is left to do, or
-        `timeout` virtual seconds pass. Returns the virtual time."""
-        limit = self.now + timeout
-        while self.now <= limit:
-            if until is not None and until():
-                return self.now
-            if not self.step():
-                break
-        return self.now
 
 
 class Port:
@@ -81,7 +91,7 @@ class Port:
         self.queue = queue
 
 
-class MemoryLan:
+class MemoryLan(_VirtualTime):
     """Whole networks in one process: nodes (anything with receive(ifindex, frame, now),
     poll(now) -> [(interface with .index, frames)], next_deadline(), start(now)) whose
     interfaces sit on named segments. A segment is a hub: every frame reaches every other
@@ -131,14 +141,3 @@ class MemoryLan:
             return False
         self.now = max(min(times), now + 1e-6)  # step past a deadline poll() just served
         return True
-
-    def run(self, until: Callable[[], bool] | None = None, timeout: float = 600.0) -> float:
-        """Run until `until()` holds, nothing is left to do, or `timeout` virtual
-        seconds pass. Returns the virtual time."""
-        limit = self.now + timeout
-        while self.now <= limit:
-            if until is not None and until():
-                return self.now
-            if not self.step():
-                break
-        return self.now

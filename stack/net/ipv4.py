@@ -221,18 +221,13 @@ class IPv4Layer:
         info.out_iface = out.index
         data = bytearray(packet[:ip.total_length])
         decrement_ttl(data)
-        if self.hooks.forward:
-            result = run_hooks(self.hooks.forward, data, info, now)
-            if result is None:
-                c["ipv4.fwd_hook_dropped"] += 1
-                return
-            data = result
-        if self.hooks.postrouting:
-            result = run_hooks(self.hooks.postrouting, data, info, now)
-            if result is None:
-                c["ipv4.fwd_hook_dropped"] += 1
-                return
-            data = result
+        for handlers in (self.hooks.forward, self.hooks.postrouting):
+            if handlers:
+                result = run_hooks(handlers, data, info, now)
+                if result is None:
+                    c["ipv4.fwd_hook_dropped"] += 1
+                    return
+                data = result
         hop = route.gateway or ip.dst
         vnet = info.vnet
         if vnet is not None and self._forward_offloaded(data, vnet, out, hop, now, quote):
