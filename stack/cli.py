@@ -240,7 +240,7 @@ def _banner(args: argparse.Namespace, host_cidr: str | None) -> str:
     ip = args.address.split("/")[0]
     prefix = "" if args.no_netns else f"ip netns exec {args.netns} "
     where = "the current namespace" if args.no_netns else f"namespace {args.netns}"
-    me = shutil.which("tapstack") or "tapstack"
+    me = _me()
     stats = f"{me} stats" + (" --no-netns" if args.no_netns else f" --netns {args.netns}")
     if args.tap != "tap0":
         stats += f" --tap {args.tap}"
@@ -264,6 +264,18 @@ def _banner(args: argparse.Namespace, host_cidr: str | None) -> str:
 
 
 SERVICES = {7: EchoProtocol, 9: DiscardProtocol, 19: SourceProtocol}
+
+
+def _me() -> str:
+    """How to call this command again: `tapstack` if the shell finds it, else the path
+    that started us (.venv/bin/tapstack after make run), so printed commands work."""
+    if shutil.which("tapstack"):
+        return "tapstack"
+    argv0 = sys.argv[0]
+    if os.path.basename(argv0) == "tapstack" and os.path.exists(argv0):
+        return os.path.relpath(argv0) if not argv0.startswith("/") else argv0
+    venv = os.path.join(os.path.dirname(sys.executable), "tapstack")
+    return venv if os.path.exists(venv) else "tapstack"
 
 
 def _zone_names(paths: list[str]) -> list[str]:
@@ -331,7 +343,7 @@ def start_services(args: argparse.Namespace, app: Any, dns_server: DnsServer | N
 
 
 def _node_banner(spec: NodeSpec) -> str:
-    me = shutil.which("tapstack") or "tapstack"
+    me = _me()
     in_ns = "" if spec.netns is None else f" --netns {spec.netns}"
     role = "router" if spec.node.forwarding else "host"
     lines = [f"tapstack ready: node {spec.node.name} ({role}) in {netns_text(spec.netns)}"]

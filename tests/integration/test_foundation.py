@@ -42,6 +42,12 @@ def test_ping_five_and_ready_banner(start_stack):
     assert r.returncode == 0 and loss(r.stdout) == 0.0, r.stdout + r.stderr
     assert r.stdout.count(f"bytes from {STACK_IP}: icmp_seq=") == 5
     assert st.counter("icmp.tx_echo_replies") == 5
+    # the stats command the banner prints works as printed, from the repository, with
+    # nothing on PATH but the system's (a newcomer after make run)
+    (line,) = [ln.strip() for ln in st.stdout_lines if " stats --netns" in ln]
+    r = subprocess.run(line, shell=True, cwd=REPO, capture_output=True, text=True,
+                       timeout=30, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+    assert r.returncode == 0 and "tx_echo_replies" in r.stdout, (line, r.stderr)
 
 
 def test_ping_full_size_frames(start_stack):
