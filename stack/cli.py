@@ -16,7 +16,17 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import dns.exception
+
 from stack.api import Stack
+from stack.apps.dns.cache import Cache
+from stack.apps.dns.resolver import (
+    Resolver,
+    ResolverServer,
+    ResolverTcpProtocol,
+    ResolverUdpProtocol,
+    load_hints,
+)
 from stack.apps.dns.server import DnsServer, DnsTcpProtocol, DnsUdpProtocol
 from stack.apps.dns.zone import ZoneError, Zones, load_zone
 from stack.apps.http.server import HttpServerProtocol
@@ -106,6 +116,13 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--dns-zone", action="append", default=[], metavar="FILE",
                    help="serve this RFC 1035 zone file on UDP and TCP port 53 "
                         "(authoritative; repeatable)")
+    r.add_argument("--resolver", action="store_true",
+                   help="be a caching, recursive DNS resolver on port 53 (with "
+                        "--root-hints or --forward)")
+    r.add_argument("--root-hints", metavar="FILE",
+                   help="the root servers to start iterating from (named.root format)")
+    r.add_argument("--forward", action="append", default=[], metavar="ADDR",
+                   help="forward questions to this resolver instead (repeatable)")
 
     k = sub.add_parser("serve-kernel",
                        help="the same HTTP server on ordinary kernel sockets (uvloop), for "
@@ -322,10 +339,47 @@ def load_dns(paths: list[str]) -> DnsServer | None:
         raise UsageError(f"--dns-zone {exc}") from None
 
 
-def start_services(args: argparse.Namespace, app: Any, dns_server: DnsServer | None = None
+def resolver_options(args: argparse.Namespace, spec: NodeSpec
+                     ) -> tuple[list, list[str]] | None:
+    """(root hints, forwarders) when this node resolves; UsageError when that is wrong."""
+    conf = spec.resolver or {}
+    if not (args.resolver or conf):
+        if args.root_hints or args.forward:
+            raise UsageError("--root-hints and --forward need --resolver")
+        return None
+    if args.dns_zone or spec.dns_zones:
+        raise UsageError("a node serves zones or resolves, not both on port 53")
+    hints_file = args.root_hints or conf.get("root_hints")
+    forward = args.forward or list(conf.get("forward", []))
+    if bool(hints_file) == bool(forward):
+        raise UsageError("--resolver needs --root-hints FILE or --forward ADDR (one of them)")
+    for addr in forward:
+        try:
+            ipaddress.IPv4Address(addr)
+        except ValueError:
+            raise UsageError(f"--forward {addr!r} is not an IPv4 address") from None
+    hints = []
+    if hints_file:
+        try:
+            hints = load_hints(hints_file)
+        except (OSError, ValueError, dns.exception.DNSException) as exc:
+            raise UsageError(f"--root-hints {hints_file}: {exc}") from None
+    return hints, forward
+
+
+def start_services(args: argparse.Namespace, app: Any, dns_server: DnsServer | None = None,
+                   resolving: tuple[list, list[str]] | None = None
                    ) -> Callable[[Runtime], Awaitable[None]]:
     async def setup(runtime: Runtime) -> None:
         stack = Stack(runtime)
+        if resolving is not None:
+            hints, forward = resolving
+            service = ResolverServer(Resolver(stack, runtime.loop.time, Cache(),
+                                              root_hints=hints, forward=forward))
+            await stack.create_datagram_endpoint(lambda: ResolverUdpProtocol(service),
+                                                 local_addr=("", 53))
+            await stack.create_server(lambda: ResolverTcpProtocol(service), port=53)
+            runtime.app_counters["resolver"] = service.counters_all
         if dns_server is not None:
             await stack.create_datagram_endpoint(lambda: DnsUdpProtocol(dns_server),
                                                  local_addr=("", 53))
@@ -380,6 +434,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     stats_source: list[Runtime] = []
     app = load_app(args, lambda: stats_source[0].snapshot())
     dns_server = load_dns(args.dns_zone + spec.dns_zones)
+    resolving = resolver_options(args, spec)
     with stack_environment(spec, args.command, args.pcap) as (links, control, pcap):
         runtime = build_runtime(spec, links, pcap, args.impair)
         stats_source.append(runtime)
@@ -388,7 +443,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(banner(), flush=True)
 
         run(runtime, control, ready, use_uvloop=not args.asyncio,
-            setup=start_services(args, app, dns_server))
+            setup=start_services(args, app, dns_server, resolving))
     return 0
 
 

@@ -25,6 +25,7 @@
     echo = true                  # echo 7, discard 9, source 19, UDP echo 7
     http = 80                    # port, or false
     dns_zones = ["bob.com.zone"] # authoritative DNS on UDP and TCP 53 (zone files)
+    resolver = { root_hints = "root.hints" }   # or { forward = ["192.0.2.53"] }
 
     [conntrack], [nat], [[acl]], [[security_group]]: see config_middlebox.py
 
@@ -76,6 +77,7 @@ class NodeSpec:
     control: str = ""  # control socket name; default node/NAME
     middlebox: MiddleboxConfig | None = None  # NAT, ACLs, security groups
     dns_zones: list[str] = field(default_factory=list)  # served on port 53
+    resolver: dict = field(default_factory=dict)  # root_hints or forward: resolve on 53
 
     @property
     def control_name(self) -> str:
@@ -228,7 +230,9 @@ def parse_node(data: dict, path: str) -> NodeSpec:
         metric = r.get(t, "metric", where, int, 0)
         routes.append(RouteConfig(to, gateway, dev, metric))
     services = r.get(data, "services", "", dict, {})
-    r.unknown(services, {"echo", "http", "dns_zones"}, "services")
+    r.unknown(services, {"echo", "http", "dns_zones", "resolver"}, "services")
+    resolver = r.get(services, "resolver", "services", dict, {})
+    r.unknown(resolver, {"root_hints", "forward"}, "services.resolver")
     echo = r.get(services, "echo", "services", bool, True)
     dns_zones = r.get(services, "dns_zones", "services", list, [])
     if not all(isinstance(z, str) for z in dns_zones):
@@ -244,7 +248,7 @@ def parse_node(data: dict, path: str) -> NodeSpec:
                       tcp=TcpConfig(msl=float(msl)))
     middlebox = parse_middlebox(data, interfaces, r.fail)
     return NodeSpec(node, links, netns, echo, http_port, path, middlebox=middlebox,
-                    dns_zones=dns_zones)
+                    dns_zones=dns_zones, resolver=resolver)
 
 
 def read_toml(path: str) -> dict:

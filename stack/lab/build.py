@@ -82,10 +82,11 @@ def _node_toml(lab: Lab, node: LabNode, log_dir: str) -> str:
         if route.dev:
             lines.append(f"dev = {json.dumps(route.dev)}")
         lines += [f"metric = {route.metric}", ""]
-    http = "false" if node.http is None else str(node.http)
-    lines += ["[services]", f"echo = {'true' if node.echo else 'false'}", f"http = {http}"]
-    # NAT and filters, as the lab file gave them (top-level keys, inline tables)
-    head = [f"{key} = {toml_value(value)}" for key, value in node.middlebox.items()]
+    services = {"echo": node.echo, "http": node.http if node.http is not None else False,
+                **node.dns}
+    # services, NAT and filters as the lab file gave them: top-level keys (inline tables)
+    head = [f"services = {toml_value(services)}"]
+    head += [f"{key} = {toml_value(value)}" for key, value in node.middlebox.items()]
     return "\n".join(lines[:3] + head + lines[3:]) + "\n"
 
 
@@ -211,15 +212,15 @@ def _hosts_file(lab: Lab) -> str:
 
 
 def _etc(lab: Lab, node: LabNode) -> None:
-    """/etc/netns/NS: the lab's names, and no DNS server (an address lookup that asks
-    one, as Python's http.server does at start, fails at once instead of waiting out
-    the machine's resolver)."""
+    """/etc/netns/NS: the lab's names, and the lab's name server (by default none: an
+    address lookup that asks one, as Python's http.server does at start, then fails at
+    once instead of waiting out the machine's resolver)."""
     etc = os.path.join(ETC_NETNS, lab.netns(node))
     os.makedirs(etc, exist_ok=True)
     with open(os.path.join(etc, "hosts"), "w") as f:
         f.write(_hosts_file(lab))
     with open(os.path.join(etc, "resolv.conf"), "w") as f:
-        f.write(f"# tapstack lab {lab.name}: no name server\nnameserver 127.0.0.1\n")
+        f.write(f"# tapstack lab {lab.name}\nnameserver {lab.nameserver}\n")
 
 
 def _build_linux(lab: Lab, node: LabNode) -> None:

@@ -73,6 +73,7 @@ class LabNode:
     echo: bool = True
     http: int | None = None
     middlebox: dict = field(default_factory=dict)  # conntrack, nat, acl, security_group
+    dns: dict = field(default_factory=dict)  # services: dns_zones, resolver
 
 
 @dataclass(slots=True)
@@ -91,6 +92,7 @@ class Lab:
     segments: dict[str, Segment]
     nodes: dict[str, LabNode]
     path: str = ""
+    nameserver: str = "127.0.0.1"  # what the Linux nodes' resolv.conf names
 
     @property
     def switch_netns(self) -> str:
@@ -123,7 +125,13 @@ def _keys(path: str, table: dict, allowed: set[str], where: str) -> None:
 
 
 def parse_lab(data: dict, path: str) -> Lab:
-    _keys(path, data, {"name", "segment", "node"}, "")
+    _keys(path, data, {"name", "segment", "node", "nameserver"}, "")
+    nameserver = data.get("nameserver", "127.0.0.1")
+    try:
+        ipaddress.IPv4Address(nameserver)
+    except ValueError:
+        raise ConfigError(f"{path}: nameserver: {nameserver!r} is not an IPv4 address"
+                          ) from None
     name = _check_name(path, "name", data.get("name"), 20)
     segments: dict[str, Segment] = {}
     for i, t in enumerate(data.get("segment", [])):
@@ -201,12 +209,16 @@ def parse_lab(data: dict, path: str) -> Lab:
         services = t.get("services", {})
         if not isinstance(services, dict):
             raise ConfigError(f"{path}: {where}.services: must be a table")
-        _keys(path, services, {"echo", "http"}, f"{where}.services")
+        _keys(path, services, {"echo", "http", "dns_zones", "resolver"}, f"{where}.services")
         http = services.get("http", False)
         forwarding = t.get("forwarding", False)
         if not isinstance(forwarding, bool):
             raise ConfigError(f"{path}: {where}.forwarding: must be true or false")
         middlebox = {k: t[k] for k in MIDDLEBOX_KEYS if k in t}
+        dns_services = {k: services[k] for k in ("dns_zones", "resolver") if k in services}
+        if dns_services and kind != "tapstack":
+            raise ConfigError(f"{path}: {where}.services: only tapstack nodes serve DNS "
+                              "(give a Linux node commands)")
         if middlebox and kind != "tapstack":
             raise ConfigError(f"{path}: {where}.{next(iter(middlebox))}: only tapstack nodes "
                               "take NAT and filter settings (give a Linux node commands)")
@@ -215,10 +227,11 @@ def parse_lab(data: dict, path: str) -> Lab:
         nodes[node_name] = LabNode(node_name, kind, ifaces, routes, forwarding, commands,
                                    bool(t.get("offload", False)),
                                    bool(services.get("echo", True)),
-                                   None if http is False else http, middlebox)
+                                   None if http is False else http, middlebox,
+                                   dns_services)
     if not nodes:
         raise ConfigError(f"{path}: node: a lab needs at least one [[node]]")
-    return Lab(name, segments, nodes, path)
+    return Lab(name, segments, nodes, path, nameserver)
 
 
 def _check_middlebox(path: str, where: str, data: dict, ifaces: list[LabInterface]) -> None:

@@ -39,6 +39,35 @@ COUNTERS = ("queries_udp", "queries_tcp", "answers", "referrals", "nodata", "nxd
             "dropped_responses")
 
 
+def encode(response: dns.message.Message, query: dns.message.Message, udp: bool
+           ) -> tuple[bytes, bool]:
+    """The response's wire form, and whether it had to be truncated: over UDP it must fit
+    the client's size (512 bytes without EDNS); if not, it is cut to its question with TC
+    set (RFC 2181 9) and the client asks again over TCP."""
+    if not udp:
+        return response.to_wire(max_size=65535), False
+    limit = PLAIN_UDP if query.edns < 0 else max(min(query.payload, EDNS_SIZE), PLAIN_UDP)
+    try:
+        return response.to_wire(max_size=limit), False
+    except dns.exception.TooBig:
+        response.flags |= dns.flags.TC
+        response.answer, response.authority, response.additional = [], [], []
+        return response.to_wire(max_size=limit), True
+
+
+def header_error(wire: bytes, rcode: int) -> bytes | None:
+    """An error answer built from the header alone (the rest could not be read); None
+    when not even that is there, or it is a response (never answered)."""
+    if len(wire) < 12:
+        return None
+    ident, flags = struct.unpack_from("!HH", wire, 0)
+    if flags & 0x8000:
+        return None
+    opcode = (flags >> 11) & 0xF
+    out_flags = 0x8000 | (opcode << 11) | (flags & 0x0100) | rcode  # QR, opcode, RD
+    return struct.pack("!HHHHHH", ident, out_flags, 0, 0, 0, 0)
+
+
 class DnsServer:
     def __init__(self, zones: Zones) -> None:
         self.zones = zones
@@ -86,30 +115,16 @@ class DnsServer:
 
     def _wire(self, response: dns.message.Message, query: dns.message.Message,
               udp: bool) -> bytes:
-        if not udp:
-            return response.to_wire(max_size=65535)
-        limit = PLAIN_UDP if query.edns < 0 else max(min(query.payload, EDNS_SIZE), PLAIN_UDP)
-        try:
-            return response.to_wire(max_size=limit)
-        except dns.exception.TooBig:
-            self.counters["truncated"] += 1
-            response.flags |= dns.flags.TC  # RFC 2181 9: cut to the question, TC set
-            response.answer, response.authority, response.additional = [], [], []
-            return response.to_wire(max_size=limit)
+        wire, truncated = encode(response, query, udp)
+        self.counters["truncated"] += truncated
+        return wire
 
     def _header_error(self, wire: bytes, rcode: int) -> bytes | None:
         """FORMERR with the query's ID when at least the header could be read."""
-        if len(wire) < 12:
-            self.counters["dropped_malformed"] += 1
-            return None
-        ident, flags = struct.unpack_from("!HH", wire, 0)
-        if flags & 0x8000:
-            self.counters["dropped_responses"] += 1
-            return None
-        self.counters["formerr"] += 1
-        opcode = (flags >> 11) & 0xF
-        out_flags = 0x8000 | (opcode << 11) | (flags & 0x0100) | rcode  # QR, opcode, RD
-        return struct.pack("!HHHHHH", ident, out_flags, 0, 0, 0, 0)
+        answer = header_error(wire, rcode)
+        self.counters["formerr" if answer is not None else
+                      "dropped_malformed" if len(wire) < 12 else "dropped_responses"] += 1
+        return answer
 
 
 class DnsUdpProtocol(asyncio.DatagramProtocol):
