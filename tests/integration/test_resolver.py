@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -85,7 +87,7 @@ def resolver_counters(lab: Lab) -> dict:
     r = subprocess.run(tapstack_cmd("stats", "--netns", f"{lab.name}-sw", "--node",
                                     "resolver", "--json"), capture_output=True, text=True,
                        timeout=10)
-    return __import__("json").loads(r.stdout)["counters"]["resolver"]
+    return json.loads(r.stdout)["counters"]["resolver"]
 
 
 def ttl_of(out: str, name: str, rdtype: str) -> int:
@@ -137,3 +139,82 @@ def test_a_linux_host_resolves_through_tapstack(hierarchy):
     assert r.returncode == 0 and "198.51.100.10" in r.stdout, r.stdout + r.stderr
     r = hierarchy.run("alice", "dig", "+short", "bob.com", "MX")
     assert r.stdout.strip() == "10 mail.bob.com."
+
+
+FORGER = r"""
+import socket, struct, sys
+import dns.message, dns.rrset, dns.flags
+sniff = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800))
+sniff.bind(("eth0", 0))
+sniff.settimeout(10)
+print("ready", flush=True)
+while True:
+    frame = sniff.recv(65535)
+    ip = frame[14:]
+    hl = (ip[0] & 15) * 4
+    if ip[9] == 17 and ip[16:20] == socket.inet_aton("192.0.2.99") and \
+            struct.unpack("!H", ip[hl + 2:hl + 4])[0] == 53:
+        break
+sport = struct.unpack("!H", ip[hl:hl + 2])[0]
+query = dns.message.from_wire(ip[hl + 8:])
+q = query.question[0]
+def answer(qname, ident, address, extra=None):
+    r = dns.message.make_response(query)
+    r.id = ident
+    r.flags |= dns.flags.AA
+    r.answer = [dns.rrset.from_text(qname, 300, "IN", "A", address)]
+    if extra:
+        r.additional = [extra]
+    return r
+target = ("192.0.2.53", sport)
+good = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+good.bind(("192.0.2.99", 53))
+other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+other.bind(("192.0.2.99", 5353))
+wrong_id = answer(q.name, (query.id + 1) & 0xFFFF, "6.6.6.1")
+good.sendto(wrong_id.to_wire(), target)
+wrong_q = dns.message.make_query("www.evil.com.", "A")
+wrong_q.id = query.id
+forged = dns.message.make_response(wrong_q)
+forged.answer = [dns.rrset.from_text("www.evil.com.", 300, "IN", "A", "6.6.6.2")]
+good.sendto(forged.to_wire(), target)
+other.sendto(answer(q.name, query.id, "6.6.6.3").to_wire(), target)
+poison = dns.rrset.from_text("evil.bob.com.", 300, "IN", "A", "6.6.6.4")
+good.sendto(answer(q.name, query.id, "203.0.113.99", poison).to_wire(), target)
+print("sent", q.name, flush=True)
+"""
+
+
+def test_forged_answers_are_ignored_and_the_real_one_wins(hierarchy):
+    """The resolver asks ns1.slow.com. (192.0.2.99, which only alice's sniffer hears):
+    answers with the wrong ID, for the wrong question, from the wrong port, are dropped
+    and counted; the real one is believed, but not the record it carries for another
+    zone (bailiwick)."""
+    lab = hierarchy
+    lab.run("alice", "ip", "addr", "add", "192.0.2.99/24", "dev", "eth0")
+    lab.run("alice", "iptables", "-A", "INPUT", "-d", "192.0.2.99", "-p", "udp",
+            "--dport", "53", "-j", "DROP")  # alice's kernel must not answer for it
+    before = resolver_counters(lab)
+    forger = subprocess.Popen(["ip", "netns", "exec", f"{lab.name}-alice",
+                               sys.executable, "-c", FORGER],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert forger.stdout.readline().strip() == "ready"
+        out = dig(lab, "www.slow.com", "A")
+        forger.wait(timeout=15)
+    finally:
+        if forger.poll() is None:
+            forger.kill()
+            forger.wait()
+    assert re.search(r"^www\.slow\.com\.\s+\d+\s+IN\s+A\s+203\.0\.113\.99$", out, re.M), \
+        out + forger.stderr.read()
+    after = resolver_counters(lab)
+    assert after["wrong_id"] == before["wrong_id"] + 1
+    assert after["wrong_question"] == before["wrong_question"] + 1
+    assert after["out_of_bailiwick"] >= before["out_of_bailiwick"] + 1
+    r = subprocess.run(tapstack_cmd("stats", "--netns", f"{lab.name}-sw", "--node",
+                                    "resolver", "--json"), capture_output=True, text=True,
+                       timeout=10)
+    assert json.loads(r.stdout)["counters"]["udp"]["rx_filtered"] >= 1
+    # the poisoned record was not believed: bob.com.'s own server says there is none
+    assert "status: NXDOMAIN" in dig(lab, "evil.bob.com", "A")
