@@ -144,8 +144,12 @@ def _parser() -> argparse.ArgumentParser:
                        ("conntrack", "list the flows a running tapstack tracks, like "
                                      "conntrack -L"),
                        ("rules", "list (or add, del) a running tapstack's ACL and "
-                                 "security-group rules, with their hit counters")):
+                                 "security-group rules, with their hit counters"),
+                       ("dns", "a running resolver's cache: dns cache (list it), "
+                               "dns flush (empty it)")):
         s = sub.add_parser(name, help=text)
+        if name == "dns":
+            s.add_argument("action", choices=["cache", "flush"])
         if name == "rules":
             _rules_options(s)
         swhere = s.add_mutually_exclusive_group()
@@ -380,6 +384,11 @@ def start_services(args: argparse.Namespace, app: Any, dns_server: DnsServer | N
                                                  local_addr=("", 53))
             await stack.create_server(lambda: ResolverTcpProtocol(service), port=53)
             runtime.app_counters["resolver"] = service.counters_all
+            cache = service.resolver.cache
+            runtime.app_commands["dns-cache"] = lambda request: {
+                "entries": cache.listing(runtime.loop.time())}
+            runtime.app_commands["dns-flush"] = lambda request: {
+                "done": f"flushed {cache.flush()} cache entries"}
         if dns_server is not None:
             await stack.create_datagram_endpoint(lambda: DnsUdpProtocol(dns_server),
                                                  local_addr=("", 53))
@@ -594,6 +603,26 @@ def cmd_rules(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dns(args: argparse.Namespace) -> int:
+    try:
+        answer = _request(args, {"cmd": f"dns-{args.action}"})
+    except UsageError as exc:
+        if "unknown request" in str(exc):
+            raise UsageError("that tapstack runs no resolver (run it with --resolver)"
+                             ) from None
+        raise
+    if args.action == "flush":
+        print(answer["done"])
+    elif args.json:
+        print(json.dumps(answer, indent=2))
+    else:
+        for e in answer["entries"]:
+            what = "negative" if e["negative"] else e["type"]
+            print(f"{e['name']:<40} {what:<8} {e['ttl']:>7} s  from {e['from']}")
+        print(f"tapstack dns: {len(answer['entries'])} entries")
+    return 0
+
+
 def cmd_route(args: argparse.Namespace) -> int:
     snapshot = _request(args, {"cmd": "stats"})
     print(json.dumps(snapshot.get("routes", []), indent=2) if args.json
@@ -616,6 +645,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_conntrack(args)
         if args.command == "rules":
             return cmd_rules(args)
+        if args.command == "dns":
+            return cmd_dns(args)
         if args.command == "lab":
             from stack.lab.cli import cmd_lab
 

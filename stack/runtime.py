@@ -80,6 +80,8 @@ class Runtime:
         self.info = dict(info or {})
         # counters of the applications on this node (name -> a function giving them)
         self.app_counters: dict[str, Callable[[], dict[str, int]]] = {}
+        # control requests the applications answer (name -> a function of the request)
+        self.app_commands: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
@@ -265,6 +267,8 @@ class Runtime:
         cmd = request.get("cmd", "stats")
         if cmd == "stats":
             return self.snapshot()
+        if cmd in self.app_commands:
+            return self.app_commands[cmd](request)
         box = self.node.middlebox
         if cmd in ("conntrack", "rules", "rule") and box is None:
             return {"error": f"node {self.node.name} tracks no connections and has no NAT "

@@ -284,3 +284,23 @@ def test_forged_answers_are_ignored_and_the_real_one_wins(hierarchy):
     assert json.loads(r.stdout)["counters"]["udp"]["rx_filtered"] >= 1
     # the poisoned record was not believed: bob.com.'s own server says there is none
     assert "status: NXDOMAIN" in dig(lab, "evil.bob.com", "A")
+
+
+def test_dns_cache_lists_and_flush_empties(hierarchy):
+    lab = hierarchy
+    dig(lab, "bob.com", "MX")
+
+    def dns(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(tapstack_cmd("dns", *args, "--netns", f"{lab.name}-sw",
+                                           "--node", "resolver"),
+                              capture_output=True, text=True, timeout=10)
+
+    listing = dns("cache")
+    assert listing.returncode == 0 and re.search(r"^bob\.com\.\s+MX\s+\d+ s  from "
+                                                 r"192\.0\.2\.3$", listing.stdout, re.M), \
+        listing.stdout
+    assert "flushed" in dns("flush").stdout
+    assert dns("cache").stdout.strip().endswith("tapstack dns: 0 entries")
+    r = subprocess.run(tapstack_cmd("dns", "cache", "--netns", f"{lab.name}-sw", "--node",
+                                    "bob"), capture_output=True, text=True, timeout=10)
+    assert r.returncode == 2 and "runs no resolver" in r.stderr

@@ -72,3 +72,11 @@ def test_bailiwick_drops_what_a_server_may_not_say():
              rrset("bob.com.", "NS", 60, "ns1.bob.com.")]
     kept, dropped = in_bailiwick(given, zone)
     assert [str(r.name) for r in kept] == ["www.bob.com.", "bob.com."] and dropped == 1
+
+
+def test_names_are_cached_in_lower_case_whatever_case_the_answer_echoed():
+    cache = Cache()
+    cache.put(rrset("WwW.bOB.Com.", "A", 60, "198.51.100.10"), 0.0, "ns1")
+    assert [e["name"] for e in cache.listing(1.0)] == ["www.bob.com."]
+    entry, _ = cache.get(dns.name.from_text("www.BOB.com."), dns.rdatatype.A, IN, 1.0)
+    assert str(entry.rrset.name) == "www.bob.com."

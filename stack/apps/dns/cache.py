@@ -49,14 +49,18 @@ class Cache:
 
     def put(self, rrset: dns.rrset.RRset, now: float, source: str) -> None:
         ttl = min(float(rrset.ttl), POSITIVE_CAP)
-        self._store((rrset.name, rrset.rdtype, rrset.rdclass),
-                    CacheEntry(now + ttl, rrset, 0, source))
+        # in lower case: an answer echoes our 0x20-mixed question, not the zone's names
+        stored = dns.rrset.RRset(rrset.name.canonicalize(), rrset.rdclass, rrset.rdtype)
+        stored.update(rrset)
+        self._store((stored.name, rrset.rdtype, rrset.rdclass),
+                    CacheEntry(now + ttl, stored, 0, source))
 
     def put_negative(self, name: dns.name.Name, rdtype: int, rdclass: int, rcode: int,
                      soa: dns.rrset.RRset, now: float, source: str) -> None:
         """RFC 2308 5: the negative TTL is the SOA record's TTL capped by its MINIMUM."""
         ttl = min(float(soa.ttl), float(soa[0].minimum), NEGATIVE_CAP)
-        self._store((name, rdtype, rdclass), CacheEntry(now + ttl, None, rcode, source, soa))
+        self._store((name.canonicalize(), rdtype, rdclass),
+                    CacheEntry(now + ttl, None, rcode, source, soa))
 
     def _store(self, key: Key, entry: CacheEntry) -> None:
         if key in self.entries:
