@@ -17,6 +17,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import dns.exception
+import dns.name
+import dns.rcode
+import dns.rdatatype
 
 from stack.api import Stack
 from stack.apps.dns.cache import Cache
@@ -136,8 +139,11 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("connect", parents=[common],
                        help="open a TCP connection from tapstack, like nc: stdin to the "
                             "peer, the peer to stdout")
-    c.add_argument("host", help="the peer's IPv4 address")
+    c.add_argument("host", help="the peer's IPv4 address or name")
     c.add_argument("port", type=int, help="the peer's TCP port")
+    c.add_argument("--nameserver", metavar="ADDR",
+                   help="resolve a name through this DNS server, over tapstack's own UDP "
+                        "(default: the first nameserver of the namespace's resolv.conf)")
 
     for name, text in (("stats", "print the counters of a running tapstack"),
                        ("route", "print a running tapstack's routing table, like ip route"),
@@ -484,6 +490,47 @@ def cmd_serve_kernel(args: argparse.Namespace) -> int:
     return 0
 
 
+def nameserver_of(netns: str | None) -> str | None:
+    """The first nameserver a host in this namespace would ask (`ip netns exec` shows
+    /etc/netns/NAME/resolv.conf there instead of /etc/resolv.conf)."""
+    paths = ([f"/etc/netns/{netns}/resolv.conf"] if netns else []) + ["/etc/resolv.conf"]
+    for path in paths:
+        try:
+            with open(path) as f:
+                for line in f:
+                    words = line.split()
+                    if len(words) >= 2 and words[0] == "nameserver":
+                        ipaddress.IPv4Address(words[1])
+                        return words[1]
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+async def resolve_name(stack: Stack, host: str, nameserver: str | None,
+                       netns: str | None) -> str:
+    """An address for `host`: itself, or the first A record a stub query over tapstack's
+    own UDP finds. OSError (one sentence) when there is none."""
+    try:
+        ipaddress.IPv4Address(host)
+        return host
+    except ValueError:
+        pass
+    server = nameserver or nameserver_of(netns)
+    if server is None:
+        raise OSError(f"cannot resolve {host}: no name server (give --nameserver ADDR)")
+    resolver = Resolver(stack, stack.loop.time, Cache(), forward=[server])
+    try:
+        result = await resolver.resolve(dns.name.from_text(host), dns.rdatatype.A)
+    except dns.exception.DNSException as exc:
+        raise OSError(f"cannot resolve {host}: {exc}") from None
+    addresses = [rd.address for r in result.answer if r.rdtype == dns.rdatatype.A for rd in r]
+    if not addresses:
+        raise OSError(f"cannot resolve {host}: {dns.rcode.to_text(result.rcode)} from "
+                      f"{server}")
+    return addresses[0]
+
+
 def cmd_connect(args: argparse.Namespace) -> int:
     """Like `nc HOST PORT`, but the TCP connection is tapstack's own (active open)."""
     logging.basicConfig(level=args.log_level.upper(), format="tapstack: %(message)s",
@@ -494,8 +541,10 @@ def cmd_connect(args: argparse.Namespace) -> int:
 
     async def session(runtime: Runtime) -> None:
         loop = asyncio.get_running_loop()
+        stack = Stack(runtime)
         try:
-            reader, writer = await Stack(runtime).open_connection(args.host, args.port)
+            host = await resolve_name(stack, args.host, args.nameserver, spec.netns)
+            reader, writer = await stack.open_connection(host, args.port)
         except OSError as exc:
             result.append(exc)
             runtime.stop()

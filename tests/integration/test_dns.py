@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import STACK_IP, in_ns, require_tool
+from tests.integration.conftest import REPO, STACK_IP, in_ns, require_tool, tapstack_cmd
 
 ZONES = Path(__file__).resolve().parents[1] / "unit" / "zones"
 
@@ -83,3 +85,51 @@ def test_kdig_several_queries_on_one_tcp_connection(dns_stack):
     stats = dns_stack.stats()
     assert stats["dns"]["queries_tcp"] == 3
     assert stats["tcp"]["passive_opens"] == 1  # one connection carried all three
+
+
+KERNEL_DNS = """
+import asyncio, sys
+from stack.apps.dns.server import DnsServer, DnsUdpProtocol
+from stack.apps.dns.zone import Zones, load_zone
+async def main():
+    server = DnsServer(Zones([load_zone(sys.argv[1])]))
+    loop = asyncio.get_running_loop()
+    await loop.create_datagram_endpoint(lambda: DnsUdpProtocol(server),
+                                        local_addr=("0.0.0.0", 53))
+    print("ready", flush=True)
+    await asyncio.sleep(60)
+asyncio.run(main())
+"""
+
+
+def test_tapstack_connect_resolves_a_name_over_its_own_udp(netns, tmp_path):
+    """The same DNS server on kernel sockets answers tapstack's stub query; tapstack
+    then connects to the address it learnt."""
+    require_tool("socat")
+    zone = tmp_path / "bob.test.zone"
+    zone.write_text("$ORIGIN bob.test.\n$TTL 60\n"
+                    "@ IN SOA ns.bob.test. h.bob.test. 1 60 60 60 60\n@ IN NS ns.bob.test.\n"
+                    "ns IN A 10.77.0.1\nwww IN A 10.77.0.1\n")
+    dns_server = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-c",
+                                   KERNEL_DNS, str(zone)], stdout=subprocess.PIPE,
+                                  text=True, cwd=REPO)
+    peer = subprocess.Popen(["ip", "netns", "exec", netns, "socat", "-u",
+                             "SYSTEM:echo hello-from-the-kernel", "TCP4-LISTEN:7000,reuseaddr"])
+    try:
+        assert dns_server.stdout.readline().strip() == "ready"
+        r = subprocess.run(tapstack_cmd("connect", "--netns", netns, "--nameserver",
+                                        "10.77.0.1", "www.bob.test", "7000"),
+                           cwd=REPO, capture_output=True, text=True, timeout=60,
+                           stdin=subprocess.DEVNULL)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip() == "hello-from-the-kernel"
+        assert "-> www.bob.test:7000" in r.stderr
+        r = subprocess.run(tapstack_cmd("connect", "--netns", netns, "--nameserver",
+                                        "10.77.0.1", "nope.bob.test", "7000"),
+                           cwd=REPO, capture_output=True, text=True, timeout=60,
+                           stdin=subprocess.DEVNULL)
+        assert r.returncode == 2 and "cannot resolve nope.bob.test: NXDOMAIN" in r.stderr
+    finally:
+        for proc in (dns_server, peer):
+            proc.kill()
+            proc.wait()

@@ -156,3 +156,25 @@ def test_zone_file_errors_are_one_sentence(tmp_path):
         load_zone(str(bad))
     with pytest.raises(ZoneError, match="no such zone file"):
         load_zone(str(tmp_path / "missing.zone"))
+
+
+QUERIES = [dns.message.make_query(n, t, use_edns=e).to_wire()
+           for n, t, e in (("bob.com.", "A", -1), ("www.bob.com.", "AAAA", 0),
+                           ("big.bob.com.", "TXT", 0), ("shop.bob.com.", "NS", -1))]
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.sampled_from(QUERIES), st.lists(st.tuples(st.integers(0, 200), st.integers(0, 255)),
+                                          max_size=6), st.integers(0, 60))
+def test_mutated_queries_never_raise_and_answer_or_count(server, wire, flips, cut):
+    data = bytearray(wire)
+    for at, value in flips:
+        if at < len(data):
+            data[at] = value
+    data = bytes(data[:len(data) - cut] if cut < len(data) else data)
+    before = sum(server.counters.values())
+    out = server.handle(data, udp=True)
+    assert sum(server.counters.values()) > before  # every message is counted somewhere
+    if out is not None:
+        reply = dns.message.from_wire(out)
+        assert reply.flags & dns.flags.QR and reply.id == int.from_bytes(data[:2], "big")
