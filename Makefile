@@ -30,12 +30,13 @@ fuzz:
 		tests/unit/test_fuzz_transport.py tests/unit/test_receive_fuzz.py
 
 # tapstack (plain, --offload) against the kernel with the same app and clients, then a
-# tapstack router against a Linux router; a few minutes. `make bench ARGS=--quick` is the
-# one-minute smoke run.
+# tapstack router against a Linux router, then DNS (dnsperf); a few minutes.
+# `make bench ARGS=--quick` is the smoke run.
 bench:
 	@tools/bootstrap.sh test
 	$(VENV)/bin/python tools/bench.py $(ARGS)
 	$(VENV)/bin/python tools/bench_forward.py $(ARGS)
+	$(VENV)/bin/python tools/bench_dns.py $(ARGS)
 
 # Ten minutes of wrk with kernel-made loss; RSS over time in bench/results/soak.png.
 soak:

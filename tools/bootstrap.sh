@@ -18,13 +18,13 @@ declare -A pkg_of=(
     [hping3]=hping3 [gcc]=gcc [wrk]=wrk [ab]=apache2-utils [nmap]=nmap
     [shellcheck]=shellcheck [vagrant]=vagrant [traceroute]=traceroute
     [tracepath]=iputils-tracepath [iperf3]=iperf3 [conntrack]=conntrack
-    [dig]=bind9-dnsutils [kdig]=knot-dnsutils [unbound]=unbound
+    [dig]=bind9-dnsutils [kdig]=knot-dnsutils [unbound]=unbound [dnsperf]=dnsperf
 )
 case "$target" in
     run) wanted=(ip gcc) ;;
     test) wanted=(ip ping arping tcpdump tshark curl nc socat iptables hping3 gcc wrk ab nmap
                  shellcheck vagrant traceroute tracepath iperf3 conntrack dig kdig
-                 unbound) ;;
+                 unbound dnsperf) ;;
     *) wanted=() ;;
 esac
 

@@ -1,5 +1,5 @@
-"""`tools/bench.py --quick` and `tools/bench_forward.py --quick` produce every figure for
-every target (nothing about speed)."""
+"""The benchmarks' --quick runs (tools/bench.py, bench_forward.py, bench_dns.py) produce
+every figure for every target (nothing about speed)."""
 
 import json
 import subprocess
@@ -44,3 +44,14 @@ def test_bench_forward_quick_produces_every_figure(tmp_path):
     assert results["conntrack_bytes_per_flow"]["bytes"] > 0
     table = (tmp_path / "forward-quick.md").read_text()
     assert "| bulk TCP through the router, iperf3 (MB/s) |" in table
+
+
+def test_bench_dns_quick_produces_every_figure(tmp_path):
+    require_tool("dnsperf")
+    r = subprocess.run([sys.executable, "tools/bench_dns.py", "--quick", "--out",
+                        str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    results = json.loads((tmp_path / "dns-quick.json").read_text())
+    assert set(results) == {"tapstack", "kernel sockets", "tapstack resolver, cache hits"}
+    for name, figures in results.items():
+        assert figures["qps"] > 0 and figures["latency_ms_one_at_a_time"] > 0, name
