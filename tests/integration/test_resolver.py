@@ -179,7 +179,8 @@ def test_resolution_walks_root_tld_and_leaf_then_answers_from_cache(hierarchy, k
 
 
 def test_tapstack_and_unbound_give_the_same_answers(hierarchy):
-    for args in (("www.bob.com", "A"), ("bob.com", "MX"), ("www.bob.com", "CNAME")):
+    for args in (("www.bob.com", "A"), ("bob.com", "MX"), ("www.bob.com", "CNAME"),
+                 ("big.bob.com", "TXT")):
         ours = answer_records(dig(hierarchy, *args, server=RESOLVERS["tapstack"]))
         theirs = answer_records(dig(hierarchy, *args, server=RESOLVERS["unbound"]))
         assert ours == theirs, args
@@ -304,3 +305,10 @@ def test_dns_cache_lists_and_flush_empties(hierarchy):
     r = subprocess.run(tapstack_cmd("dns", "cache", "--netns", f"{lab.name}-sw", "--node",
                                     "bob"), capture_output=True, text=True, timeout=10)
     assert r.returncode == 2 and "runs no resolver" in r.stderr
+
+
+def test_a_truncated_upstream_answer_is_fetched_over_tcp(hierarchy):
+    out = dig(hierarchy, "big.bob.com", "TXT")  # too big for UDP at every hop
+    assert len(re.findall(r"^big\.bob\.com\..*TXT", out, re.M)) == 8, out
+    counters = resolver_counters(hierarchy)
+    assert counters["truncated_answers"] >= 1 and counters["upstream_queries_tcp"] >= 1

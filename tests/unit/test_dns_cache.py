@@ -80,3 +80,16 @@ def test_names_are_cached_in_lower_case_whatever_case_the_answer_echoed():
     assert [e["name"] for e in cache.listing(1.0)] == ["www.bob.com."]
     entry, _ = cache.get(dns.name.from_text("www.BOB.com."), dns.rdatatype.A, IN, 1.0)
     assert str(entry.rrset.name) == "www.bob.com."
+
+
+def test_the_cache_is_bounded_in_bytes_too():
+    cache = Cache(max_entries=1000, max_bytes=16 * 1024)
+    for i in range(200):
+        cache.put(rrset(f"h{i}.bob.com.", "TXT", 60, '"' + "x" * 100 + '"'), 0.0, "ns1")
+    assert cache.bytes <= 16 * 1024 and len(cache.entries) < 200
+    assert cache.counters["cache_evictions"] > 0
+    assert "h199.bob.com." in {str(k[0]) for k in cache.entries}  # the newest stays
+    huge = rrset("huge.bob.com.", "TXT", 60, *[f'"{"y" * 250}{i}"' for i in range(8)])
+    cache.put(huge, 0.0, "ns1")
+    assert cache.counters["cache_too_big"] == 1
+    assert cache.get(huge.name, dns.rdatatype.TXT, IN, 1.0) is None

@@ -23,7 +23,7 @@ import dns.rdatatype
 import dns.rrset
 
 COUNTERS = ("cache_hits", "cache_misses", "negative_hits", "cache_evictions",
-            "cache_expired", "cache_stored")
+            "cache_expired", "cache_stored", "cache_too_big")
 
 NEGATIVE_CAP = 10800.0  # RFC 2308 5: at most three hours
 POSITIVE_CAP = 86400.0  # at most a day, whatever a zone says
@@ -36,14 +36,17 @@ class CacheEntry:
     rcode: int  # NOERROR (answer or NODATA) or NXDOMAIN
     source: str  # the server it came from
     soa: dns.rrset.RRset | None = None  # negative entries: the SOA that said so
+    size: int = 0  # what it counts against the byte bound (its text form's length)
 
 
 Key = tuple[dns.name.Name, int, int]
 
 
 class Cache:
-    def __init__(self, max_entries: int = 10000) -> None:
+    def __init__(self, max_entries: int = 10000, max_bytes: int = 4 << 20) -> None:
         self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.bytes = 0
         self.entries: OrderedDict[Key, CacheEntry] = OrderedDict()
         self.counters: Counter[str] = Counter({name: 0 for name in COUNTERS})
 
@@ -63,12 +66,21 @@ class Cache:
                     CacheEntry(now + ttl, None, rcode, source, soa))
 
     def _store(self, key: Key, entry: CacheEntry) -> None:
-        if key in self.entries:
-            del self.entries[key]
-        elif len(self.entries) >= self.max_entries:
-            self.entries.popitem(last=False)
+        record = entry.rrset if entry.rrset is not None else entry.soa
+        entry.size = 64 + (len(record.to_text()) if record is not None else 0)
+        if entry.size > self.max_bytes // 16:
+            self.counters["cache_too_big"] += 1  # one huge RRset may not crowd out all
+            return
+        old = self.entries.pop(key, None)
+        if old is not None:
+            self.bytes -= old.size
+        while self.entries and (len(self.entries) >= self.max_entries
+                                or self.bytes + entry.size > self.max_bytes):
+            _, victim = self.entries.popitem(last=False)
+            self.bytes -= victim.size
             self.counters["cache_evictions"] += 1
         self.entries[key] = entry
+        self.bytes += entry.size
         self.counters["cache_stored"] += 1
 
     def get(self, name: dns.name.Name, rdtype: int, rdclass: int, now: float
@@ -82,6 +94,7 @@ class Cache:
         left = int(entry.expires - now)
         if left <= 0:
             del self.entries[key]
+            self.bytes -= entry.size
             self.counters["cache_expired"] += 1
             self.counters["cache_misses"] += 1
             return None
@@ -92,6 +105,7 @@ class Cache:
     def flush(self) -> int:
         n = len(self.entries)
         self.entries.clear()
+        self.bytes = 0
         return n
 
     def listing(self, now: float) -> list[dict]:

@@ -43,7 +43,8 @@ MAX_QUERIES = 40
 MAX_CNAMES = 8
 QUERY_TIMEOUT = 1.0
 
-COUNTERS = ("resolutions", "upstream_queries", "timeouts", "servfail", "wrong_id",
+COUNTERS = ("resolutions", "upstream_queries", "upstream_queries_tcp",
+            "truncated_answers", "timeouts", "servfail", "wrong_id",
             "wrong_question", "wrong_source", "not_a_response", "malformed_answers",
             "out_of_bailiwick", "referral_limit", "query_limit", "lame")
 
@@ -293,9 +294,42 @@ class Resolver:
             if not recursion:
                 query.flags &= ~dns.flags.RD
             response = await self._exchange(query, (server, 53))
+            if response is not None and response.flags & dns.flags.TC:
+                # cut to fit UDP: the whole answer comes over TCP (RFC 7766 5)
+                self.counters["truncated_answers"] += 1
+                response = await self._exchange_tcp(query, (server, 53))
             if response is not None:
                 return response, server
         return None, ""
+
+    async def _exchange_tcp(self, query: dns.message.Message, server: tuple[str, int]
+                            ) -> dns.message.Message | None:
+        """The same question over TCP, two-byte length first; None when the network
+        offers no streams or the server does not answer."""
+        opener = getattr(self.network, "open_connection", None)
+        if opener is None:
+            return None
+        self.counters["upstream_queries_tcp"] += 1
+        writer = None
+        try:
+            reader, writer = await asyncio.wait_for(opener(*server), QUERY_TIMEOUT)
+            wire = query.to_wire()
+            writer.write(len(wire).to_bytes(2, "big") + wire)
+            size = int.from_bytes(await asyncio.wait_for(reader.readexactly(2),
+                                                         QUERY_TIMEOUT), "big")
+            data = await asyncio.wait_for(reader.readexactly(size), QUERY_TIMEOUT)
+            response = dns.message.from_wire(data)
+        except (TimeoutError, OSError, asyncio.IncompleteReadError, dns.exception.DNSException):
+            self.counters["timeouts"] += 1
+            return None
+        finally:
+            if writer is not None:
+                writer.close()
+        why = matches(query, response, server, server)  # a stream has only its peer
+        if why is not None:
+            self.counters[why] += 1
+            return None
+        return response
 
     async def _exchange(self, query: dns.message.Message, server: tuple[str, int]
                         ) -> dns.message.Message | None:
@@ -352,6 +386,7 @@ class ResolverServer:
         out.update(self.resolver.counters)
         out.update(self.resolver.cache.counters)
         out["cache_entries"] = len(self.resolver.cache.entries)
+        out["cache_bytes"] = self.resolver.cache.bytes
         return out
 
 
