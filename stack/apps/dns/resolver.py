@@ -36,7 +36,7 @@ import dns.rrset
 import dns.zonefile
 
 from stack.apps.dns.cache import Cache, in_bailiwick, matches, with_ttl
-from stack.apps.dns.server import encode, header_error
+from stack.apps.dns.server import TCP_IDLE, encode, header_error
 
 MAX_REFERRALS = 16
 MAX_QUERIES = 40
@@ -420,14 +420,23 @@ class ResolverTcpProtocol(asyncio.Protocol):
         self.server = server
         self.buffer = bytearray()
         self.transport: Any = None
-        self.queue: asyncio.Queue[bytes] = asyncio.Queue()
+        self.queue: asyncio.Queue[bytes | None] = asyncio.Queue()
         self.worker: asyncio.Task | None = None
+        self.idle: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
         self.worker = asyncio.get_running_loop().create_task(self._work())
+        self._arm()
+
+    def _arm(self) -> None:
+        """RFC 7766 6.2.3: a connection that asks nothing for a while is closed."""
+        if self.idle is not None:
+            self.idle.cancel()
+        self.idle = asyncio.get_running_loop().call_later(TCP_IDLE, self.transport.close)
 
     def data_received(self, data: bytes) -> None:
+        self._arm()
         self.buffer += data
         while len(self.buffer) >= 2:
             length = (self.buffer[0] << 8) | self.buffer[1]
@@ -439,13 +448,19 @@ class ResolverTcpProtocol(asyncio.Protocol):
     async def _work(self) -> None:
         while True:
             message = await self.queue.get()
+            if message is None:  # the client is done asking, and all of it is answered
+                self.transport.close()
+                return
             response = await self.server.handle(message, udp=False)
             if response is not None and not self.transport.is_closing():
                 self.transport.write(len(response).to_bytes(2, "big") + response)
 
     def eof_received(self) -> bool:
-        return True  # keep the connection until the answers are written
+        self.queue.put_nowait(None)  # close once the questions before it are answered
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.worker is not None:
             self.worker.cancel()
+        if self.idle is not None:
+            self.idle.cancel()
