@@ -13,7 +13,6 @@ in namespaces named after it, and deleting them removes every link inside.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import json
 import os
 import shutil
@@ -366,8 +365,3 @@ def find_lab(which: str | None) -> Lab:
     lab = load_lab(os.path.join(state_dir(name), "lab.toml"))
     lab.path = load_state(name).get("file", lab.path)
     return lab
-
-
-def addresses_of(lab: Lab, node_name: str) -> list[str]:
-    node = lab.nodes[node_name]
-    return [str(ipaddress.IPv4Interface(a).ip) for i in node.interfaces for a in i.addresses]

@@ -80,10 +80,6 @@ class RouteTable:
         self._rebuild()
         return removed
 
-    def remove_interface(self, ifindex: int) -> None:
-        self.routes = [r for r in self.routes if r.ifindex != ifindex]
-        self._rebuild()
-
     def _rebuild(self) -> None:
         by_len: dict[int, dict[int, Route]] = {}
         for r in self.routes:
