@@ -222,7 +222,7 @@ class Middlebox:
                 # flow, and must not slip past what flows are checked by
                 self.counters["conntrack.invalid"] += 1
                 return None
-            return pkt  # another protocol, and a first datagram: tracked by address
+            return pkt  # another protocol's non-first fragment (seen only without defrag)
         t, is_error = parsed
         ct = self.conntrack
         if is_error:
