@@ -36,7 +36,7 @@ import dns.rrset
 import dns.zonefile
 
 from stack.apps.dns.cache import Cache, in_bailiwick, matches, with_ttl
-from stack.apps.dns.server import TCP_IDLE, encode, header_error
+from stack.apps.dns.server import TCP_IDLE, encode, header_error, take_messages
 
 MAX_REFERRALS = 16
 MAX_QUERIES = 40
@@ -438,12 +438,8 @@ class ResolverTcpProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self._arm()
         self.buffer += data
-        while len(self.buffer) >= 2:
-            length = (self.buffer[0] << 8) | self.buffer[1]
-            if len(self.buffer) < 2 + length:
-                break
-            self.queue.put_nowait(bytes(self.buffer[2:2 + length]))
-            del self.buffer[:2 + length]
+        for message in take_messages(self.buffer):
+            self.queue.put_nowait(message)
 
     async def _work(self) -> None:
         while True:

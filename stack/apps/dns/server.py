@@ -127,6 +127,19 @@ class DnsServer:
         return answer
 
 
+def take_messages(buffer: bytearray) -> list[bytes]:
+    """The whole length-prefixed messages at the front of a TCP stream's buffer
+    (RFC 7766 8), removed from it; a partial one stays for the next read."""
+    out = []
+    while len(buffer) >= 2:
+        length = (buffer[0] << 8) | buffer[1]
+        if len(buffer) < 2 + length:
+            break
+        out.append(bytes(buffer[2:2 + length]))
+        del buffer[:2 + length]
+    return out
+
+
 class DnsUdpProtocol(asyncio.DatagramProtocol):
     def __init__(self, server: DnsServer) -> None:
         self.server = server
@@ -165,12 +178,7 @@ class DnsTcpProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
-        while len(self.buffer) >= 2:
-            length = (self.buffer[0] << 8) | self.buffer[1]
-            if len(self.buffer) < 2 + length:
-                break
-            message = bytes(self.buffer[2:2 + length])
-            del self.buffer[:2 + length]
+        for message in take_messages(self.buffer):
             response = self.server.handle(message, udp=False)
             if response is not None:
                 self.transport.write(struct.pack("!H", len(response)) + response)
