@@ -1,0 +1,184 @@
+"""What a node serves and how it finds names: the built-in services (echo, discard,
+source), HTTP (the built-in site, static files or an ASGI app), DNS (zones or a
+resolver), and the stub lookup `tapstack connect` uses. The CLI parses; this sets up."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import ipaddress
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import dns.exception
+import dns.name
+import dns.rcode
+import dns.rdatatype
+
+from stack.api import Stack
+from stack.apps.dns.cache import Cache
+from stack.apps.dns.resolver import (
+    Resolver,
+    ResolverServer,
+    ResolverTcpProtocol,
+    ResolverUdpProtocol,
+    load_hints,
+)
+from stack.apps.dns.server import DnsServer, DnsTcpProtocol, DnsUdpProtocol
+from stack.apps.dns.zone import ZoneError, Zones, load_zone
+from stack.apps.http.server import HttpServerProtocol
+from stack.apps.http.site import Site
+from stack.apps.services import (
+    DiscardProtocol,
+    EchoProtocol,
+    SourceProtocol,
+    UdpEchoProtocol,
+)
+from stack.config import NodeSpec
+from stack.launch import UsageError
+from stack.runtime import Runtime
+
+SERVICES = {7: EchoProtocol, 9: DiscardProtocol, 19: SourceProtocol}
+
+
+def zone_names(paths: list[str]) -> list[str]:
+    """The zones the files name, for the banner's dig lines."""
+    names = []
+    for path in paths:
+        try:
+            names.append(str(load_zone(path).origin))
+        except ZoneError:
+            continue
+    return names
+
+
+def load_app(args: argparse.Namespace, stats: Callable[[], dict] | None) -> Any:
+    """The ASGI app to serve: --app module:attr, or the built-in site."""
+    if args.root and not os.path.isdir(args.root):
+        raise UsageError(f"--root {args.root} is not a directory")
+    if not args.app:
+        return Site(stats=stats, root=args.root)
+    module_name, _, attr = args.app.partition(":")
+    if not module_name or not attr:
+        raise UsageError(f"--app {args.app!r} must look like module:attribute")
+    sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+        return getattr(module, attr)
+    except (ImportError, AttributeError) as exc:
+        raise UsageError(f"--app {args.app}: cannot load it ({exc})") from None
+
+
+def load_dns(paths: list[str]) -> DnsServer | None:
+    """The authoritative server for these zone files; UsageError when one is bad."""
+    if not paths:
+        return None
+    try:
+        return DnsServer(Zones([load_zone(path) for path in paths]))
+    except ZoneError as exc:
+        raise UsageError(f"--dns-zone {exc}") from None
+
+
+def resolver_options(args: argparse.Namespace, spec: NodeSpec
+                     ) -> tuple[list, list[str]] | None:
+    """(root hints, forwarders) when this node resolves; UsageError when that is wrong."""
+    conf = spec.resolver or {}
+    if not (args.resolver or conf):
+        if args.root_hints or args.forward:
+            raise UsageError("--root-hints and --forward need --resolver")
+        return None
+    if args.dns_zone or spec.dns_zones:
+        raise UsageError("a node serves zones or resolves, not both on port 53")
+    hints_file = args.root_hints or conf.get("root_hints")
+    forward = args.forward or list(conf.get("forward", []))
+    if bool(hints_file) == bool(forward):
+        raise UsageError("--resolver needs --root-hints FILE or --forward ADDR (one of them)")
+    for addr in forward:
+        try:
+            ipaddress.IPv4Address(addr)
+        except ValueError:
+            raise UsageError(f"--forward {addr!r} is not an IPv4 address") from None
+    hints = []
+    if hints_file:
+        try:
+            hints = load_hints(hints_file)
+        except (OSError, ValueError, dns.exception.DNSException) as exc:
+            raise UsageError(f"--root-hints {hints_file}: {exc}") from None
+    return hints, forward
+
+
+def start_services(args: argparse.Namespace, app: Any, dns_server: DnsServer | None = None,
+                   resolving: tuple[list, list[str]] | None = None
+                   ) -> Callable[[Runtime], Awaitable[None]]:
+    async def setup(runtime: Runtime) -> None:
+        stack = Stack(runtime)
+        if resolving is not None:
+            hints, forward = resolving
+            service = ResolverServer(Resolver(stack, runtime.loop.time, Cache(),
+                                              root_hints=hints, forward=forward))
+            await stack.create_datagram_endpoint(lambda: ResolverUdpProtocol(service),
+                                                 local_addr=("", 53))
+            await stack.create_server(lambda: ResolverTcpProtocol(service), port=53)
+            runtime.app_counters["resolver"] = service.counters_all
+            cache = service.resolver.cache
+            runtime.app_commands["dns-cache"] = lambda request: {
+                "entries": cache.listing(runtime.loop.time())}
+            runtime.app_commands["dns-flush"] = lambda request: {
+                "done": f"flushed {cache.flush()} cache entries"}
+        if dns_server is not None:
+            await stack.create_datagram_endpoint(lambda: DnsUdpProtocol(dns_server),
+                                                 local_addr=("", 53))
+            await stack.create_server(lambda: DnsTcpProtocol(dns_server), port=53)
+            runtime.app_counters["dns"] = lambda: dict(dns_server.counters)
+        if not args.no_services:
+            for port, protocol in SERVICES.items():
+                await stack.create_server(protocol, port=port)
+            await stack.create_datagram_endpoint(UdpEchoProtocol, local_addr=("", 7))
+        if not args.no_http:
+            await stack.create_server(lambda: HttpServerProtocol(app), port=args.http_port,
+                                      backlog=1024)
+
+    return setup
+
+
+def nameserver_of(netns: str | None) -> str | None:
+    """The first nameserver a host in this namespace would ask (`ip netns exec` shows
+    /etc/netns/NAME/resolv.conf there instead of /etc/resolv.conf)."""
+    paths = ([f"/etc/netns/{netns}/resolv.conf"] if netns else []) + ["/etc/resolv.conf"]
+    for path in paths:
+        try:
+            with open(path) as f:
+                for line in f:
+                    words = line.split()
+                    if len(words) >= 2 and words[0] == "nameserver":
+                        ipaddress.IPv4Address(words[1])
+                        return words[1]
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+async def resolve_name(stack: Stack, host: str, nameserver: str | None,
+                       netns: str | None) -> str:
+    """An address for `host`: itself, or the first A record a stub query over tapstack's
+    own UDP finds. OSError (one sentence) when there is none."""
+    try:
+        ipaddress.IPv4Address(host)
+        return host
+    except ValueError:
+        pass
+    server = nameserver or nameserver_of(netns)
+    if server is None:
+        raise OSError(f"cannot resolve {host}: no name server (give --nameserver ADDR)")
+    resolver = Resolver(stack, stack.loop.time, Cache(), forward=[server])
+    try:
+        result = await resolver.resolve(dns.name.from_text(host), dns.rdatatype.A)
+    except dns.exception.DNSException as exc:
+        raise OSError(f"cannot resolve {host}: {exc}") from None
+    addresses = [rd.address for r in result.answer if r.rdtype == dns.rdatatype.A for rd in r]
+    if not addresses:
+        raise OSError(f"cannot resolve {host}: {dns.rcode.to_text(result.rcode)} from "
+                      f"{server}")
+    return addresses[0]
