@@ -39,7 +39,8 @@ def answers(out: str) -> set[str]:
 def test_dig_gets_every_record_kind(dns_stack):
     ns = dns_stack.ns
     out = dig(ns, "bob.com", "A")
-    assert "status: NOERROR" in out and " aa " in out.split("flags:")[1].split(";")[0] + " "
+    assert "status: NOERROR" in out
+    assert re.search(r";; flags: qr aa rd;", out), out  # authoritative, no recursion
     assert re.search(r"^bob\.com\.\s+3600\s+IN\s+A\s+198\.51\.100\.10$", out, re.M)
     cases = {
         ("www6.bob.com", "AAAA"): r"AAAA\s+2001:db8::10",
