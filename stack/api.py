@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import ssl as _ssl
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from stack.net.tcp.connection import CLOSED, TIME_WAIT, Connection
 from stack.net.tcp.info import fin_acked, tcp_info, unsent_bytes
+from stack.tls import TlsProtocol, start_tls
 from stack.wire.ipv4 import ip_to_str
 
 if TYPE_CHECKING:
@@ -375,10 +377,14 @@ class Stack:
         return address
 
     async def create_server(self, protocol_factory: Callable[[], asyncio.BaseProtocol],
-                            host: str | None = None, port: int = 0, backlog: int = 128
-                            ) -> Server:
-        """Listen on `port` of every address of the stack, or of `host` only."""
+                            host: str | None = None, port: int = 0, backlog: int = 128,
+                            ssl: _ssl.SSLContext | None = None,
+                            ssl_handshake_timeout: float | None = None) -> Server:
+        """Listen on `port` of every address of the stack, or of `host` only; with `ssl`,
+        each connection reaches the protocol after a TLS handshake (stack/tls.py)."""
         address = self._local(host)
+        if ssl is not None and not isinstance(ssl, _ssl.SSLContext):
+            raise TypeError("ssl must be an SSLContext for a server")
 
         def on_accept(conn: Connection) -> None:
             try:
@@ -388,6 +394,9 @@ class Stack:
                                                   "exception": exc})
                 conn.abort()
                 return
+            if ssl is not None:
+                protocol = TlsProtocol(protocol, ssl, server_side=True, loop=self.loop,
+                                       handshake_timeout=ssl_handshake_timeout)
             TcpTransport(self, conn, protocol).start()
 
         self.runtime.node.tcp.listen(port, on_accept, backlog, address)
@@ -395,19 +404,40 @@ class Stack:
 
     async def create_connection(self, protocol_factory: Callable[[], asyncio.BaseProtocol],
                                 host: str, port: int, local_port: int | None = None,
-                                nodelay: bool = False
-                                ) -> tuple[TcpTransport, asyncio.BaseProtocol]:
+                                nodelay: bool = False, local_ip: str | None = None,
+                                ssl: _ssl.SSLContext | bool | None = None,
+                                server_hostname: str | None = None,
+                                ssl_handshake_timeout: float | None = None
+                                ) -> tuple[asyncio.Transport, asyncio.BaseProtocol]:
+        """An active open; with `ssl` (a context, or True for the default one), a TLS
+        handshake that checks the certificate against `server_hostname` (default: host)."""
+        if ssl is True:
+            ssl = _ssl.create_default_context()
+        if server_hostname is not None and not ssl:
+            raise ValueError("server_hostname is only meaningful with ssl")
         waiter = self.loop.create_future()
-        conn = self.runtime.node.tcp.connect(_ip(host), port, self.loop.time(), local_port)
+        conn = self.runtime.node.tcp.connect(_ip(host), port, self.loop.time(), local_port,
+                                             local_ip=self._local(local_ip))
         conn.nodelay = nodelay
         protocol = protocol_factory()
-        transport = TcpTransport(self, conn, protocol, waiter)
+        tls = None
+        if ssl:
+            tls = TlsProtocol(protocol, ssl, server_side=False,
+                              server_hostname=server_hostname or host,
+                              waiter=self.loop.create_future(),
+                              handshake_timeout=ssl_handshake_timeout, loop=self.loop)
+            handshake = tls.waiter
+        transport = TcpTransport(self, conn, tls or protocol, waiter)
         self.kick()
         try:
-            await waiter
+            await waiter  # TCP established; the TLS handshake has started
+            if tls is not None:
+                await handshake
         except asyncio.CancelledError:
             transport.abort()
             raise
+        if tls is not None:
+            return tls.transport, protocol
         return transport, protocol
 
     async def create_datagram_endpoint(
@@ -427,6 +457,15 @@ class Stack:
         transport = UdpTransport(self, protocol, port, remote_addr, local_ip)
         protocol.connection_made(transport)
         return transport, protocol
+
+    async def start_tls(self, transport: asyncio.Transport, protocol: asyncio.BaseProtocol,
+                        sslcontext: _ssl.SSLContext, *, server_side: bool = False,
+                        server_hostname: str | None = None,
+                        ssl_handshake_timeout: float | None = None) -> asyncio.Transport:
+        """loop.start_tls for any transport: the protocol goes on over TLS."""
+        return await start_tls(self.loop, transport, protocol, sslcontext,
+                               server_side=server_side, server_hostname=server_hostname,
+                               handshake_timeout=ssl_handshake_timeout)
 
     async def open_connection(self, host: str, port: int, limit: int = 2 ** 16, **kw: Any
                               ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:

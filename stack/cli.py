@@ -36,6 +36,8 @@ from stack.serve import (
     resolve_name,
     resolver_options,
     start_services,
+    tls_ca_path,
+    tls_context,
     zone_names,
 )
 from stack.show import format_flows, format_routes, format_rules, format_stats
@@ -100,6 +102,16 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--http-port", type=int, default=80,
                    help="port of the HTTP server (default: %(default)s)")
     r.add_argument("--no-http", action="store_true", help="do not serve HTTP")
+    r.add_argument("--tls", action="store_true",
+                   help="serve HTTPS too, with a certificate from tapstack's lab CA "
+                        "(`tapstack ca` prints its path)")
+    r.add_argument("--tls-port", type=int, default=443,
+                   help="port of the HTTPS server (default: %(default)s)")
+    r.add_argument("--tls-name", action="append", default=[], metavar="NAME",
+                   help="a DNS name to hold a certificate for (repeatable; SNI picks it)")
+    r.add_argument("--tls-cert", metavar="FILE",
+                   help="your own certificate chain (PEM) instead of the lab CA's")
+    r.add_argument("--tls-key", metavar="FILE", help="the private key of --tls-cert")
     r.add_argument("--dns-zone", action="append", default=[], metavar="FILE",
                    help="serve this RFC 1035 zone file on UDP and TCP port 53 "
                         "(authoritative; repeatable)")
@@ -152,6 +164,11 @@ def _parser() -> argparse.ArgumentParser:
                            help="its TAP device (default: %(default)s)")
         which.add_argument("--node", help="the name of a node started with --config")
         s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    ca = sub.add_parser("ca", help="print the path of tapstack's lab CA certificate "
+                                   "(made on first use), for curl --cacert")
+    ca.add_argument("--state-dir", help="where the CA lives (default: $TAPSTACK_STATE, "
+                                        "else /var/lib/tapstack as root)")
 
     from stack.lab.cli import add_lab_parser
 
@@ -263,6 +280,8 @@ def _banner(args: argparse.Namespace, host_cidr: str | None) -> str:
         f"  {prefix}ping -c 3 {ip}",
         f"  {prefix}arping -c 3 -I {args.tap} {ip}",
         *([] if args.no_http else [f"  {prefix}curl http://{ip}{port}/"]),
+        *([f"  {prefix}curl --cacert {tls_ca_path(args)} https://{ip}"
+           f"{'' if args.tls_port == 443 else f':{args.tls_port}'}/"] if args.tls else []),
         *([f"  {prefix}dig @{ip} {z}" for z in zone_names(args.dns_zone)]),
         f"  {prefix}tcpdump -ni {args.tap}",
         *([] if args.no_services else [
@@ -331,6 +350,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     app = load_app(args, lambda: stats_source[0].snapshot())
     dns_server = load_dns(args.dns_zone + spec.dns_zones)
     resolving = resolver_options(args, spec)
+    tls = tls_context(args, spec)
     with stack_environment(spec, args.command, args.pcap) as (links, control, pcap):
         runtime = build_runtime(spec, links, pcap, args.impair)
         stats_source.append(runtime)
@@ -339,7 +359,17 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(banner(), flush=True)
 
         run(runtime, control, ready, use_uvloop=not args.asyncio,
-            setup=start_services(args, app, dns_server, resolving))
+            setup=start_services(args, app, dns_server, resolving, tls))
+    return 0
+
+
+def cmd_ca(args: argparse.Namespace) -> int:
+    from stack.certs import LabCA
+
+    try:
+        print(LabCA(args.state_dir).cert_path)
+    except OSError as exc:
+        raise UsageError(f"cannot make the lab CA: {exc}") from None
     return 0
 
 
@@ -530,6 +560,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_serve_kernel(args)
         if args.command == "route":
             return cmd_route(args)
+        if args.command == "ca":
+            return cmd_ca(args)
         if args.command == "conntrack":
             return cmd_conntrack(args)
         if args.command == "rules":

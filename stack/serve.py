@@ -8,6 +8,7 @@ import argparse
 import importlib
 import ipaddress
 import os
+import ssl
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -39,6 +40,7 @@ from stack.apps.services import (
 from stack.config import NodeSpec
 from stack.launch import UsageError
 from stack.runtime import Runtime
+from stack.wire.ipv4 import ip_to_str
 
 SERVICES = {7: EchoProtocol, 9: DiscardProtocol, 19: SourceProtocol}
 
@@ -109,8 +111,54 @@ def resolver_options(args: argparse.Namespace, spec: NodeSpec
     return hints, forward
 
 
+def tls_ca_path(args: argparse.Namespace) -> str:
+    """What `curl --cacert` needs for this run's certificate."""
+    if args.tls_cert:
+        return args.tls_cert
+    from stack.certs import LabCA
+
+    return LabCA().cert_path
+
+
+def tls_context(args: argparse.Namespace, spec: NodeSpec) -> ssl.SSLContext | None:
+    """The HTTPS server's context (--tls): one lab certificate for the node's addresses
+    (served without SNI), one more per --tls-name (SNI picks it), or the user's own
+    --tls-cert/--tls-key."""
+    if not getattr(args, "tls", False):
+        if args.tls_cert or args.tls_key or args.tls_name:
+            raise UsageError("--tls-cert, --tls-key and --tls-name need --tls")
+        return None
+    from stack.certs import LabCA, ServerCert, server_context
+
+    if not 0 < args.tls_port < 65536:
+        raise UsageError(f"--tls-port {args.tls_port} is outside 1..65535")
+    if not args.no_http and args.tls_port == args.http_port:
+        raise UsageError(f"--tls-port {args.tls_port} is also the HTTP port")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise UsageError("--tls-cert and --tls-key go together")
+    if args.tls_cert:
+        certs = [ServerCert(args.tls_cert, args.tls_key, [])]
+    else:
+        addresses = [ip_to_str(a) for iface in spec.node.interfaces
+                     for a, _ in iface.addresses]
+        try:
+            ca = LabCA()
+            certs = [ServerCert(*ca.issue(addresses), [])]  # no SNI, or an address
+            for name in args.tls_name:
+                certs.append(ServerCert(*ca.issue([name]), [name]))
+        except OSError as exc:
+            raise UsageError(f"--tls: cannot keep the lab CA: {exc}") from None
+        except ValueError as exc:
+            raise UsageError(f"--tls-name: {exc}") from None
+    try:
+        return server_context(certs)
+    except ValueError as exc:
+        raise UsageError(f"--tls-cert: {exc}") from None
+
+
 def start_services(args: argparse.Namespace, app: Any, dns_server: DnsServer | None = None,
-                   resolving: tuple[list, list[str]] | None = None
+                   resolving: tuple[list, list[str]] | None = None,
+                   tls: ssl.SSLContext | None = None
                    ) -> Callable[[Runtime], Awaitable[None]]:
     async def setup(runtime: Runtime) -> None:
         stack = Stack(runtime)
@@ -139,6 +187,9 @@ def start_services(args: argparse.Namespace, app: Any, dns_server: DnsServer | N
         if not args.no_http:
             await stack.create_server(lambda: HttpServerProtocol(app), port=args.http_port,
                                       backlog=1024)
+        if tls is not None:
+            await stack.create_server(lambda: HttpServerProtocol(app, scheme="https"),
+                                      port=args.tls_port, backlog=1024, ssl=tls)
 
     return setup
 

@@ -67,8 +67,10 @@ def tapstack_cmd(*args: str) -> list[str]:
 class StackProcess:
     """`tapstack run` in its namespace, started and stopped by PID."""
 
-    def __init__(self, ns: str, args: list[str], pcap: Path | None) -> None:
+    def __init__(self, ns: str, args: list[str], pcap: Path | None,
+                 env: dict[str, str] | None = None) -> None:
         self.ns = ns
+        self.env = env
         self.pcap = pcap
         self.args = args
         self.proc: subprocess.Popen | None = None
@@ -81,8 +83,10 @@ class StackProcess:
         if self.pcap is not None:
             cmd += ["--pcap", str(self.pcap)]
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
+                                     stderr=subprocess.PIPE, text=True,
+                                     env={**os.environ, **(self.env or {})})
         ready = threading.Event()
+        self.stderr_lines: list[str] = []
 
         def pump() -> None:
             for line in self.proc.stdout:
@@ -90,7 +94,13 @@ class StackProcess:
                 if line.startswith("tapstack ready"):
                     ready.set()
 
+        def pump_err() -> None:  # read as it comes: a full pipe would stall the stack
+            for line in self.proc.stderr:
+                self.stderr_lines.append(line.rstrip("\n"))
+
         threading.Thread(target=pump, daemon=True).start()
+        self.err_thread = threading.Thread(target=pump_err, daemon=True)
+        self.err_thread.start()
         if not ready.wait(timeout):
             self.stop()
             raise AssertionError(f"tapstack did not become ready: {self.stderr}")
@@ -112,10 +122,12 @@ class StackProcess:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         try:
-            _, self.stderr = self.proc.communicate(timeout=10)
+            self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            _, self.stderr = self.proc.communicate(timeout=5)
+            self.proc.wait(timeout=5)
+        self.err_thread.join(timeout=5)
+        self.stderr = "\n".join(self.stderr_lines)
         return self.proc.returncode
 
 
@@ -128,9 +140,11 @@ def start_stack(tmp_path):
     """
     started: list[StackProcess] = []
 
-    def factory(*args: str, ns: str | None = None, pcap: bool = True) -> StackProcess:
+    def factory(*args: str, ns: str | None = None, pcap: bool = True,
+                env: dict[str, str] | None = None) -> StackProcess:
         name = ns or unique_name()
-        sp = StackProcess(name, list(args), tmp_path / f"{name}.pcap" if pcap else None)
+        sp = StackProcess(name, list(args), tmp_path / f"{name}.pcap" if pcap else None,
+                          env)
         started.append(sp)
         return sp.start()
 
