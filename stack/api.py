@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import socket
 import ssl as _ssl
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -24,6 +25,7 @@ from stack.tls import TlsProtocol, start_tls
 from stack.wire.ipv4 import ip_to_str
 
 if TYPE_CHECKING:
+    from stack.names import Names
     from stack.runtime import Runtime
 
 DEFAULT_HIGH_WATER = 64 * 1024
@@ -220,6 +222,8 @@ class TcpTransport(asyncio.Transport):
             return mac
         if name == "stack":
             return self._stack
+        if name == "socket":
+            return ConnectionSocket(self)
         return default
 
     def set_keepalive(self, enabled: bool = True) -> None:
@@ -231,6 +235,44 @@ class TcpTransport(asyncio.Transport):
         """TCP_NODELAY: turn Nagle's algorithm off for this connection."""
         self._conn.nodelay = enabled
         self._stack.kick()
+
+
+class ConnectionSocket:
+    """get_extra_info("socket") for a tapstack connection: libraries read its family and
+    addresses and set TCP_NODELAY or SO_KEEPALIVE on it; there is no descriptor
+    (fileno() is -1), so anything needing a kernel socket fails."""
+
+    family = socket.AF_INET
+    type = socket.SOCK_STREAM
+    proto = socket.IPPROTO_TCP
+
+    def __init__(self, transport: TcpTransport) -> None:
+        self._transport = transport
+
+    def getsockname(self) -> tuple[str, int]:
+        return self._transport._sockname
+
+    def getpeername(self) -> tuple[str, int]:
+        return self._transport._peername
+
+    def fileno(self) -> int:
+        return -1
+
+    def setsockopt(self, level: int, option: int, value: Any) -> None:
+        if (level, option) == (socket.IPPROTO_TCP, socket.TCP_NODELAY):
+            self._transport.set_nodelay(bool(value))
+        elif (level, option) == (socket.SOL_SOCKET, socket.SO_KEEPALIVE):
+            self._transport.set_keepalive(bool(value))
+        else:
+            raise OSError(92, f"tapstack does not take socket option {level}/{option}")
+
+    def getsockopt(self, level: int, option: int, *args: Any) -> int:
+        if (level, option) == (socket.IPPROTO_TCP, socket.TCP_NODELAY):
+            return int(self._transport._conn.nodelay)
+        raise OSError(92, f"tapstack does not have socket option {level}/{option}")
+
+    def __repr__(self) -> str:
+        return f"<tapstack connection {self.getsockname()} -> {self.getpeername()}>"
 
 
 class UdpTransport(asyncio.DatagramTransport):
@@ -308,6 +350,26 @@ class UdpTransport(asyncio.DatagramTransport):
         self._protocol = protocol
 
 
+class ListenerSocket:
+    """A listener's stand-in for a socket: family, type and getsockname, no descriptor."""
+
+    family = 2  # AF_INET
+    type = 1  # SOCK_STREAM
+    proto = 6
+
+    def __init__(self, ip: str, port: int) -> None:
+        self._name = (ip, port)
+
+    def getsockname(self) -> tuple[str, int]:
+        return self._name
+
+    def fileno(self) -> int:
+        return -1
+
+    def __repr__(self) -> str:
+        return f"<tapstack listener {self._name[0]}:{self._name[1]}>"
+
+
 class Server(asyncio.AbstractServer):
     def __init__(self, stack: Stack, port: int, address: bytes | None = None) -> None:
         self._stack = stack
@@ -339,7 +401,11 @@ class Server(asyncio.AbstractServer):
 
     @property
     def sockets(self) -> tuple:
-        return ()
+        """What asyncio's servers list: here stand-ins that only tell their address."""
+        if not self._serving:
+            return ()
+        ip = "0.0.0.0" if self.address is None else ip_to_str(self.address)
+        return (ListenerSocket(ip, self.port),)
 
     async def __aenter__(self) -> Server:
         return self
@@ -354,6 +420,8 @@ class Stack:
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
+        self.names: Names | None = None  # set by open_stack: how names become addresses
+        self.terminated = False  # open_stack: SIGTERM came
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -385,6 +453,8 @@ class Stack:
         address = self._local(host)
         if ssl is not None and not isinstance(ssl, _ssl.SSLContext):
             raise TypeError("ssl must be an SSLContext for a server")
+        if not port:
+            port = self._free_port(address)
 
         def on_accept(conn: Connection) -> None:
             try:
@@ -401,6 +471,17 @@ class Stack:
 
         self.runtime.node.tcp.listen(port, on_accept, backlog, address)
         return Server(self, port, address)
+
+    def _free_port(self, address: bytes | None) -> int:
+        """A port nobody listens on, from the ephemeral range (create_server with 0)."""
+        tcp = self.runtime.node.tcp
+        taken = set(tcp.listeners) | {p for _, p in tcp.bound_listeners}
+        rng = self.runtime.node.rng
+        for _ in range(1000):
+            port = rng.randrange(32768, 61000)
+            if port not in taken:
+                return port
+        raise OSError(98, "no free port to listen on")
 
     async def create_connection(self, protocol_factory: Callable[[], asyncio.BaseProtocol],
                                 host: str, port: int, local_port: int | None = None,

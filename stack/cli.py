@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import json
 import logging
 import os
@@ -14,21 +13,21 @@ import signal
 import sys
 from typing import Any
 
+from stack.aio import new_event_loop
 from stack.api import Stack
 from stack.apps.http.server import HttpServerProtocol
-from stack.config import ConfigError, LinkSpec, NodeSpec, load_node
+from stack.config import ConfigError, NodeSpec, load_node
 from stack.launch import (
     UsageError,
+    build_config,
     build_runtime,
+    host_spec,
     netns_text,
     require_root,
     stack_environment,
 )
 from stack.link import LinkError
 from stack.link import netns as ns
-from stack.link.impair import Impairment, ImpairSpecError
-from stack.net.host import HostConfig
-from stack.net.tcp.connection import TcpConfig
 from stack.runtime import Runtime, control_request, run
 from stack.serve import (
     load_app,
@@ -41,7 +40,6 @@ from stack.serve import (
     zone_names,
 )
 from stack.show import format_flows, format_routes, format_rules, format_stats
-from stack.wire.ethernet import is_multicast_mac, mac_from_str
 from stack.wire.ipv4 import ip_to_str
 
 log = logging.getLogger("tapstack")
@@ -196,71 +194,6 @@ def _rules_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ports", help="destination ports, like 80 or 1024-65535")
 
 
-def _interface(text: str, what: str) -> ipaddress.IPv4Interface:
-    try:
-        iface = ipaddress.IPv4Interface(text)
-    except ValueError:
-        raise UsageError(f"{what} {text!r} is not an IPv4 address with a prefix, "
-                         "like 10.77.0.2/24") from None
-    net = iface.network
-    if net.prefixlen < 31 and iface.ip in (net.network_address, net.broadcast_address):
-        raise UsageError(f"{what} {text} is the network's own or broadcast address")
-    return iface
-
-
-def build_config(args: argparse.Namespace) -> tuple[HostConfig, str | None]:
-    """Validate `run`'s options; returns the interface config and the host-side CIDR."""
-    address = _interface(args.address, "--address")
-    if address.network.prefixlen > 30:
-        raise UsageError(f"--address {args.address} leaves no room for a host side; "
-                         "use a prefix of /30 or shorter")
-    try:
-        mac = mac_from_str(args.mac)
-    except ValueError as exc:
-        raise UsageError(f"--mac: {exc}") from None
-    if is_multicast_mac(mac):
-        raise UsageError(f"--mac {args.mac} is a multicast address; the first byte must be even")
-    if not 576 <= args.mtu <= 9000:
-        raise UsageError(f"--mtu {args.mtu} is outside 576..9000")
-    host_cidr: str | None = None
-    gateway = None
-    if args.host_address.lower() != "none":
-        host = _interface(args.host_address, "--host-address")
-        if host.network != address.network or host.ip == address.ip:
-            raise UsageError(f"--host-address {args.host_address} must be another address "
-                             f"in {address.network}")
-        host_cidr = str(host)
-        gateway = host.ip.packed
-    if args.gateway:
-        try:
-            gateway = ipaddress.IPv4Address(args.gateway).packed
-        except ValueError:
-            raise UsageError(f"--gateway {args.gateway!r} is not an IPv4 address") from None
-    if not 0 < args.msl <= 600:
-        raise UsageError(f"--msl {args.msl} is outside 0..600 seconds")
-    if args.impair:
-        try:
-            Impairment.parse(args.impair)
-        except ImpairSpecError as exc:
-            raise UsageError(f"--impair: {exc}") from None
-        if args.offload:
-            raise UsageError("--impair works on plain frames; drop --offload to use it")
-    config = HostConfig(mac=mac, address=address.ip.packed,
-                        prefixlen=address.network.prefixlen, gateway=gateway,
-                        mtu=args.mtu, tcp=TcpConfig(msl=args.msl), offload=args.offload)
-    return config, host_cidr
-
-
-def host_spec(args: argparse.Namespace, config: HostConfig, host_cidr: str | None
-              ) -> NodeSpec:
-    """The one-interface node that `run`'s flags describe."""
-    netns = None if args.no_netns else args.netns
-    node = config.node_config()
-    node.name = args.tap
-    return NodeSpec(node, [LinkSpec(args.tap, netns, None, host_cidr, args.offload)], netns,
-                    control=args.tap)
-
-
 # -- run ----------------------------------------------------------------------------------
 
 
@@ -358,8 +291,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         def ready() -> None:
             print(banner(), flush=True)
 
-        run(runtime, control, ready, use_uvloop=not args.asyncio,
-            setup=start_services(args, app, dns_server, resolving, tls))
+        run(runtime, control, ready, setup=start_services(args, app, dns_server, resolving, tls),
+            loop_factory=lambda: new_event_loop(not args.asyncio))
     return 0
 
 

@@ -5,7 +5,9 @@ the lab's tapstack nodes."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import ipaddress
 import logging
 import os
 import random
@@ -14,13 +16,17 @@ import socket
 from collections.abc import Iterator
 from typing import Any
 
-from stack.config import NodeSpec
+from stack.config import LinkSpec, NodeSpec
 from stack.link import netns as ns
+from stack.link.impair import Impairment, ImpairSpecError
 from stack.link.pcap import PcapTee
 from stack.link.tap import TapLink
+from stack.net.host import HostConfig
 from stack.net.middlebox import Middlebox
 from stack.net.node import Node
+from stack.net.tcp.connection import TcpConfig
 from stack.runtime import Runtime, bind_control_socket
+from stack.wire.ethernet import is_multicast_mac, mac_from_str
 from stack.wire.ipv4 import ip_to_str
 
 log = logging.getLogger("tapstack")
@@ -44,6 +50,71 @@ def netns_text(netns: str | None) -> str:
     return "the current namespace" if netns is None else f"namespace {netns}"
 
 
+def _interface(text: str, what: str) -> ipaddress.IPv4Interface:
+    try:
+        iface = ipaddress.IPv4Interface(text)
+    except ValueError:
+        raise UsageError(f"{what} {text!r} is not an IPv4 address with a prefix, "
+                         "like 10.77.0.2/24") from None
+    net = iface.network
+    if net.prefixlen < 31 and iface.ip in (net.network_address, net.broadcast_address):
+        raise UsageError(f"{what} {text} is the network's own or broadcast address")
+    return iface
+
+
+def build_config(args: argparse.Namespace) -> tuple[HostConfig, str | None]:
+    """Validate `run`'s options; returns the interface config and the host-side CIDR."""
+    address = _interface(args.address, "--address")
+    if address.network.prefixlen > 30:
+        raise UsageError(f"--address {args.address} leaves no room for a host side; "
+                         "use a prefix of /30 or shorter")
+    try:
+        mac = mac_from_str(args.mac)
+    except ValueError as exc:
+        raise UsageError(f"--mac: {exc}") from None
+    if is_multicast_mac(mac):
+        raise UsageError(f"--mac {args.mac} is a multicast address; the first byte must be even")
+    if not 576 <= args.mtu <= 9000:
+        raise UsageError(f"--mtu {args.mtu} is outside 576..9000")
+    host_cidr: str | None = None
+    gateway = None
+    if args.host_address.lower() != "none":
+        host = _interface(args.host_address, "--host-address")
+        if host.network != address.network or host.ip == address.ip:
+            raise UsageError(f"--host-address {args.host_address} must be another address "
+                             f"in {address.network}")
+        host_cidr = str(host)
+        gateway = host.ip.packed
+    if args.gateway:
+        try:
+            gateway = ipaddress.IPv4Address(args.gateway).packed
+        except ValueError:
+            raise UsageError(f"--gateway {args.gateway!r} is not an IPv4 address") from None
+    if not 0 < args.msl <= 600:
+        raise UsageError(f"--msl {args.msl} is outside 0..600 seconds")
+    if args.impair:
+        try:
+            Impairment.parse(args.impair)
+        except ImpairSpecError as exc:
+            raise UsageError(f"--impair: {exc}") from None
+        if args.offload:
+            raise UsageError("--impair works on plain frames; drop --offload to use it")
+    config = HostConfig(mac=mac, address=address.ip.packed,
+                        prefixlen=address.network.prefixlen, gateway=gateway,
+                        mtu=args.mtu, tcp=TcpConfig(msl=args.msl), offload=args.offload)
+    return config, host_cidr
+
+
+def host_spec(args: argparse.Namespace, config: HostConfig, host_cidr: str | None
+              ) -> NodeSpec:
+    """The one-interface node that `run`'s flags describe."""
+    netns = None if args.no_netns else args.netns
+    node = config.node_config()
+    node.name = args.tap
+    return NodeSpec(node, [LinkSpec(args.tap, netns, None, host_cidr, args.offload)], netns,
+                    control=args.tap)
+
+
 @contextlib.contextmanager
 def stack_environment(spec: NodeSpec, command: str, pcap_path: str | None = None
                       ) -> Iterator[tuple[list[TapLink], socket.socket, PcapTee | None]]:
@@ -57,7 +128,7 @@ def stack_environment(spec: NodeSpec, command: str, pcap_path: str | None = None
         raise UsageError("/dev/net/tun is missing; this kernel or container has no TUN/TAP "
                          "support")
     # Until the event loop takes over, SIGTERM unwinds through the finally below.
-    signal.signal(signal.SIGTERM, _raise_exit)
+    previous = signal.signal(signal.SIGTERM, _raise_exit)
     created: list[str] = []
     links: list[TapLink] = []
     control = None
@@ -103,10 +174,12 @@ def stack_environment(spec: NodeSpec, command: str, pcap_path: str | None = None
             control.close()
         if pcap is not None:
             pcap.close()
+        ns.return_to_netns(start)  # a program that goes on is where it started
         for name in created:
             ns.delete_netns(name)
             log.info("removed network namespace %s", name)
         os.close(start)
+        signal.signal(signal.SIGTERM, previous)
 
 
 def build_runtime(spec: NodeSpec, links: list[TapLink], pcap: PcapTee | None,

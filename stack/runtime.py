@@ -355,13 +355,14 @@ class Runtime:
 
 def run(runtime: Runtime, control: socket.socket | None,
         on_ready: Callable[[], None] | None = None, use_uvloop: bool = True,
-        setup: Callable[[Runtime], Awaitable[None]] | None = None) -> None:
-    if use_uvloop:
+        setup: Callable[[Runtime], Awaitable[None]] | None = None,
+        loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None) -> None:
+    if loop_factory is None and use_uvloop:
         import uvloop
 
-        uvloop.run(runtime.serve(control, on_ready, setup))
-    else:
-        asyncio.run(runtime.serve(control, on_ready, setup))
+        loop_factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(runtime.serve(control, on_ready, setup))
 
 
 def read_stats(name: str, timeout: float = 3.0) -> dict[str, Any]:

@@ -5,6 +5,7 @@ resolver), and the stub lookup `tapstack connect` uses. The CLI parses; this set
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib
 import ipaddress
 import os
@@ -39,6 +40,7 @@ from stack.apps.services import (
 )
 from stack.config import NodeSpec
 from stack.launch import UsageError
+from stack.names import Names
 from stack.runtime import Runtime
 from stack.wire.ipv4 import ip_to_str
 
@@ -162,6 +164,10 @@ def start_services(args: argparse.Namespace, app: Any, dns_server: DnsServer | N
                    ) -> Callable[[Runtime], Awaitable[None]]:
     async def setup(runtime: Runtime) -> None:
         stack = Stack(runtime)
+        stack.names = Names(stack, runtime.info.get("netns"))
+        loop = asyncio.get_running_loop()
+        if hasattr(loop, "use_stack"):  # the app's own asyncio calls go through tapstack
+            loop.use_stack(stack)
         if resolving is not None:
             hints, forward = resolving
             service = ResolverServer(Resolver(stack, runtime.loop.time, Cache(),
@@ -194,42 +200,8 @@ def start_services(args: argparse.Namespace, app: Any, dns_server: DnsServer | N
     return setup
 
 
-def nameserver_of(netns: str | None) -> str | None:
-    """The first nameserver a host in this namespace would ask (`ip netns exec` shows
-    /etc/netns/NAME/resolv.conf there instead of /etc/resolv.conf)."""
-    paths = ([f"/etc/netns/{netns}/resolv.conf"] if netns else []) + ["/etc/resolv.conf"]
-    for path in paths:
-        try:
-            with open(path) as f:
-                for line in f:
-                    words = line.split()
-                    if len(words) >= 2 and words[0] == "nameserver":
-                        ipaddress.IPv4Address(words[1])
-                        return words[1]
-        except (OSError, ValueError):
-            continue
-    return None
-
-
 async def resolve_name(stack: Stack, host: str, nameserver: str | None,
                        netns: str | None) -> str:
-    """An address for `host`: itself, or the first A record a stub query over tapstack's
-    own UDP finds. OSError (one sentence) when there is none."""
-    try:
-        ipaddress.IPv4Address(host)
-        return host
-    except ValueError:
-        pass
-    server = nameserver or nameserver_of(netns)
-    if server is None:
-        raise OSError(f"cannot resolve {host}: no name server (give --nameserver ADDR)")
-    resolver = Resolver(stack, stack.loop.time, Cache(), forward=[server])
-    try:
-        result = await resolver.resolve(dns.name.from_text(host), dns.rdatatype.A)
-    except dns.exception.DNSException as exc:
-        raise OSError(f"cannot resolve {host}: {exc}") from None
-    addresses = [rd.address for r in result.answer if r.rdtype == dns.rdatatype.A for rd in r]
-    if not addresses:
-        raise OSError(f"cannot resolve {host}: {dns.rcode.to_text(result.rcode)} from "
-                      f"{server}")
-    return addresses[0]
+    """An address for `host`: itself, the hosts file's, or the first A record a stub
+    query over tapstack's own UDP finds. OSError (one sentence) when there is none."""
+    return (await Names(stack, netns, nameserver=nameserver).addresses(host))[0]

@@ -1,0 +1,53 @@
+"""Unmodified client libraries on the tapstack loop: httpx (HTTP, HTTPS with a test CA,
+a name from `hosts`), the websockets client, asyncio streams; and a call that needs a
+kernel socket, which must fail naming itself. Prints one JSON object."""
+
+import asyncio
+import json
+import socket
+import ssl
+import sys
+
+import httpx
+import websockets
+
+import stack
+
+
+async def main(netns: str, ca: str) -> dict:
+    loop = asyncio.get_running_loop()
+    out = {"loop": type(loop).__name__}
+    async with httpx.AsyncClient(timeout=10) as client:
+        r = await client.get("http://10.77.0.1:8081/")
+        out["http"] = r.text
+        r = await client.get("http://kernel.test:8081/")
+        out["http_by_name"] = r.text
+    async with httpx.AsyncClient(timeout=10, verify=ssl.create_default_context(cafile=ca)
+                                 ) as client:
+        r = await client.get("https://kernel.test:8443/")
+        out["https"] = r.text
+    async with websockets.connect("ws://10.77.0.1:8765") as ws:
+        await ws.send("over tapstack")
+        out["websocket"] = await ws.recv()
+    reader, writer = await asyncio.open_connection(
+        "kernel.test", 8443, ssl=ssl.create_default_context(cafile=ca))
+    writer.write(b"GET / HTTP/1.0\r\nHost: kernel.test\r\n\r\n")
+    out["streams_tls"] = (await reader.read()).decode().splitlines()[0]
+    out["streams_tls_version"] = writer.get_extra_info("ssl_object").version()
+    writer.close()
+    sock = socket.socket()
+    sock.setblocking(False)
+    try:
+        await loop.sock_connect(sock, ("10.77.0.1", 8081))
+        out["sock_connect"] = "connected (should not)"
+    except RuntimeError as exc:
+        out["sock_connect"] = str(exc)
+    finally:
+        sock.close()
+    return out
+
+
+if __name__ == "__main__":
+    netns, ca = sys.argv[1], sys.argv[2]
+    result = stack.run(main(netns, ca), netns=netns, hosts={"kernel.test": "10.77.0.1"})
+    print(json.dumps(result), flush=True)
