@@ -100,6 +100,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--http-port", type=int, default=80,
                    help="port of the HTTP server (default: %(default)s)")
     r.add_argument("--no-http", action="store_true", help="do not serve HTTP")
+    r.add_argument("--server", choices=["builtin", "uvicorn"], default="builtin",
+                   help="the HTTP server: tapstack's own, or unmodified uvicorn on "
+                        "tapstack's TCP (default: %(default)s)")
     r.add_argument("--tls", action="store_true",
                    help="serve HTTPS too, with a certificate from tapstack's lab CA "
                         "(`tapstack ca` prints its path)")
@@ -241,6 +244,10 @@ def _me() -> str:
 def _http_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--app", metavar="MODULE:ATTR",
                    help="serve this ASGI application instead of the built-in site")
+    p.add_argument("--app-dir", metavar="DIR", default=".",
+                   help="where to import --app from (default: the current directory)")
+    p.add_argument("--no-access-log", action="store_true",
+                   help="no log line per HTTP request")
     p.add_argument("--root", metavar="DIR", help="serve static files from DIR")
 
 
@@ -284,6 +291,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     dns_server = load_dns(args.dns_zone + spec.dns_zones)
     resolving = resolver_options(args, spec)
     tls = tls_context(args, spec)
+    if args.server == "uvicorn" and (tls is not None or args.no_http):
+        raise UsageError("--server uvicorn serves plain HTTP on --http-port; use the "
+                         "built-in server for --tls")
     with stack_environment(spec, args.command, args.pcap) as (links, control, pcap):
         runtime = build_runtime(spec, links, pcap, args.impair)
         stats_source.append(runtime)
@@ -315,8 +325,9 @@ def cmd_serve_kernel(args: argparse.Namespace) -> int:
     async def main() -> None:
         loop = asyncio.get_running_loop()
         try:
-            server = await loop.create_server(lambda: HttpServerProtocol(app), args.address,
-                                              args.port, backlog=1024, reuse_address=True)
+            server = await loop.create_server(
+                lambda: HttpServerProtocol(app, access_log=not args.no_access_log),
+                args.address, args.port, backlog=1024, reuse_address=True)
         except OSError as exc:
             raise UsageError(f"cannot listen on {args.address}:{args.port}: "
                              f"{exc.strerror}") from None

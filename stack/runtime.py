@@ -328,8 +328,9 @@ class Runtime:
 
     async def serve(self, control: socket.socket | None,
                     on_ready: Callable[[], None] | None = None,
-                    setup: Callable[[Runtime], Awaitable[None]] | None = None) -> None:
-        """Run until SIGINT/SIGTERM (or stop())."""
+                    setup: Callable[[Runtime], Awaitable[Any]] | None = None) -> None:
+        """Run until SIGINT/SIGTERM (or stop()). `setup` may return a coroutine function
+        to run before the stack goes down."""
         self.loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -338,14 +339,18 @@ class Runtime:
         if control is not None:
             server = await asyncio.start_unix_server(self._serve_control, sock=control)
         self.attach()
-        if setup is not None:
-            await setup(self)
+        teardown = await setup(self) if setup is not None else None
         if on_ready is not None:
             on_ready()
         try:
             await self._stopped.wait()
         finally:
             log.info("stopping")
+            if teardown is not None:  # e.g. the application's lifespan shutdown
+                try:
+                    await asyncio.wait_for(teardown(), 15)
+                except Exception:
+                    log.exception("stopping the services failed")
             self.detach()
             if server is not None:
                 server.close()

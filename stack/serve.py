@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import inspect
 import ipaddress
 import os
 import ssl
@@ -30,6 +31,7 @@ from stack.apps.dns.resolver import (
 )
 from stack.apps.dns.server import DnsServer, DnsTcpProtocol, DnsUdpProtocol
 from stack.apps.dns.zone import ZoneError, Zones, load_zone
+from stack.apps.http.lifespan import Lifespan, LifespanFailed
 from stack.apps.http.server import HttpServerProtocol
 from stack.apps.http.site import Site
 from stack.apps.services import (
@@ -59,7 +61,8 @@ def zone_names(paths: list[str]) -> list[str]:
 
 
 def load_app(args: argparse.Namespace, stats: Callable[[], dict] | None) -> Any:
-    """The ASGI app to serve: --app module:attr, or the built-in site."""
+    """The ASGI app to serve: --app module:attr (imported from --app-dir), or the
+    built-in site. UsageError unless it is an ASGI 3 application."""
     if args.root and not os.path.isdir(args.root):
         raise UsageError(f"--root {args.root} is not a directory")
     if not args.app:
@@ -67,12 +70,41 @@ def load_app(args: argparse.Namespace, stats: Callable[[], dict] | None) -> Any:
     module_name, _, attr = args.app.partition(":")
     if not module_name or not attr:
         raise UsageError(f"--app {args.app!r} must look like module:attribute")
-    sys.path.insert(0, os.getcwd())
+    app_dir = os.path.abspath(args.app_dir)
+    if not os.path.isdir(app_dir):
+        raise UsageError(f"--app-dir {args.app_dir} is not a directory")
+    sys.path.insert(0, app_dir)
     try:
         module = importlib.import_module(module_name)
-        return getattr(module, attr)
-    except (ImportError, AttributeError) as exc:
-        raise UsageError(f"--app {args.app}: cannot load it ({exc})") from None
+    except ImportError as exc:
+        raise UsageError(f"--app {args.app}: cannot import {module_name} from {app_dir} "
+                         f"({exc})") from None
+    except Exception as exc:
+        raise UsageError(f"--app {args.app}: importing {module_name} failed: "
+                         f"{type(exc).__name__}: {exc}") from None
+    app = module
+    for part in attr.split("."):
+        if not hasattr(app, part):
+            raise UsageError(f"--app {args.app}: {module_name} has no attribute {attr}")
+        app = getattr(app, part)
+    check_asgi(app, args.app)
+    return app
+
+
+def check_asgi(app: Any, name: str) -> None:
+    """An ASGI 3 application is an awaitable callable of (scope, receive, send)."""
+    if not callable(app):
+        raise UsageError(f"--app {name} is a {type(app).__name__}, not an ASGI application")
+    call = app if inspect.isfunction(app) or inspect.ismethod(app) else \
+        getattr(app, "__call__", None)  # noqa: B004 (the method itself is inspected)
+    if inspect.isclass(app) or not inspect.iscoroutinefunction(call):
+        raise UsageError(f"--app {name} is not an ASGI 3 application: it must be an async "
+                         "function (or an object with async __call__) of scope, receive, "
+                         "send")
+    try:
+        inspect.signature(call).bind(None, None, None)
+    except TypeError:
+        raise UsageError(f"--app {name} does not take (scope, receive, send)") from None
 
 
 def load_dns(paths: list[str]) -> DnsServer | None:
@@ -161,8 +193,10 @@ def tls_context(args: argparse.Namespace, spec: NodeSpec) -> ssl.SSLContext | No
 def start_services(args: argparse.Namespace, app: Any, dns_server: DnsServer | None = None,
                    resolving: tuple[list, list[str]] | None = None,
                    tls: ssl.SSLContext | None = None
-                   ) -> Callable[[Runtime], Awaitable[None]]:
-    async def setup(runtime: Runtime) -> None:
+                   ) -> Callable[[Runtime], Awaitable[Callable[[], Awaitable[None]] | None]]:
+    """What `tapstack run` starts on the stack once it is up; the function it returns
+    (if any) runs before the stack goes down."""
+    async def setup(runtime: Runtime) -> Callable[[], Awaitable[None]] | None:
         stack = Stack(runtime)
         stack.names = Names(stack, runtime.info.get("netns"))
         loop = asyncio.get_running_loop()
@@ -190,14 +224,64 @@ def start_services(args: argparse.Namespace, app: Any, dns_server: DnsServer | N
             for port, protocol in SERVICES.items():
                 await stack.create_server(protocol, port=port)
             await stack.create_datagram_endpoint(UdpEchoProtocol, local_addr=("", 7))
-        if not args.no_http:
-            await stack.create_server(lambda: HttpServerProtocol(app), port=args.http_port,
-                                      backlog=1024)
-        if tls is not None:
-            await stack.create_server(lambda: HttpServerProtocol(app, scheme="https"),
-                                      port=args.tls_port, backlog=1024, ssl=tls)
+        if args.no_http and tls is None:
+            return None
+        if getattr(args, "server", "builtin") == "uvicorn":
+            return await start_uvicorn(args, app, runtime)
+        return await start_http(args, app, stack, tls)
 
     return setup
+
+
+async def start_http(args: argparse.Namespace, app: Any, stack: Stack,
+                     tls: ssl.SSLContext | None) -> Callable[[], Awaitable[None]]:
+    """The built-in server: the app's lifespan startup first, then HTTP and HTTPS;
+    returns what to run at the end (the lifespan shutdown)."""
+    lifespan = Lifespan(app)
+    try:
+        await lifespan.startup()
+    except LifespanFailed as exc:
+        raise UsageError(f"the application's startup failed: {exc}") from None
+    state = lifespan.state if lifespan.supported else None
+    access_log = not args.no_access_log
+    if not args.no_http:
+        await stack.create_server(
+            lambda: HttpServerProtocol(app, state=state, access_log=access_log),
+            port=args.http_port, backlog=1024)
+    if tls is not None:
+        await stack.create_server(
+            lambda: HttpServerProtocol(app, scheme="https", state=state,
+                                       access_log=access_log),
+            port=args.tls_port, backlog=1024, ssl=tls)
+    return lifespan.shutdown
+
+
+async def start_uvicorn(args: argparse.Namespace, app: Any, runtime: Runtime
+                        ) -> Callable[[], Awaitable[None]]:
+    """Unmodified uvicorn serving the app on tapstack's TCP (the TapstackLoop routes
+    its create_server here); its lifespan, protocols and logs are uvicorn's own."""
+    import uvicorn
+
+    config = uvicorn.Config(app, host="0.0.0.0", port=args.http_port, loop="none",
+                            lifespan="auto", access_log=not args.no_access_log,
+                            log_config=None, log_level=args.log_level, backlog=1024,
+                            timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    task = asyncio.get_running_loop().create_task(server.serve())
+    while not server.started:
+        if task.done():
+            exc = task.exception()
+            why = "the application's startup failed" if isinstance(exc, SystemExit) else \
+                f"{type(exc).__name__}: {exc}" if exc else "it stopped"
+            raise UsageError(f"uvicorn did not start: {why}")
+        await asyncio.sleep(0.01)  # uvicorn offers no event for "started"
+    task.add_done_callback(lambda _: runtime.stop())  # uvicorn ended (a signal): stop
+
+    async def stop() -> None:
+        server.should_exit = True
+        await task
+
+    return stop
 
 
 async def resolve_name(stack: Stack, host: str, nameserver: str | None,

@@ -13,6 +13,7 @@ import collections
 import collections.abc
 import email.utils
 import logging
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +21,12 @@ from urllib.parse import unquote
 
 import httptools
 
+from stack.apps.http.websocket import WebSocketSession, upgrade_problem, wants_websocket
+
 log = logging.getLogger("tapstack.http")
+access = logging.getLogger("tapstack.access")
+# RFC 9112 3: method SP request-target SP HTTP-version; a method is a token
+REQUEST_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ [^ \r\n]+ HTTP/\d\.\d\r?")
 
 STATUS_TEXT = {
     100: "Continue", 200: "OK", 201: "Created", 204: "No Content", 206: "Partial Content",
@@ -84,7 +90,7 @@ def simple_response(status: int, body: bytes | None = None, extra: list | None =
 
 class _Request:
     __slots__ = ("body", "body_bytes", "complete", "event", "expect_continue", "headers",
-                 "keep_alive", "method", "url", "version")
+                 "keep_alive", "method", "upgrade", "url", "version")
 
     def __init__(self) -> None:
         self.url = bytearray()
@@ -97,17 +103,25 @@ class _Request:
         self.complete = False
         self.event = asyncio.Event()
         self.expect_continue = False
+        self.upgrade = False  # a WebSocket opening handshake
 
 
 class HttpServerProtocol(asyncio.Protocol):
-    __slots__ = ("app", "can_write", "client", "closing", "closing_after_pipeline",
-                 "current", "extra_scope", "header_bytes", "idle_handle", "limits", "loop",
-                 "on_tapstack", "parser", "paused_reading", "pipeline", "runner", "scheme",
-                 "server", "transport")
+    __slots__ = ("access_log", "app", "bad_line", "can_write", "client", "closing",
+                 "closing_after_pipeline", "current", "extra_scope", "header_bytes",
+                 "idle_handle", "limits", "loop", "on_tapstack", "parser", "paused_reading",
+                 "pipeline", "runner", "scheme", "server", "state", "transport", "upgraded",
+                 "ws")
 
     def __init__(self, app: Any, limits: Limits | None = None, scheme: str = "http",
-                 extra_scope: dict | None = None) -> None:
+                 extra_scope: dict | None = None, state: dict | None = None,
+                 access_log: bool = False) -> None:
         self.app = app
+        self.state = state  # what the app's lifespan startup kept; a copy per request
+        self.access_log = access_log and access.isEnabledFor(logging.INFO)
+        self.bad_line: bytearray | None = None  # a request line llhttp refused
+        self.upgraded: bytearray | None = None  # bytes after a WebSocket upgrade request
+        self.ws: WebSocketSession | None = None
         self.limits = limits or Limits()
         self.scheme = scheme
         self.extra_scope = extra_scope or {}
@@ -139,6 +153,16 @@ class HttpServerProtocol(asyncio.Protocol):
         self._arm_idle()
 
     def data_received(self, data: bytes) -> None:
+        if self.ws is not None:
+            self.ws.feed(data)
+            return
+        if self.upgraded is not None:
+            self.upgraded += data  # frames sent before the session started
+            return
+        if self.bad_line is not None:
+            self.bad_line += data
+            self._judge_bad_line()
+            return
         if self.closing or self.parser is None:
             return
         try:
@@ -149,14 +173,25 @@ class HttpServerProtocol(asyncio.Protocol):
             cause = exc.__context__
             self._reject(cause.status if isinstance(cause, _Reject) else 400)
         except httptools.HttpParserInvalidMethodError:
-            self._reject(501)
-        except httptools.HttpParserUpgrade:
-            pass  # no upgrades offered: the request is served as plain HTTP/1.1
+            # an unknown method (501) or no request line at all (400): see the whole line
+            self.bad_line = bytearray(data[_refused_message_start(data):])
+            self._judge_bad_line()
+        except httptools.HttpParserUpgrade as exc:
+            if self.pipeline and self.pipeline[-1].upgrade:
+                self.upgraded = bytearray(data[exc.args[0]:] if exc.args else b"")
+            # other upgrades are not offered: the request is served as plain HTTP/1.1
         except httptools.HttpParserError as exc:
             # llhttp refuses versions it does not know (HTTP/3.0) before our own check
             self._reject(505 if "HTTP version" in str(exc) else 400)
 
     def eof_received(self) -> bool:
+        if self.ws is not None:  # a FIN with no close frame: the client is gone
+            self.ws.connection_lost()
+            return False
+        if self.bad_line is not None:  # what came is all there is of that line
+            self._reject(501 if REQUEST_LINE.fullmatch(self.bad_line.partition(b"\n")[0])
+                         else 400)
+            return False
         # The client half-closed: finish what it asked for, then close.
         if self.runner is None or self.runner.done():
             return False
@@ -165,6 +200,8 @@ class HttpServerProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
+        if self.ws is not None:
+            self.ws.connection_lost()
         self._cancel_idle()
         for req in list(self.pipeline) + ([self.current] if self.current else []):
             req.event.set()
@@ -208,6 +245,7 @@ class HttpServerProtocol(asyncio.Protocol):
         req.method = parser.get_method().decode("ascii", "replace")
         req.version = parser.get_http_version()
         req.keep_alive = parser.should_keep_alive()
+        req.upgrade = parser.should_upgrade() and wants_websocket(req)
         if req.version not in ("1.0", "1.1"):
             raise _Reject(505)
         if req.method not in KNOWN_METHODS:
@@ -273,8 +311,12 @@ class HttpServerProtocol(asyncio.Protocol):
             "server": self.server, "extensions": {},
         }
         scope.update(self.extra_scope)
+        if self.state is not None:
+            scope["state"] = self.state.copy()
         if self.on_tapstack:  # what the stack knows of this connection, read on demand
             scope["extensions"]["tapstack"] = _ConnectionInfo(self.transport)
+        if req.upgrade:
+            return await self._websocket(req, scope)
         state = _ResponseState(req)
         receive_done = False
 
@@ -312,9 +354,11 @@ class HttpServerProtocol(asyncio.Protocol):
             log.exception("ASGI application failed on %s %s", req.method, path)
             if not state.started:
                 self.transport.write(simple_response(500, close=True))
+                self.log_access(req, 500, 0)
             return False
         if not state.started:
             self.transport.write(simple_response(500, close=True))
+            self.log_access(req, 500, 0)
             return False
         if not state.finished:
             await self._send(state, {"type": "http.response.body", "body": b"",
@@ -323,6 +367,29 @@ class HttpServerProtocol(asyncio.Protocol):
         if not req.complete:
             return False
         return state.keep_alive and not self.closing
+
+    async def _websocket(self, req: _Request, scope: dict) -> bool:
+        """Hand the connection to a WebSocket session; it never returns to HTTP."""
+        problem = upgrade_problem(req)
+        if problem is not None:
+            status, headers = problem
+            self.transport.write(simple_response(status, extra=headers, close=True))
+            self.log_access(req, status, 0)
+            return False
+        self._cancel_idle()
+        self.ws = WebSocketSession(self, req, scope)
+        early, self.upgraded = self.upgraded or b"", None
+        if early:
+            self.ws.feed(bytes(early))
+        await self.ws.run()
+        return False
+
+    def log_access(self, req: _Request, status: int, sent: int) -> None:
+        """One line per request, like a web server's access log (--no-access-log)."""
+        if self.access_log:
+            client = f"{self.client[0]}:{self.client[1]}" if self.client else "-"
+            access.info('%s - "%s %s HTTP/%s" %d %d', client, req.method,
+                        bytes(req.url).decode("latin-1"), req.version, status, sent)
 
     async def _send(self, state: _ResponseState, message: dict) -> None:
         if self.closing:
@@ -346,12 +413,15 @@ class HttpServerProtocol(asyncio.Protocol):
             write(self._head(state, None if more else len(body)))
             state.headers_sent = True
         if req.method != "HEAD" and state.status not in (204, 304) and body:
+            state.sent += len(body)
             if state.chunked:
                 write(b"%x\r\n" % len(body) + body + b"\r\n")
             else:
                 write(body)
         if not more:
             state.finished = True
+            if self.access_log:
+                self.log_access(req, state.status, state.sent)
             if state.chunked and req.method != "HEAD":
                 write(b"0\r\n\r\n")
         if self.can_write is not None and not self.can_write.is_set():
@@ -390,11 +460,20 @@ class HttpServerProtocol(asyncio.Protocol):
 
     # -- errors, timers, closing -------------------------------------------------------------
 
+    def _judge_bad_line(self) -> None:
+        """llhttp refused the method: 501 if the request line is well formed (RFC 9110
+        9.1: a method we do not implement), 400 if it is not a request line at all."""
+        line, newline, _ = self.bad_line.partition(b"\n")
+        if not newline and len(line) < self.limits.max_url:
+            return  # wait for the rest of the line
+        self._reject(501 if REQUEST_LINE.fullmatch(line) else 400)
+
     def _reject(self, status: int) -> None:
         """A request we will not serve: the status, then close (the stream is unusable)."""
         if self.transport is None or self.closing:
             return
-        head = self.current is not None and self.parser.get_method() == b"HEAD"
+        head = self.bad_line is None and self.current is not None and \
+            self.parser.get_method() == b"HEAD"
         self.transport.write(simple_response(status, close=True, head=head))
         self._close()
 
@@ -420,6 +499,22 @@ class HttpServerProtocol(asyncio.Protocol):
         self._close()
 
 
+def _refused_message_start(data: bytes) -> int:
+    """Where, in a chunk, the message llhttp refused begins: the first message start
+    (the chunk's, or one after a blank line) that is not a method we know. Requests
+    before it in the chunk were parsed (a body holding a blank line can fool this; the
+    answer is an error status either way)."""
+    start = 0
+    while True:
+        method = data[start:start + 8].split(b" ", 1)[0]
+        if method.decode("latin-1") not in KNOWN_METHODS:
+            return start
+        end = data.find(b"\r\n\r\n", start)
+        if end < 0:
+            return start
+        start = end + 4
+
+
 class _ConnectionInfo(collections.abc.Mapping):
     """scope["extensions"]["tapstack"]: tcp_info and peer_mac, computed when read (most
     requests never look, and a tcp_info snapshot is not free)."""
@@ -443,7 +538,7 @@ class _ConnectionInfo(collections.abc.Mapping):
 
 class _ResponseState:
     __slots__ = ("chunked", "finished", "headers", "headers_sent", "keep_alive", "req",
-                 "started", "status")
+                 "sent", "started", "status")
 
     def __init__(self, req: _Request) -> None:
         self.req = req
@@ -453,4 +548,5 @@ class _ResponseState:
         self.chunked = False
         self.keep_alive = True
         self.status = 200
+        self.sent = 0
         self.headers: list[tuple[bytes, bytes]] = []
