@@ -45,20 +45,33 @@ def test_httpx_websockets_and_streams_on_the_tapstack_loop(kernel_servers):
     # the kernel server saw tapstack's address: the request crossed the TAP
     assert out["http"] == f"kernel says hello to {STACK_IP} over http\n"
     assert out["http_by_name"] == out["http"]
+    assert out["http_by_dns"] == out["http"]  # dns.test came from the kernel's DNS server
     assert out["https"] == f"kernel says hello to {STACK_IP} over https\n"
     assert out["websocket"] == "echo: over tapstack"
     assert out["streams_tls"] == "HTTP/1.0 200 OK"
     assert out["streams_tls_version"] == "TLSv1.3"
+    assert out["start_tls"] == f"kernel says hello to {STACK_IP} over https"
     assert out["sock_connect"].startswith("loop.sock_connect() needs a kernel socket")
 
 
-def test_aiohttp_web_server_on_tapstack(tmp_path):
+WS_CLIENT = """
+import asyncio, sys, websockets
+async def main():
+    async with websockets.connect(sys.argv[1]) as ws:
+        await ws.send("hi")
+        print(await ws.recv())
+asyncio.run(asyncio.wait_for(main(), 20))
+"""
+
+
+def test_aiohttp_and_websockets_servers_on_tapstack(tmp_path):
     from tests.integration.conftest import netns_exists, unique_name
 
     ns = unique_name("aio")
+    env = {"TAPSTACK_STATE": str(tmp_path), "PATH": "/usr/bin:/bin"}
     proc = subprocess.Popen(["timeout", "-k", "5", "90", *_program("aiohttp_server", ns)],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, env=env)
     try:
         line = proc.stdout.readline()
         assert line.startswith("ready http://0.0.0.0:8000"), proc.stderr.read()
@@ -67,6 +80,12 @@ def test_aiohttp_web_server_on_tapstack(tmp_path):
         r = in_ns(ns, "curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}",
                   f"http://{STACK_IP}:8000/missing")
         assert r.stdout == "404"
+        ca = subprocess.run(tapstack_cmd("ca"), cwd=REPO, env=env, capture_output=True,
+                            text=True, check=True).stdout.strip()
+        r = in_ns(ns, "curl", "-sS", "--cacert", ca, f"https://{STACK_IP}:8443/hello")
+        assert r.stdout == "aiohttp on tapstack, you are 10.77.0.1\n", r.stderr
+        r = in_ns(ns, sys.executable, "-c", WS_CLIENT, f"ws://{STACK_IP}:8765", cwd=REPO)
+        assert r.stdout == "tapstack echo: hi\n", r.stderr
         # the stack's own counters saw the connections
         stats = subprocess.run(tapstack_cmd("stats", "--netns", ns, "--json"), cwd=REPO,
                                capture_output=True, text=True, timeout=10, check=True)

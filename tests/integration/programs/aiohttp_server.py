@@ -1,11 +1,14 @@
-"""aiohttp's web server, unmodified, on the tapstack loop: port 8000 of the stack."""
+"""aiohttp's web server (HTTP on 8000, HTTPS on 8443 with a lab certificate) and the
+websockets library's server (8765), unmodified, on the tapstack loop."""
 
 import asyncio
 import sys
 
+import websockets
 from aiohttp import web
 
 import stack
+from stack.certs import LabCA, ServerCert, server_context
 
 
 async def main() -> None:
@@ -19,11 +22,19 @@ async def main() -> None:
     await runner.setup()
     site = web.TCPSite(runner, port=8000)
     await site.start()
-    print(f"ready {site.name}", flush=True)
-    try:
-        await asyncio.Event().wait()
-    finally:
-        await runner.cleanup()
+    tls = server_context([ServerCert(*LabCA().issue(["10.77.0.2"]), [])])
+    await web.TCPSite(runner, port=8443, ssl_context=tls).start()
+
+    async def echo(ws) -> None:
+        async for message in ws:
+            await ws.send(f"tapstack echo: {message}")
+
+    async with websockets.serve(echo, port=8765):
+        print(f"ready {site.name}", flush=True)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await runner.cleanup()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Unmodified client libraries on the tapstack loop: httpx (HTTP, HTTPS with a test CA,
-a name from `hosts`), the websockets client, asyncio streams; and a call that needs a
-kernel socket, which must fail naming itself. Prints one JSON object."""
+a name from `hosts`, a name from DNS over tapstack's UDP), the websockets client,
+asyncio streams with TLS from the start and by start_tls; and a call that needs a kernel
+socket, which must fail naming itself. Prints one JSON object."""
 
 import asyncio
 import json
@@ -22,6 +23,8 @@ async def main(netns: str, ca: str) -> dict:
         out["http"] = r.text
         r = await client.get("http://kernel.test:8081/")
         out["http_by_name"] = r.text
+        r = await client.get("http://dns.test:8081/")
+        out["http_by_dns"] = r.text
     async with httpx.AsyncClient(timeout=10, verify=ssl.create_default_context(cafile=ca)
                                  ) as client:
         r = await client.get("https://kernel.test:8443/")
@@ -34,6 +37,12 @@ async def main(netns: str, ca: str) -> dict:
     writer.write(b"GET / HTTP/1.0\r\nHost: kernel.test\r\n\r\n")
     out["streams_tls"] = (await reader.read()).decode().splitlines()[0]
     out["streams_tls_version"] = writer.get_extra_info("ssl_object").version()
+    writer.close()
+    reader, writer = await asyncio.open_connection("kernel.test", 8443)
+    await writer.start_tls(ssl.create_default_context(cafile=ca),
+                           server_hostname="kernel.test")
+    writer.write(b"GET / HTTP/1.0\r\nHost: kernel.test\r\n\r\n")
+    out["start_tls"] = (await reader.read()).decode().splitlines()[-1]
     writer.close()
     sock = socket.socket()
     sock.setblocking(False)
@@ -49,5 +58,6 @@ async def main(netns: str, ca: str) -> dict:
 
 if __name__ == "__main__":
     netns, ca = sys.argv[1], sys.argv[2]
-    result = stack.run(main(netns, ca), netns=netns, hosts={"kernel.test": "10.77.0.1"})
+    result = stack.run(main(netns, ca), netns=netns, hosts={"kernel.test": "10.77.0.1"},
+                       nameserver="10.77.0.1")
     print(json.dumps(result), flush=True)

@@ -1,12 +1,15 @@
 """Servers on the kernel's sockets, inside a namespace: HTTP (8081), HTTPS (8443, a
-certificate from a lab CA in $TAPSTACK_STATE) and a websockets echo (8765). Prints
-'ready' once all listen; runs until SIGTERM."""
+certificate from a lab CA in $TAPSTACK_STATE), a websockets echo (8765) and a DNS server
+(UDP 53) that knows one name, dns.test. Prints 'ready' once all listen; runs until
+SIGTERM."""
 
 import asyncio
 import signal
 import ssl
 import sys
 
+import dns.message
+import dns.rrset
 import websockets
 from aiohttp import web
 
@@ -33,6 +36,20 @@ async def main() -> None:
         async for message in ws:
             await ws.send(f"echo: {message}")
 
+    class Dns(asyncio.DatagramProtocol):
+        def connection_made(self, transport):
+            self.transport = transport
+
+        def datagram_received(self, data, addr):
+            query = dns.message.from_wire(data)
+            answer = dns.message.make_response(query)
+            question = query.question[0]
+            if question.name.to_text().lower() == "dns.test.":  # resolvers vary the case
+                answer.answer.append(dns.rrset.from_text(question.name, 60, "IN", "A",
+                                                         "10.77.0.1"))
+            self.transport.sendto(answer.to_wire(), addr)
+
+    await asyncio.get_running_loop().create_datagram_endpoint(Dns, ("0.0.0.0", 53))
     async with websockets.serve(echo, "0.0.0.0", 8765):
         print("ready", flush=True)
         stop = asyncio.Event()
