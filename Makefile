@@ -30,13 +30,15 @@ fuzz:
 		tests/unit/test_fuzz_transport.py tests/unit/test_receive_fuzz.py
 
 # tapstack (plain, --offload) against the kernel with the same app and clients, then a
-# tapstack router against a Linux router, then DNS (dnsperf); a few minutes.
+# tapstack router against a Linux router, then DNS (dnsperf), then HTTPS and uvicorn on
+# tapstack against uvicorn on the kernel; a few minutes.
 # `make bench ARGS=--quick` is the smoke run.
 bench:
 	@tools/bootstrap.sh test
 	$(VENV)/bin/python tools/bench.py $(ARGS)
 	$(VENV)/bin/python tools/bench_forward.py $(ARGS)
 	$(VENV)/bin/python tools/bench_dns.py $(ARGS)
+	$(VENV)/bin/python tools/bench_tls.py $(ARGS)
 
 # Ten minutes of wrk with kernel-made loss; RSS over time in bench/results/soak.png.
 soak:

@@ -55,3 +55,19 @@ def test_bench_dns_quick_produces_every_figure(tmp_path):
     assert set(results) == {"tapstack", "kernel sockets", "tapstack resolver, cache hits"}
     for name, figures in results.items():
         assert figures["qps"] > 0 and figures["latency_ms_one_at_a_time"] > 0, name
+
+
+def test_bench_tls_quick_produces_every_figure(tmp_path):
+    for tool in ("wrk", "ab", "curl"):
+        require_tool(tool)
+    r = subprocess.run([sys.executable, "tools/bench_tls.py", "--quick", "--out",
+                        str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    results = json.loads((tmp_path / "tls-quick.json").read_text())
+    assert set(results["tapstack"]) == {"https_download", "tls_new", "https_wrk50",
+                                        "http_wrk50"}
+    assert set(results["tapstack uvicorn"]) == {"http_wrk50"}
+    assert set(results["kernel uvicorn"]) == {"https_download", "tls_new", "https_wrk50"}
+    assert all(v > 0 for figures in results.values() for v in figures.values()), results
+    assert "| new TLS connection per request, ab -c 10 (req/s) |" in \
+        (tmp_path / "tls-quick.md").read_text()

@@ -110,8 +110,8 @@ class HttpServerProtocol(asyncio.Protocol):
     __slots__ = ("access_log", "app", "bad_line", "can_write", "client", "closing",
                  "closing_after_pipeline", "current", "extra_scope", "header_bytes",
                  "idle_handle", "limits", "loop", "on_tapstack", "parser", "paused_reading",
-                 "pipeline", "runner", "scheme", "server", "state", "transport", "upgraded",
-                 "ws")
+                 "pipeline", "rejected", "runner", "scheme", "server", "state", "transport",
+                 "upgraded", "ws")
 
     def __init__(self, app: Any, limits: Limits | None = None, scheme: str = "http",
                  extra_scope: dict | None = None, state: dict | None = None,
@@ -120,6 +120,7 @@ class HttpServerProtocol(asyncio.Protocol):
         self.state = state  # what the app's lifespan startup kept; a copy per request
         self.access_log = access_log and access.isEnabledFor(logging.INFO)
         self.bad_line: bytearray | None = None  # a request line llhttp refused
+        self.rejected: bytes | None = None  # the error answer, once a request is refused
         self.upgraded: bytearray | None = None  # bytes after a WebSocket upgrade request
         self.ws: WebSocketSession | None = None
         self.limits = limits or Limits()
@@ -159,6 +160,8 @@ class HttpServerProtocol(asyncio.Protocol):
         if self.upgraded is not None:
             self.upgraded += data  # frames sent before the session started
             return
+        if self.rejected:
+            return  # the stream is unusable past a refused request
         if self.bad_line is not None:
             self.bad_line += data
             self._judge_bad_line()
@@ -188,10 +191,9 @@ class HttpServerProtocol(asyncio.Protocol):
         if self.ws is not None:  # a FIN with no close frame: the client is gone
             self.ws.connection_lost()
             return False
-        if self.bad_line is not None:  # what came is all there is of that line
+        if self.bad_line is not None and not self.rejected:  # all there is of that line
             self._reject(501 if REQUEST_LINE.fullmatch(self.bad_line.partition(b"\n")[0])
                          else 400)
-            return False
         # The client half-closed: finish what it asked for, then close.
         if self.runner is None or self.runner.done():
             return False
@@ -295,7 +297,9 @@ class HttpServerProtocol(asyncio.Protocol):
             if not keep:
                 self._close()
                 return
-        if self.closing_after_pipeline:
+        if self.rejected and not self.closing:
+            self._send_rejection()
+        elif self.closing_after_pipeline:
             self._close()
         elif not self.closing and self.current is None:
             self._arm_idle()
@@ -469,12 +473,20 @@ class HttpServerProtocol(asyncio.Protocol):
         self._reject(501 if REQUEST_LINE.fullmatch(line) else 400)
 
     def _reject(self, status: int) -> None:
-        """A request we will not serve: the status, then close (the stream is unusable)."""
-        if self.transport is None or self.closing:
+        """A request we will not serve: the status, then close (the stream is unusable).
+        Requests pipelined before it are answered first, in order."""
+        if self.transport is None or self.closing or self.rejected:
             return
         head = self.bad_line is None and self.current is not None and \
             self.parser.get_method() == b"HEAD"
-        self.transport.write(simple_response(status, close=True, head=head))
+        self.rejected = simple_response(status, close=True, head=head)
+        if self.runner is not None and not self.runner.done():
+            self.closing_after_pipeline = True  # _run_pipeline writes it at the end
+            return
+        self._send_rejection()
+
+    def _send_rejection(self) -> None:
+        self.transport.write(self.rejected)
         self._close()
 
     def _close(self) -> None:

@@ -1,0 +1,151 @@
+"""The built-in server's ASGI completeness on kernel loopback sockets (no root): lifespan,
+WebSockets (with the real websockets client), and request lines that are not ones."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import pytest
+import websockets
+
+from stack.apps.http.lifespan import Lifespan, LifespanFailed
+from stack.apps.http.server import HttpServerProtocol
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 20))
+
+
+async def serve(app, state=None):
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: HttpServerProtocol(app, state=state),
+                                      "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+async def exchange(port: int, raw: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(raw)
+    writer.write_eof()
+    data = await reader.read()
+    writer.close()
+    return data
+
+
+async def lifespan_app(scope, receive, send):
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                scope["state"]["db"] = "connected"
+                await send({"type": "lifespan.startup.complete"})
+            else:
+                scope["state"]["db"] = "closed"
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    scope["state"]["mine"] = True  # a copy: the next request must not see it
+    body = f"{scope['state']}".encode()
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": body})
+
+
+def test_lifespan_state_reaches_requests_as_a_copy_and_shutdown_runs():
+    async def main():
+        lifespan = Lifespan(lifespan_app)
+        await lifespan.startup()
+        server, port = await serve(lifespan_app, lifespan.state)
+        first = await exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        second = await exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        server.close()
+        await lifespan.shutdown()
+        return first, second, lifespan.state
+
+    first, second, state = run(main())
+    assert first.endswith(b"{'db': 'connected', 'mine': True}")
+    assert second.endswith(b"{'db': 'connected', 'mine': True}")
+    assert state == {"db": "closed"}
+
+
+def test_lifespan_failure_and_apps_without_lifespan():
+    async def failing(scope, receive, send):
+        await receive()
+        await send({"type": "lifespan.startup.failed", "message": "no database"})
+
+    async def http_only(scope, receive, send):
+        assert scope["type"] == "http"
+
+    async def main():
+        with pytest.raises(LifespanFailed, match="no database"):
+            await Lifespan(failing).startup()
+        quiet = Lifespan(http_only)
+        await quiet.startup()  # raising at once means "no lifespan": allowed
+        await quiet.shutdown()
+        return quiet.supported
+
+    assert run(main()) is False
+
+
+async def ws_app(scope, receive, send):
+    assert scope["type"] == "websocket"
+    message = await receive()
+    assert message["type"] == "websocket.connect"
+    if scope["path"] == "/refuse":
+        await send({"type": "websocket.close"})
+        return
+    await send({"type": "websocket.accept"})
+    while True:
+        message = await receive()
+        if message["type"] == "websocket.disconnect":
+            return
+        if "text" in message and message["text"] is not None:
+            await send({"type": "websocket.send", "text": message["text"].upper()})
+        else:
+            await send({"type": "websocket.send", "bytes": message["bytes"] * 2})
+
+
+def test_websocket_echo_refusal_and_version_check():
+    async def main():
+        server, port = await serve(ws_app)
+        async with websockets.connect(f"ws://127.0.0.1:{port}/echo") as ws:
+            await ws.send("quiet")
+            text = await ws.recv()
+            await ws.send(b"ab")
+            data = await ws.recv()
+        with pytest.raises(websockets.InvalidStatus) as refused:
+            async with websockets.connect(f"ws://127.0.0.1:{port}/refuse"):
+                pass
+        old = await exchange(port, b"GET /echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                                   b"Connection: Upgrade\r\nSec-WebSocket-Key: "
+                                   b"dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 8"
+                                   b"\r\n\r\n")
+        server.close()
+        return text, data, refused.value.response.status_code, old
+
+    text, data, refused, old = run(main())
+    assert (text, data, refused) == ("QUIET", b"abab", 403)
+    assert old.startswith(b"HTTP/1.1 426 ") and b"Sec-WebSocket-Version: 13" in old
+
+
+@pytest.mark.parametrize(("raw", "statuses"), [
+    (b"HELLO\r\n\r\n", ["400"]),
+    (b"HEL", ["400"]),  # all there is before the client's EOF
+    (b"GET\r\n\r\n", ["400"]),
+    (b"FROB / HTTP/1.1\r\nHost: x\r\n\r\n", ["501"]),
+    (b"get / HTTP/1.1\r\nHost: x\r\n\r\n", ["501"]),  # methods are case-sensitive tokens
+    (b"GET / HTTP/1.1\r\nHost: x\r\n\r\nHELLO\r\n\r\n", ["200", "400"]),
+])
+def test_request_lines_that_are_not_ones(raw, statuses):
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def main():
+        server, port = await serve(app)
+        data = await exchange(port, raw)
+        server.close()
+        return data
+
+    data = run(main())
+    got = [m.decode() for m in re.findall(rb"HTTP/1\.1 (\d{3}) ", data)]
+    assert got == statuses, data
