@@ -13,6 +13,7 @@ sockets. Apps never import this module: they only see asyncio objects.
 from __future__ import annotations
 
 import asyncio
+import collections
 import ipaddress
 import socket
 import ssl as _ssl
@@ -422,6 +423,7 @@ class Stack:
         self.runtime = runtime
         self.names: Names | None = None  # set by open_stack: how names become addresses
         self.terminated = False  # open_stack: SIGTERM came
+        self.tls_counters: collections.Counter = collections.Counter()  # servers' TLS
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -455,6 +457,8 @@ class Stack:
             raise TypeError("ssl must be an SSLContext for a server")
         if not port:
             port = self._free_port(address)
+        if ssl is not None:  # `tapstack stats` shows them as tls.*
+            self.runtime.app_counters.setdefault("tls", lambda: dict(self.tls_counters))
 
         def on_accept(conn: Connection) -> None:
             try:
@@ -466,7 +470,8 @@ class Stack:
                 return
             if ssl is not None:
                 protocol = TlsProtocol(protocol, ssl, server_side=True, loop=self.loop,
-                                       handshake_timeout=ssl_handshake_timeout)
+                                       handshake_timeout=ssl_handshake_timeout,
+                                       counters=self.tls_counters)
             TcpTransport(self, conn, protocol).start()
 
         self.runtime.node.tcp.listen(port, on_accept, backlog, address)

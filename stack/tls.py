@@ -21,6 +21,7 @@ reported as EOF (as browsers and curl treat HTTP/1.1 ends).
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import ssl
 from typing import Any
@@ -45,8 +46,12 @@ class TlsProtocol(asyncio.Protocol):
                  waiter: asyncio.Future | None = None,
                  handshake_timeout: float | None = None,
                  loop: asyncio.AbstractEventLoop | None = None,
-                 call_connection_made: bool = True) -> None:
+                 call_connection_made: bool = True,
+                 counters: collections.Counter | None = None) -> None:
         self.app = app
+        # handshakes, handshake_failures, handshake_timeouts, close_notify_received,
+        # truncated (a FIN without close_notify): what `tapstack stats` shows as tls.*
+        self.counters = counters if counters is not None else collections.Counter()
         self.call_connection_made = call_connection_made  # False for start_tls
         self.context = context
         self.server_side = server_side
@@ -95,6 +100,7 @@ class TlsProtocol(asyncio.Protocol):
         if self.eof_seen:  # close_notify came before the FIN: keep writing if the app does
             return not self._closing_app()
         log.debug("TCP FIN without close_notify (truncation); reported as EOF")
+        self.counters["truncated"] += 1
         return self._app_eof()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -138,6 +144,7 @@ class TlsProtocol(asyncio.Protocol):
             return
         self._flush()
         self._cancel_timer()
+        self.counters["handshakes"] += 1
         self.state = _OPEN
         self.transport = TlsTransport(self)
         try:
@@ -153,11 +160,13 @@ class TlsProtocol(asyncio.Protocol):
     def _handshake_timeout(self) -> None:
         self.timer = None
         if self.state == _HANDSHAKING:
+            self.counters["handshake_timeouts"] += 1
             self._fail(TlsHandshakeError(f"TLS handshake did not complete in "
                                          f"{self.handshake_timeout:g} s"))
 
     def _fail(self, exc: Exception) -> None:
         log.debug("TLS handshake failed: %s", exc)
+        self.counters["handshake_failures"] += 1
         self._cancel_timer()
         self.state = _CLOSED
         self._wake(exc)
@@ -195,6 +204,7 @@ class TlsProtocol(asyncio.Protocol):
                 break
             if not data:  # close_notify (the ssl module reads it as b"")
                 self.close_notify_received = True
+                self.counters["close_notify_received"] += 1
                 self._flush()
                 self._app_eof()
                 break

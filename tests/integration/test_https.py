@@ -59,6 +59,8 @@ def test_curl_by_address_tls13_verified(https):
     assert "ALPN: server accepted http/1.1" in err
     assert f'host "{STACK_IP}" matched cert\'s IP address' in err
     assert STACK_IP.encode() in r.stdout  # the page itself came through
+    tls = https.stats()["tls"]
+    assert tls["handshakes"] >= 1 and tls["close_notify_received"] >= 1  # curl closed well
 
 
 def test_curl_by_name_sni_picks_its_certificate(https):
@@ -73,6 +75,20 @@ def test_a_name_not_on_the_certificate_fails_in_curl(https):
     r = curl(https, "--resolve", f"www.eve.test:443:{STACK_IP}", "https://www.eve.test/")
     assert r.returncode == 60, r.stderr  # CURLE_PEER_FAILED_VERIFICATION
     assert b"www.eve.test" in r.stderr
+
+
+def test_an_unknown_ca_fails_the_handshake_on_both_sides(https, tmp_path):
+    """curl checks the chain inside the handshake and sends an alert: tapstack's side of
+    the handshake fails too, and counts it. (A wrong name, above, is checked by curl
+    after a completed handshake: tapstack sees a clean close_notify then.)"""
+    from stack.certs import LabCA
+
+    other = LabCA(str(tmp_path)).cert_path
+    failures = https.stats().get("tls", {}).get("handshake_failures", 0)
+    r = subprocess.run(["ip", "netns", "exec", https.ns, "curl", "-sS", "--cacert", other,
+                        f"https://{STACK_IP}/"], capture_output=True, timeout=30)
+    assert r.returncode == 60, r.stderr
+    assert https.stats()["tls"]["handshake_failures"] == failures + 1
 
 
 def test_tls12_still_offered_with_forward_secrecy(https):
