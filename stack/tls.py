@@ -71,6 +71,7 @@ class TlsProtocol(asyncio.Protocol):
         self.eof_sent = False  # our close_notify went out
         self.eof_seen = False  # the peer's close_notify (or FIN) came
         self.close_notify_received = False
+        self.error: Exception | None = None  # why the handshake failed
 
     # -- the raw transport's callbacks ------------------------------------------------------
 
@@ -107,14 +108,16 @@ class TlsProtocol(asyncio.Protocol):
         self._cancel_timer()
         state, self.state = self.state, _CLOSED
         if state == _HANDSHAKING:
-            self._wake(exc or TlsHandshakeError("the connection closed during the TLS "
-                                                "handshake"))
-            return
+            self.error = exc or TlsHandshakeError("the connection closed during the TLS "
+                                                  "handshake")
+            self._wake(self.error)
+        app, self.app = self.app, None
         if self.transport is not None:
             self.transport._closing = True
-            app, self.app = self.app, None
-            if app is not None:
-                self.loop.call_soon(app.connection_lost, exc)
+        elif self.call_connection_made:
+            return  # the application never saw this connection
+        if app is not None:  # start_tls's protocol learns why the handshake failed
+            self.loop.call_soon(app.connection_lost, exc or self.error)
 
     def pause_writing(self) -> None:
         if self.state == _OPEN and self.app is not None:
@@ -166,6 +169,7 @@ class TlsProtocol(asyncio.Protocol):
 
     def _fail(self, exc: Exception) -> None:
         log.debug("TLS handshake failed: %s", exc)
+        self.error = exc
         self.counters["handshake_failures"] += 1
         self._cancel_timer()
         self.state = _CLOSED

@@ -387,3 +387,31 @@ def test_handshake_timeout(pki):
         assert b.closing
 
     run(main())
+
+
+def test_start_tls_failure_reaches_the_protocols_connection_lost(pki, tmp_path):
+    """start_tls keeps a protocol that was already connected: when the handshake fails,
+    start_tls raises and that protocol's connection_lost gets the reason."""
+    from stack.tls import start_tls
+
+    _, server_ctx, _ = pki
+    wrong = ssl.create_default_context(cafile=LabCA(str(tmp_path)).cert_path)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        a, b = MemTransport(loop), MemTransport(loop)
+        a.peer, b.peer = b, a
+        server = TlsProtocol(Recorder(), server_ctx, server_side=True, loop=loop,
+                             waiter=loop.create_future())
+        a.protocol = server
+        server.connection_made(a)
+        plain = Recorder()
+        b.protocol = plain
+        plain.connection_made(b)
+        with pytest.raises(TlsHandshakeError, match="certificate verify failed"):
+            await start_tls(loop, b, plain, wrong, server_hostname="www.example.test")
+        await plain.lost.wait()
+        return plain.lost_exc
+
+    exc = run(main())
+    assert isinstance(exc, TlsHandshakeError) and "certificate verify failed" in str(exc)
