@@ -21,6 +21,7 @@ from stack.launch import (
     UsageError,
     build_config,
     build_runtime,
+    check_port,
     host_spec,
     netns_text,
     require_root,
@@ -166,6 +167,8 @@ def _parser() -> argparse.ArgumentParser:
         which.add_argument("--node", help="the name of a node started with --config")
         s.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
+    sub.add_parser("cleanup", help="remove network namespaces that killed tapstack "
+                                   "instances left behind (those with no process in them)")
     ca = sub.add_parser("ca", help="print the path of tapstack's lab CA certificate "
                                    "(made on first use), for curl --cacert")
     ca.add_argument("--state-dir", help="where the CA lives (default: $TAPSTACK_STATE, "
@@ -283,6 +286,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         config, host_cidr = build_config(args)
         spec = host_spec(args, config, host_cidr)
+        check_port(args.http_port, "--http-port")
 
         def banner() -> str:
             return _banner(args, host_cidr)
@@ -303,6 +307,24 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         run(runtime, control, ready, setup=start_services(args, app, dns_server, resolving, tls),
             loop_factory=lambda: new_event_loop(not args.asyncio))
+    return 0
+
+
+def cmd_cleanup(args: argparse.Namespace) -> int:
+    require_root("cleanup")
+    removed, kept = [], []
+    for name in ns.marked_netns():
+        if not ns.netns_exists(name):
+            ns.unmark(name)
+        elif pids := ns.netns_pids(name):
+            kept.append(f"{name} (in use by pid {', '.join(map(str, pids))})")
+        else:
+            ns.delete_netns(name)
+            removed.append(name)
+    print(f"removed {len(removed)} namespace(s) left by tapstack"
+          + (f": {', '.join(removed)}" if removed else ""))
+    for line in kept:
+        print(f"kept {line}")
     return 0
 
 
@@ -506,6 +528,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_route(args)
         if args.command == "ca":
             return cmd_ca(args)
+        if args.command == "cleanup":
+            return cmd_cleanup(args)
         if args.command == "conntrack":
             return cmd_conntrack(args)
         if args.command == "rules":

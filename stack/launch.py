@@ -25,7 +25,7 @@ from stack.net.host import HostConfig
 from stack.net.middlebox import Middlebox
 from stack.net.node import Node
 from stack.net.tcp.connection import TcpConfig
-from stack.runtime import Runtime, bind_control_socket
+from stack.runtime import Runtime, bind_control_socket, control_request, running_instances
 from stack.wire.ethernet import is_multicast_mac, mac_from_str
 from stack.wire.ipv4 import ip_to_str
 
@@ -62,8 +62,26 @@ def _interface(text: str, what: str) -> ipaddress.IPv4Interface:
     return iface
 
 
+def check_name(text: str, what: str) -> None:
+    """An interface or namespace name the kernel takes: 1..15 characters for a device,
+    no '/', no white space, not '.' or '..'."""
+    limit = 15 if what == "--tap" else 64
+    if not text or len(text) > limit or "/" in text or text in (".", "..") or \
+            any(c.isspace() for c in text):
+        raise UsageError(f"{what} {text!r} is not a valid name: 1 to {limit} characters, "
+                         "no '/' or spaces")
+
+
+def check_port(port: int, what: str) -> None:
+    if not 0 < port < 65536:
+        raise UsageError(f"{what} {port} is not a port number (1..65535)")
+
+
 def build_config(args: argparse.Namespace) -> tuple[HostConfig, str | None]:
     """Validate `run`'s options; returns the interface config and the host-side CIDR."""
+    check_name(args.tap, "--tap")
+    if not args.no_netns:
+        check_name(args.netns, "--netns")
     address = _interface(args.address, "--address")
     if address.network.prefixlen > 30:
         raise UsageError(f"--address {args.address} leaves no room for a host side; "
@@ -91,7 +109,7 @@ def build_config(args: argparse.Namespace) -> tuple[HostConfig, str | None]:
         except ValueError:
             raise UsageError(f"--gateway {args.gateway!r} is not an IPv4 address") from None
     if not 0 < args.msl <= 600:
-        raise UsageError(f"--msl {args.msl} is outside 0..600 seconds")
+        raise UsageError(f"--msl {args.msl:g} must be more than 0 and at most 600 seconds")
     if args.impair:
         try:
             Impairment.parse(args.impair)
@@ -115,6 +133,27 @@ def host_spec(args: argparse.Namespace, config: HostConfig, host_cidr: str | Non
                     control=args.tap)
 
 
+def _refuse_duplicate_address(spec: NodeSpec) -> None:
+    """Two stacks with one address in one namespace would answer each other's ARP and
+    split the traffic: refuse to be the second (asked over the first one's socket)."""
+    ours = {a for iface in spec.node.interfaces for a, _ in iface.addresses}
+    for name in running_instances():
+        if name == spec.control_name:
+            continue
+        try:
+            snapshot = control_request(name, {"cmd": "stats"}, timeout=1.0)
+        except (OSError, ValueError):
+            continue
+        for iface in snapshot.get("interfaces", {}).values():
+            for cidr in iface.get("addresses", []):
+                address = ipaddress.IPv4Interface(cidr).ip.packed
+                if address in ours:
+                    where = name.removeprefix("node/")
+                    raise UsageError(f"{ip_to_str(address)} is already the address of the "
+                                     f"tapstack on {where} in {netns_text(spec.netns)}; "
+                                     "give this one another --address")
+
+
 @contextlib.contextmanager
 def stack_environment(spec: NodeSpec, command: str, pcap_path: str | None = None
                       ) -> Iterator[tuple[list[TapLink], socket.socket, PcapTee | None]]:
@@ -136,8 +175,14 @@ def stack_environment(spec: NodeSpec, command: str, pcap_path: str | None = None
     start = ns.current_netns()
     try:
         for name in [spec.netns, *(link.netns for link in spec.links)]:
-            if name is not None and name not in created and not ns.netns_exists(name):
-                ns.create_netns(name)
+            if name is None or name in created:
+                continue
+            if ns.netns_exists(name) and ns.is_marked(name) and not ns.netns_pids(name):
+                # made by a tapstack that was killed: ours now, removed at exit
+                log.info("reusing network namespace %s, left by an earlier tapstack", name)
+                created.append(name)
+            elif not ns.netns_exists(name):
+                ns.create_netns(name, mark=True)
                 created.append(name)
                 log.info("created network namespace %s", name)
                 ns.enter_netns(name)
@@ -147,6 +192,7 @@ def stack_environment(spec: NodeSpec, command: str, pcap_path: str | None = None
         if spec.netns is not None:
             ns.enter_netns(spec.netns)
         control = bind_control_socket(spec.control_name, netns_text(spec.netns))
+        _refuse_duplicate_address(spec)
         ns.return_to_netns(start)
         for link_spec, iface in zip(spec.links, spec.node.interfaces, strict=True):
             if link_spec.netns is not None:

@@ -42,6 +42,21 @@ def control_address(name: str) -> str:
     return f"\0tapstack/{name}"
 
 
+def running_instances() -> list[str]:
+    """The control socket names of the tapstacks in this process's current namespace
+    (abstract unix sockets are listed per namespace in /proc/self/net/unix)."""
+    names = []
+    try:
+        with open("/proc/self/net/unix") as f:
+            for line in f:
+                path = line.split()[-1] if len(line.split()) >= 8 else ""
+                if path.startswith("@tapstack/"):
+                    names.append(path.removeprefix("@tapstack/"))
+    except OSError:
+        return []
+    return sorted(set(names))
+
+
 def bind_control_socket(name: str, where: str) -> socket.socket:
     """Claim the control socket; a second instance on the same TAP fails here, clearly."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

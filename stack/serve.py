@@ -165,7 +165,7 @@ def tls_context(args: argparse.Namespace, spec: NodeSpec) -> ssl.SSLContext | No
     from stack.certs import LabCA, ServerCert, server_context
 
     if not 0 < args.tls_port < 65536:
-        raise UsageError(f"--tls-port {args.tls_port} is outside 1..65535")
+        raise UsageError(f"--tls-port {args.tls_port} is not a port number (1..65535)")
     if not args.no_http and args.tls_port == args.http_port:
         raise UsageError(f"--tls-port {args.tls_port} is also the HTTP port")
     if bool(args.tls_cert) != bool(args.tls_key):

@@ -6,6 +6,7 @@ creates the TAP, so the TAP, its address and the control socket all live there.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import subprocess
@@ -31,13 +32,49 @@ def netns_exists(name: str) -> bool:
     return os.path.exists(os.path.join(NETNS_DIR, name))
 
 
-def create_netns(name: str) -> None:
+# tapstack run marks the namespaces it creates, so that one left behind by a killed
+# instance is known for what it is (and `tapstack cleanup` can find it)
+MARKS = "/run/tapstack/netns"
+
+
+def create_netns(name: str, mark: bool = False) -> None:
     _ip("netns", "add", name)
+    if mark:
+        os.makedirs(MARKS, exist_ok=True)
+        with open(os.path.join(MARKS, name), "w") as f:
+            f.write(f"{os.getpid()}\n")
 
 
 def delete_netns(name: str) -> None:
     if netns_exists(name):
         _ip("netns", "delete", name)
+    unmark(name)
+
+
+def unmark(name: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(MARKS, name))
+
+
+def is_marked(name: str) -> bool:
+    return os.path.exists(os.path.join(MARKS, name))
+
+
+def marked_netns() -> list[str]:
+    try:
+        return sorted(os.listdir(MARKS))
+    except FileNotFoundError:
+        return []
+
+
+def netns_pids(name: str) -> list[int]:
+    """The processes in a namespace (`ip netns pids`)."""
+    try:
+        out = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True,
+                             check=False).stdout
+    except FileNotFoundError:
+        return []
+    return [int(p) for p in out.split() if p.isdigit()]
 
 
 def enter_netns(name: str) -> None:
