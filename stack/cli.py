@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import sys
+import time
 from typing import Any
 
 from stack.aio import new_event_loop
@@ -29,7 +30,7 @@ from stack.launch import (
 )
 from stack.link import LinkError
 from stack.link import netns as ns
-from stack.runtime import Runtime, control_request, run
+from stack.runtime import Runtime, control_request, run, stream_control
 from stack.serve import (
     load_app,
     load_dns,
@@ -40,7 +41,8 @@ from stack.serve import (
     tls_context,
     zone_names,
 )
-from stack.show import format_flows, format_routes, format_rules, format_stats
+from stack.show import format_conns, format_flows, format_routes, format_rules, format_stats
+from stack.trace import format_event
 from stack.wire.ipv4 import ip_to_str
 
 log = logging.getLogger("tapstack")
@@ -91,6 +93,8 @@ def _parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", parents=[common],
                        help="serve on a TAP device (in a network namespace by default)")
+    r.add_argument("--trace", metavar="FILE",
+                   help="record the decision trace (JSON lines) from the start")
     r.add_argument("--config", metavar="FILE",
                    help="run the node this TOML file describes (interfaces, routes, "
                         "forwarding, services) instead of the one-interface flags")
@@ -150,8 +154,23 @@ def _parser() -> argparse.ArgumentParser:
                        ("rules", "list (or add, del) a running tapstack's ACL and "
                                  "security-group rules, with their hit counters"),
                        ("dns", "a running resolver's cache: dns cache (list it), "
-                               "dns flush (empty it)")):
+                               "dns flush (empty it)"),
+                       ("trace", "follow a running tapstack's decisions, one line per "
+                                 "event (Ctrl-C stops)"),
+                       ("conns", "list a running tapstack's TCP connections, like ss -tin")):
         s = sub.add_parser(name, help=text)
+        if name == "trace":
+            s.add_argument("--layer", action="append", default=[],
+                           choices=["link", "eth", "arp", "ipv4", "icmp", "udp", "tcp",
+                                    "http", "nat", "acl", "sg", "conntrack", "dns"],
+                           help="only events of this layer (repeatable)")
+            s.add_argument("--address", help="only events to or from this address")
+            s.add_argument("--port", type=int, help="only events to or from this port")
+            s.add_argument("--count", type=int, metavar="N", help="stop after N events")
+            s.add_argument("--seconds", type=float, metavar="S", help="stop after S seconds")
+        if name == "conns":
+            s.add_argument("--watch", action="store_true",
+                           help="refresh every second, with delivery rates")
         if name == "dns":
             s.add_argument("action", choices=["cache", "flush"])
         if name == "rules":
@@ -301,6 +320,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     with stack_environment(spec, args.command, args.pcap) as (links, control, pcap):
         runtime = build_runtime(spec, links, pcap, args.impair)
         stats_source.append(runtime)
+        if args.trace:
+            try:
+                runtime.trace_to_file(args.trace)
+            except OSError as exc:
+                raise UsageError(f"cannot write --trace {args.trace}: {exc.strerror}"
+                                 ) from None
 
         def ready() -> None:
             print(banner(), flush=True)
@@ -434,8 +459,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def _request(args: argparse.Namespace, request: dict[str, Any]) -> dict[str, Any]:
-    """Ask the running instance the command names; its 'error' is ours."""
+def _reach(args: argparse.Namespace) -> tuple[str, str, str]:
+    """Go where the instance runs; its control name, and how to name it in errors."""
     name = f"node/{args.node}" if args.node else args.tap
     what = f"node {args.node}" if args.node else args.tap
     where_text = "the current namespace" if args.no_netns else f"namespace {args.netns}"
@@ -445,6 +470,12 @@ def _request(args: argparse.Namespace, request: dict[str, Any]) -> dict[str, Any
             raise UsageError(f"no tapstack is running in namespace {args.netns} "
                              "(it does not exist)")
         ns.enter_netns(args.netns)
+    return name, what, where_text
+
+
+def _request(args: argparse.Namespace, request: dict[str, Any]) -> dict[str, Any]:
+    """Ask the running instance the command names; its 'error' is ours."""
+    name, what, where_text = _reach(args)
     try:
         answer = control_request(name, request)
     except (ConnectionRefusedError, FileNotFoundError):
@@ -455,6 +486,64 @@ def _request(args: argparse.Namespace, request: dict[str, Any]) -> dict[str, Any
     if "error" in answer:
         raise UsageError(answer["error"])
     return answer
+
+
+class _Stop(Exception):
+    pass
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    """Follow the decision trace: one readable line (or JSON) per event."""
+    name, what, where_text = _reach(args)
+    request = {"cmd": "trace", "layers": args.layer, "address": args.address,
+               "port": args.port}
+    if args.seconds:
+        def stop(*_: Any) -> None:
+            raise _Stop
+
+        signal.signal(signal.SIGALRM, stop)
+        signal.setitimer(signal.ITIMER_REAL, args.seconds)
+    seen = 0
+    try:
+        for event in stream_control(name, request):
+            if "tracing" in event:
+                print(f"tracing node {event['tracing']} ({what} in {where_text}); Ctrl-C "
+                      "stops", file=sys.stderr, flush=True)
+                continue
+            if "dropped" in event:
+                print(f"... {event['dropped']} events dropped (this terminal is slower "
+                      "than the stack)", file=sys.stderr, flush=True)
+                continue
+            print(json.dumps(event) if args.json else format_event(event), flush=True)
+            seen += 1
+            if args.count and seen >= args.count:
+                break
+    except (ConnectionRefusedError, FileNotFoundError):
+        raise UsageError(f"no tapstack is running on {what} in {where_text}") from None
+    except (_Stop, KeyboardInterrupt):
+        pass
+    return 0
+
+
+def cmd_conns(args: argparse.Namespace) -> int:
+    previous: dict[str, int] = {}
+    while True:
+        answer = _request(args, {"cmd": "conns"})
+        if args.json and not args.watch:
+            print(json.dumps(answer, indent=2))
+            return 0
+        text = format_conns(answer, previous if args.watch else None)
+        if args.watch:
+            print("\033[H\033[2J" + text, flush=True)
+            previous = {f"{c['local']} {c['remote']}": c["bytes_acked"] + c["bytes_received"]
+                        for c in answer["connections"]}
+            try:
+                time.sleep(1.0)
+            except KeyboardInterrupt:
+                return 0
+        else:
+            print(text)
+            return 0
 
 
 def cmd_conntrack(args: argparse.Namespace) -> int:
@@ -530,6 +619,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_ca(args)
         if args.command == "cleanup":
             return cmd_cleanup(args)
+        if args.command == "trace":
+            return cmd_trace(args)
+        if args.command == "conns":
+            return cmd_conns(args)
         if args.command == "conntrack":
             return cmd_conntrack(args)
         if args.command == "rules":
@@ -546,6 +639,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `tapstack stats | head`: the reader left, nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ from stack.link import LinkError
 from stack.link.impair import Impairment
 from stack.link.pcap import PcapTee
 from stack.net.node import Node
+from stack.net.tcp.info import tcp_info
+from stack.trace import TraceBuffer, describe_frame, matches
 from stack.wire.ipv4 import ip_to_str
 
 log = logging.getLogger("tapstack")
@@ -122,6 +124,7 @@ class Runtime:
                 tx.rng.seed(rx.rng.randrange(1 << 30))
                 self.rx_impair[i], self.tx_impair[i] = rx, tx
         self._impaired = [imp for imp in self.rx_impair + self.tx_impair if imp is not None]
+        self._trace_files: list[Any] = []
 
     # -- the frame path ------------------------------------------------------------------
 
@@ -138,6 +141,9 @@ class Runtime:
                 rx.push(frame, now)
             frames = rx.pop_due(now)
         pcap = self.pcaps[index]
+        if self.node.trace.on:
+            self._receive_traced(index, frames, now)
+            return
         if pcap is not None:
             ts = time.time()
             for frame in frames:
@@ -145,6 +151,24 @@ class Runtime:
         receive = self.node.receive
         for frame in frames:
             receive(index, frame, now)
+        self._flush(now)
+
+    def _receive_traced(self, index: int, frames: list, now: float,
+                        trusted: list[bool] | None = None, vnets: list | None = None) -> None:
+        """The same, with a `link rx` event per frame; the decisions it causes carry its
+        pcap frame number."""
+        trace = self.node.trace
+        pcap = self.pcaps[index]
+        name = self.node.interfaces[index].name
+        ts = time.time()
+        for i, frame in enumerate(frames):
+            if pcap is not None:
+                pcap.write(bytes(frame), ts)
+                trace.frame = pcap.count
+            trace.emit("link", "rx", now, iface=name, **describe_frame(frame))
+            self.node.receive(index, frame, now, trusted[i] if trusted else False,
+                              vnets[i] if vnets else None)
+        trace.frame = None
         self._flush(now)
 
     def _receive_offloaded(self, index: int, link: Link, frames: list[bytes],
@@ -155,12 +179,31 @@ class Runtime:
         split = link.split
         pcap = self.pcaps[index]
         ts = time.time()
+        if self.node.trace.on:
+            parts = [split(raw) for raw in frames]
+            self._receive_traced(index, [p[1] for p in parts], now,
+                                 [p[2] for p in parts], [p[0] for p in parts])
+            return
         for raw in frames:
             vnet, frame, trusted = split(raw)
             if pcap is not None:
                 pcap.write(bytes(frame), ts)
             receive(index, frame, now, trusted, vnet)
         self._flush(now)
+
+    def _trace_out(self, iface: Any, out: list, now: float) -> None:
+        """`link tx` events for what is about to leave, numbered as the pcap will number
+        it (frames go to the pcap in this order, below)."""
+        pcap = self.pcaps[iface.index]
+        count = pcap.count if pcap is not None else None
+        trace = self.node.trace
+        for frame in out:
+            if count is not None:
+                count += 1
+                trace.frame = count
+            trace.emit("link", "tx", now, iface=iface.name,
+                       **describe_frame(frame[0] if type(frame) is tuple else frame))
+        trace.frame = None
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -169,6 +212,9 @@ class Runtime:
         receive = self.node.receive
         for index, rx in enumerate(self.rx_impair):
             if rx is None:
+                continue
+            if self.node.trace.on:
+                self._receive_traced(index, rx.pop_due(now), now)
                 continue
             pcap = self.pcaps[index]
             for frame in rx.pop_due(now):
@@ -199,8 +245,11 @@ class Runtime:
         self._flush(self.loop.time())
 
     def _flush(self, now: float) -> None:
+        trace = self.node.trace
         for iface, out in self.node.poll(now):
             index = iface.index
+            if trace.on:
+                self._trace_out(iface, out, now)
             link = self.links[index]
             pcap = self.pcaps[index]
             tx = self.tx_impair[index]
@@ -229,6 +278,8 @@ class Runtime:
         for pcap in self.pcaps:
             if pcap is not None:
                 pcap.flush()
+        for f in self._trace_files:
+            f.flush()
         if self.node.tcp.connections:
             self._had_connections = True
         elif self._had_connections and self._trim_handle is None:
@@ -282,6 +333,8 @@ class Runtime:
         cmd = request.get("cmd", "stats")
         if cmd == "stats":
             return self.snapshot()
+        if cmd == "conns":
+            return self.connections()
         if cmd in self.app_commands:
             return self.app_commands[cmd](request)
         box = self.node.middlebox
@@ -311,9 +364,67 @@ class Runtime:
                 request = {"cmd": "?"}
             if not isinstance(request, dict):
                 request = {"cmd": "?"}
-            writer.write(json.dumps(self.answer(request)).encode() + b"\n")
-            await writer.drain()
+            if request.get("cmd") == "trace":
+                await self._stream_trace(request, reader, writer)
+            else:
+                writer.write(json.dumps(self.answer(request)).encode() + b"\n")
+                await writer.drain()
         writer.close()
+
+    async def _stream_trace(self, request: dict[str, Any], reader: asyncio.StreamReader,
+                            writer: asyncio.StreamWriter) -> None:
+        """`tapstack trace`: events as JSON lines until the client goes away. A slow
+        client loses events (counted in a {"dropped": N} line), never slows the stack."""
+        layers = set(request.get("layers") or []) or None
+        address, port = request.get("address"), request.get("port")
+        buffer = TraceBuffer()
+        ready = asyncio.Event()
+        buffer.wakeup = ready.set
+
+        def sink(event: dict[str, Any]) -> None:
+            if matches(event, layers, address, port):
+                buffer(event)
+
+        trace = self.node.trace
+        trace.subscribe(sink)
+        gone = asyncio.ensure_future(reader.read())  # EOF: the client left
+        try:
+            writer.write(json.dumps({"tracing": self.node.name}).encode() + b"\n")
+            while not gone.done():
+                waiter = asyncio.ensure_future(ready.wait())
+                await asyncio.wait({waiter, gone}, return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+                ready.clear()
+                lines = [json.dumps(e) for e in buffer.events]
+                buffer.events.clear()
+                if buffer.dropped:
+                    lines.append(json.dumps({"dropped": buffer.dropped}))
+                    buffer.dropped = 0
+                if lines:
+                    writer.write("\n".join(lines).encode() + b"\n")
+                    await writer.drain()
+        finally:
+            trace.unsubscribe(sink)
+            gone.cancel()
+
+    def trace_to_file(self, path: str) -> None:
+        """--trace FILE: every event from the start, as JSON lines."""
+        f = open(path, "w", buffering=1 << 16)  # noqa: SIM115 - closed in detach()
+        self._trace_files.append(f)
+        self.node.trace.subscribe(lambda event: f.write(json.dumps(event) + "\n"))
+
+    def connections(self) -> dict[str, Any]:
+        """`tapstack conns`: every connection like `ss -tin`, listeners, TIME-WAIT."""
+        tcp = self.node.tcp
+        rows = []
+        for conn in list(tcp.connections.values()):
+            info = tcp_info(conn)
+            rows.append({"local": f"{ip_to_str(conn.local_ip)}:{conn.local_port}",
+                         "remote": f"{ip_to_str(conn.remote_ip)}:{conn.remote_port}",
+                         **info})
+        listeners = sorted([f"*:{port}" for port in tcp.listeners]
+                           + [f"{ip_to_str(a)}:{p}" for a, p in tcp.bound_listeners])
+        return {"connections": rows, "listeners": listeners}
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -332,6 +443,9 @@ class Runtime:
         self._flush(self.loop.time())
         for link in self.links:
             self.loop.remove_reader(link.fileno())
+        for f in self._trace_files:
+            f.close()
+        self._trace_files.clear()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -401,3 +515,19 @@ def control_request(name: str, request: dict[str, Any], timeout: float = 3.0
         while chunk := sock.recv(65536):
             chunks.append(chunk)
     return json.loads(b"".join(chunks))
+
+
+def stream_control(name: str, request: dict[str, Any]):
+    """Ask a running instance for a stream (the trace): yields each JSON line it sends,
+    until it closes or the caller stops iterating."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(3.0)
+        sock.connect(control_address(name))
+        sock.sendall(json.dumps(request).encode() + b"\n")
+        sock.settimeout(None)
+        with sock.makefile("rb") as lines:
+            for line in lines:
+                yield json.loads(line)
+    finally:
+        sock.close()

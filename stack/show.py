@@ -107,3 +107,31 @@ def format_rules(answer: dict[str, Any]) -> str:
     lines += [f"nat: {s['public']} = {s['private']} (1:1)" for s in nat["static"]]
     lines += [f"nat: {f['protocol']} {f['public']} -> {f['to']}" for f in nat["forward"]]
     return "\n".join(lines)
+
+
+def format_conns(answer: dict[str, Any], previous: dict[str, int] | None = None) -> str:
+    """`tapstack conns`: like `ss -tin`, one line per connection and one of TCP details;
+    with `previous` (byte counts a second ago, --watch), the delivery rate."""
+    rows = answer["connections"]
+    lines = [f"{'State':<13}{'Recv-Q':>7}{'Send-Q':>9}  {'Local':<22}{'Peer':<22}"]
+    for c in sorted(rows, key=lambda c: (c["state"], c["local"], c["remote"])):
+        lines.append(f"{c['state']:<13}{c['recv_queue']:>7}{c['send_queue']:>9}  "
+                     f"{c['local']:<22}{c['remote']:<22}")
+        srtt = "-" if c["srtt_ms"] is None else f"{c['srtt_ms']:g}"
+        ssthresh = "-" if c["ssthresh"] is None else c["ssthresh"]
+        detail = (f"\t {c['congestion_control']} rtt:{srtt}/{c['rttvar_ms']:g} "
+                  f"rto:{c['rto_ms']:g} mss:{c['mss']} cwnd:{c['cwnd']} ssthresh:{ssthresh} "
+                  f"unacked:{c['unacked']} retrans:{c['retransmits']} "
+                  f"snd_wnd:{c['snd_wnd']} rcv_wnd:{c['rcv_wnd']}")
+        if previous is not None:
+            key = f"{c['local']} {c['remote']}"
+            moved = c["bytes_acked"] + c["bytes_received"]
+            if key in previous:
+                detail += f" delivery:{(moved - previous[key]) * 8 / 1e6:.2f}Mbit/s"
+        lines.append(detail)
+    states: dict[str, int] = {}
+    for c in rows:
+        states[c["state"]] = states.get(c["state"], 0) + 1
+    summary = ", ".join(f"{n} {s}" for s, n in sorted(states.items())) or "no connections"
+    lines.append(f"{summary}; listening on {', '.join(answer['listeners']) or 'nothing'}")
+    return "\n".join(lines)

@@ -14,9 +14,11 @@ class PcapTee:
         self._file: BinaryIO = open(path, "wb")  # noqa: SIM115 - closed in close()
         self._writer = dpkt.pcap.Writer(self._file, snaplen=snaplen,
                                         linktype=dpkt.pcap.DLT_EN10MB)
+        self.count = 0  # frames written: the last one's number in Wireshark is this
 
     def write(self, frame: bytes, ts: float | None = None) -> None:
         self._writer.writepkt(frame, ts if ts is not None else time.time())
+        self.count += 1
 
     def flush(self) -> None:
         self._file.flush()

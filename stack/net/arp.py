@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from stack.counters import Counters
+from stack.trace import OFF, Trace
 from stack.wire.arp import OP_REPLY, OP_REQUEST, build_arp, parse_arp
 from stack.wire.errors import MalformedError
 from stack.wire.ethernet import (
@@ -21,7 +22,9 @@ from stack.wire.ethernet import (
     ETHERTYPE_IPV4,
     ZERO_MAC,
     build_ethernet,
+    mac_to_str,
 )
+from stack.wire.ipv4 import ip_to_str
 
 UNSPECIFIED = b"\x00\x00\x00\x00"
 
@@ -73,6 +76,7 @@ Queued = bytes | bytearray | tuple
 
 
 class ArpEngine:
+    trace: Trace = OFF  # the node's, once its interface is added to one
     """Owns one interface's neighbour cache. Frames to send go to `transmit` (a list's
     append); packets given up on go to `on_unresolved` (the node answers them with ICMP
     Host Unreachable where it forwarded them)."""
@@ -152,6 +156,10 @@ class ArpEngine:
             self.counters["arp.cache_evictions"] += 1
         cache[ip] = (mac, now + self.config.cache_ttl)
         waiting = self.pending.pop(ip, None)
+        if self.trace.on:
+            self.trace.emit("arp", "resolved" if waiting is not None else "learned", now,
+                            ip=ip_to_str(ip), mac=mac_to_str(mac),
+                            released=len(waiting.packets) if waiting is not None else 0)
         if waiting is not None:
             header = build_ethernet(mac, self.mac, ETHERTYPE_IPV4)
             for packet in waiting.packets:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from stack.counters import Counters
 from stack.net.arp import ArpConfig, ArpEngine
+from stack.trace import OFF, Trace
 from stack.wire.ethernet import (
     BROADCAST_MAC,
     ETH_HEADER,
@@ -20,7 +21,9 @@ from stack.wire.ethernet import (
     ETHERTYPE_ARP,
     ETHERTYPE_IPV4,
     build_ethernet,
+    mac_to_str,
 )
+from stack.wire.ipv4 import ip_to_str
 
 COUNTERS = (
     "link.rx_frames", "link.rx_bytes", "link.tx_frames", "link.tx_bytes",
@@ -49,6 +52,7 @@ class InterfaceConfig:
 
 
 class Interface:
+    trace: Trace = OFF  # the node's, once added to one
     def __init__(self, index: int, config: InterfaceConfig, deliver: Deliver,
                  on_unresolved: Callable[[list, float], None] | None = None) -> None:
         self.index = index
@@ -135,6 +139,10 @@ class Interface:
                   vnet: bytes | None = None) -> None:
         """Frame an IPv4 packet for `next_hop`, resolving it first if needed."""
         mac = self.arp.lookup(next_hop, now)
+        if self.trace.on:
+            self.trace.emit("arp", "hit" if mac else "miss", now, iface=self.name,
+                            next_hop=ip_to_str(next_hop),
+                            **({"mac": mac_to_str(mac)} if mac else {"queued": True}))
         if mac is None:
             self.arp.resolve_and_send(next_hop, packet if vnet is None else (packet, vnet),
                                       now)

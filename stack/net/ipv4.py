@@ -19,6 +19,7 @@ from stack.net.interface import Interface
 from stack.net.packet import LOCAL, PacketInfo
 from stack.net.reassembly import Reassembler, ReassemblyConfig
 from stack.net.route import Route, RouteTable
+from stack.trace import OFF, Trace
 from stack.wire.checksum import internet_checksum
 from stack.wire.errors import MalformedError
 from stack.wire.ipv4 import (
@@ -30,6 +31,7 @@ from stack.wire.ipv4 import (
     build_ipv4,
     decrement_ttl,
     fragment_datagram,
+    ip_to_str,
     parse_ipv4,
 )
 from stack.wire.virtio import F_NEEDS_CSUM, GSO_NONE, VNET_HDR
@@ -65,7 +67,11 @@ def _martian_destination(dst: bytes) -> bool:
     return first == 0 or first == 127 or first >= 224
 
 
+PROTOCOL_NAMES = {1: "icmp", 6: "tcp", 17: "udp"}
+
+
 class IPv4Layer:
+    trace: Trace = OFF  # the node's
     """Transports register in `handlers` (and `error_handlers` for ICMP errors that
     quote their datagrams) by protocol number."""
 
@@ -129,6 +135,9 @@ class IPv4Layer:
                 return
             packet = memoryview(_rebuild(whole[0], whole[1], ip.flags_fragment & FLAG_DF))
             ip = parse_ipv4(packet, verify_checksum=False)
+            if self.trace.on:
+                self.trace.emit("ipv4", "reassembled", now, src=ip_to_str(ip.src),
+                                dst=ip_to_str(ip.dst), ip_id=ip.ident, length=len(packet))
         if self.hooks.prerouting:
             result = run_hooks(self.hooks.prerouting, bytearray(packet[:ip.total_length]),
                                info, now)
@@ -165,6 +174,10 @@ class IPv4Layer:
             info.header, data = whole
             ip = ip._replace(total_length=hlen + len(data), flags_fragment=0)
             payload = memoryview(data)
+            if self.trace.on:
+                self.trace.emit("ipv4", "reassembled", now, src=ip_to_str(ip.src),
+                                dst=ip_to_str(ip.dst), ip_id=ip.ident,
+                                length=ip.total_length)
         else:
             info.header = packet[:hlen]
             payload = packet[hlen:ip.total_length]
@@ -184,6 +197,11 @@ class IPv4Layer:
                 self.errors.send(3, 2, info.quote(payload), now)  # protocol unreachable
             return
         c["ipv4.rx_delivered"] += 1
+        if self.trace.on:
+            self.trace.emit("ipv4", "deliver", now, src=ip_to_str(ip.src),
+                            dst=ip_to_str(ip.dst), proto=PROTOCOL_NAMES.get(ip.protocol,
+                                                                             ip.protocol),
+                            iface=iface.name, ttl=ip.ttl)
         handler(ip, payload, now, info)
 
     def poll(self, now: float) -> None:
@@ -219,6 +237,11 @@ class IPv4Layer:
             return
         out = self.interfaces[route.ifindex]
         info.out_iface = out.index
+        if self.trace.on:
+            self.trace.emit("ipv4", "forward", now, src=ip_to_str(ip.src),
+                            dst=ip_to_str(ip.dst), iface=iface.name, out=out.name,
+                            route=route.prefix_str(), next_hop=ip_to_str(route.gateway or ip.dst),
+                            ttl=ip.ttl - 1)
         data = bytearray(packet[:ip.total_length])
         decrement_ttl(data)
         for handlers in (self.hooks.forward, self.hooks.postrouting):
@@ -451,6 +474,9 @@ class IPv4Layer:
             out.append(build_ipv4(src, dst, protocol, len(piece), ident, ttl, tos,
                                   more | (offset >> 3)) + piece)
         c["ipv4.tx_fragments"] += len(out)
+        if self.trace.on:
+            self.trace.emit("ipv4", "fragment", self.trace.now, src=ip_to_str(src),
+                            dst=ip_to_str(dst), ip_id=ident, pieces=len(out), mtu=mtu)
         return out
 
 

@@ -28,6 +28,7 @@ from stack.net.route import PROTO_KERNEL, PROTO_STATIC, Route, RouteTable, parse
 from stack.net.tcp.connection import TcpConfig
 from stack.net.tcp.layer import TcpLayer
 from stack.net.udp import UdpLayer
+from stack.trace import Trace
 from stack.wire.ipv4 import ip_to_str
 
 COUNTERS = ("stack.internal_errors",)
@@ -65,6 +66,8 @@ class Node:
         self.icmp = IcmpEngine(self.ipv4, self.counters)
         self.tcp = TcpLayer(self.ipv4, self.counters, config.tcp, self.rng)
         self.udp = UdpLayer(self.ipv4, self.counters, self.rng)
+        self.trace = Trace(self.name, self.counters)  # on while someone listens
+        self.ipv4.trace = self.tcp.trace = self.trace
         self.last_internal_error: str | None = None
         # more engines with timers (a middlebox's connection tracker): poll(now) and
         # next_deadline()
@@ -89,6 +92,7 @@ class Node:
         if any(i.name == config.name for i in self.interfaces):
             raise ValueError(f"interface {config.name} exists already")
         iface = Interface(len(self.interfaces), config, self.ipv4.receive, self.ipv4.unresolved)
+        iface.trace = iface.arp.trace = self.trace
         self.interfaces.append(iface)
         for address, prefixlen in iface.addresses:
             self._connected_route(iface, address, prefixlen)
@@ -150,6 +154,8 @@ class Node:
                 ) -> None:
         """Process one Ethernet frame (without FCS) that arrived on interface `ifindex`.
         Never raises: a bug is counted in stack.internal_errors, never the peer's fault."""
+        if self.trace.on:
+            self.trace.now = now
         try:
             self.interfaces[ifindex].receive(frame, now, checksum_trusted, vnet)
         except Exception as exc:
@@ -158,6 +164,9 @@ class Node:
 
     def poll(self, now: float) -> list[tuple[Interface, list[Frame]]]:
         """Run timers that are due; hand over every frame waiting, per interface."""
+        if self.trace.on:
+            self.trace.now = now
+            self.trace.frame = None  # what leaves is numbered as it is written
         for iface in self.interfaces:
             iface.arp.poll(now)
         self.ipv4.poll(now)

@@ -110,8 +110,8 @@ class HttpServerProtocol(asyncio.Protocol):
     __slots__ = ("access_log", "app", "bad_line", "can_write", "client", "closing",
                  "closing_after_pipeline", "current", "extra_scope", "header_bytes",
                  "idle_handle", "limits", "loop", "on_tapstack", "parser", "paused_reading",
-                 "pipeline", "rejected", "runner", "scheme", "server", "state", "transport",
-                 "upgraded", "ws")
+                 "pipeline", "rejected", "runner", "scheme", "server", "state", "trace",
+                 "transport", "upgraded", "ws")
 
     def __init__(self, app: Any, limits: Limits | None = None, scheme: str = "http",
                  extra_scope: dict | None = None, state: dict | None = None,
@@ -140,6 +140,7 @@ class HttpServerProtocol(asyncio.Protocol):
         self.idle_handle: asyncio.TimerHandle | None = None
         self.closing_after_pipeline = False
         self.on_tapstack = False
+        self.trace = None
         self.loop = asyncio.get_event_loop()
 
     # -- asyncio.Protocol -------------------------------------------------------------------
@@ -150,7 +151,10 @@ class HttpServerProtocol(asyncio.Protocol):
         sock = transport.get_extra_info("sockname")
         self.client = (peer[0], peer[1]) if peer else None
         self.server = (sock[0], sock[1]) if sock else None
-        self.on_tapstack = transport.get_extra_info("stack") is not None
+        stack = transport.get_extra_info("stack")
+        self.on_tapstack = stack is not None
+        # the node's decision trace: requests and responses are events in it
+        self.trace = stack.runtime.node.trace if stack is not None else None
         self._arm_idle()
 
     def data_received(self, data: bytes) -> None:
@@ -266,6 +270,9 @@ class HttpServerProtocol(asyncio.Protocol):
             # Answer at once: curl otherwise waits a second before sending the body.
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         self._cancel_idle()
+        if self.trace is not None and self.trace.on:
+            self._trace("request", method=req.method, target=bytes(req.url).decode("latin-1"),
+                        version=req.version)
         self.pipeline.append(req)
         if self.runner is None or self.runner.done():
             self.runner = self.loop.create_task(self._run_pipeline())
@@ -388,6 +395,10 @@ class HttpServerProtocol(asyncio.Protocol):
         await self.ws.run()
         return False
 
+    def _trace(self, event: str, **fields: Any) -> None:
+        self.trace.emit("http", event, self.loop.time(), client=self.client[0],
+                        remote_port=self.client[1], local_port=self.server[1], **fields)
+
     def log_access(self, req: _Request, status: int, sent: int) -> None:
         """One line per request, like a web server's access log (--no-access-log)."""
         if self.access_log:
@@ -426,6 +437,9 @@ class HttpServerProtocol(asyncio.Protocol):
             state.finished = True
             if self.access_log:
                 self.log_access(req, state.status, state.sent)
+            if self.trace is not None and self.trace.on:
+                self._trace("response", method=req.method, status=state.status,
+                            sent=state.sent)
             if state.chunked and req.method != "HEAD":
                 write(b"0\r\n\r\n")
         if self.can_write is not None and not self.can_write.is_set():

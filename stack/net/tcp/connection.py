@@ -29,6 +29,7 @@ from stack.net.tcp.seq import (
     seq_le,
     seq_lt,
 )
+from stack.wire.ipv4 import ip_to_str
 from stack.wire.tcp import ACK, FIN, PSH, RST, SYN, Segment, build_options
 
 if TYPE_CHECKING:
@@ -199,7 +200,23 @@ class Connection:
 
     def _set_state(self, state: int) -> None:
         self.layer.state_changed(self, self.state, state)
+        if self.layer.trace.on:
+            self._trace("state", self.layer.now, old=STATE_NAMES[self.state],
+                        new=STATE_NAMES[state])
         self.state = state
+
+    def _trace(self, event: str, now: float, **fields: object) -> None:
+        """An event about this connection in the node's trace (callers check it is on)."""
+        self.layer.trace.emit("tcp", event, now, local=ip_to_str(self.local_ip),
+                              local_port=self.local_port, remote=ip_to_str(self.remote_ip),
+                              remote_port=self.remote_port, **fields)
+
+    def _trace_cc(self, now: float, why: str) -> None:
+        rto = self.rto
+        ssthresh = self.cc.ssthresh if self.cc.ssthresh < (1 << 30) else None  # infinite
+        self._trace("cwnd", now, why=why, cwnd=self.cc.cwnd, ssthresh=ssthresh,
+                    srtt_ms=round((rto.srtt or 0.0) * 1000, 3),
+                    in_flight=self.flight_size)
 
     def _mark(self) -> None:
         self.layer.mark_dirty(self)
@@ -385,10 +402,15 @@ class Connection:
         if self.keepalive and self.state == ESTABLISHED:
             self._keepalive_probes = 0
             self.t_keepalive = now + self.config.keepalive_idle
+        tracing = self.layer.trace.on
+        if tracing:
+            before = (self.cc.cwnd, self.cc.ssthresh)
         if self.state == SYN_SENT:
             self._arrive_syn_sent(seg, now)
         elif not self._predicted_ack(seg, now):
             self._arrive_synchronized(seg, now)
+        if tracing and (self.cc.cwnd, self.cc.ssthresh) != before and self.state != CLOSED:
+            self._trace_cc(now, "recovery" if self._in_recovery else "ack")
         if self.state != CLOSED:
             self._mark()
 
@@ -689,6 +711,10 @@ class Connection:
         if not (sack_says or (self._dupacks >= thresh and past_recovery)):
             return
         self.layer.counters["tcp.fast_retransmits"] += 1
+        if self.layer.trace.on:
+            self._trace("retransmit", now, why="fast retransmit" + (
+                " (SACK/RACK)" if sack_says else f" ({self._dupacks} duplicate ACKs)"),
+                seq=self.snd_una)
         self._in_recovery = True
         self._recover = self.snd_max
         self._tlp_armed = False
@@ -793,6 +819,9 @@ class Connection:
         one has passed; it is lost."""
         self._reo_armed = False
         self.layer.counters["tcp.reorder_timeouts"] += 1
+        if self.layer.trace.on:
+            self._trace("retransmit", now, why="RACK: reordering window passed",
+                        seq=self.snd_una)
         self._detect_loss(now)
         if self._sack_recovery:
             self._sack_retransmit(now)
@@ -806,6 +835,9 @@ class Connection:
             return
         self._rack_left -= 1
         self.layer.counters["tcp.lost_retransmits"] += 1
+        if self.layer.trace.on:
+            self._trace("retransmit", now, why="RACK: a retransmission was lost too",
+                        seq=self.snd_una)
         if self._sack_recovery:
             # what was re-sent more than a round trip ago and not heard of is lost
             self._rack.expire_retransmissions(now - (self.rto.srtt or 0.0) - 0.002)
@@ -1170,6 +1202,8 @@ class Connection:
         self._tlp_armed = False
         self._tlp_done = True
         self.layer.counters["tcp.tlp_probes"] += 1
+        if self.layer.trace.on:
+            self._trace("retransmit", now, why="TLP: tail loss probe", seq=self.snd_nxt)
         mss = self.eff_mss
         unsent = seq_diff(self.snd_buf.end, self.snd_nxt)
         if unsent > 0 and self.snd_wnd > self.flight_size:
@@ -1300,6 +1334,9 @@ class Connection:
                 f"connection to {self.layer.peer_name(self)} timed out"))
             return
         c["tcp.rto_expiries"] += 1
+        if self.layer.trace.on:
+            self._trace("retransmit", now, why=f"RTO expired (backoff {self._retries})",
+                        seq=self.snd_una, rto_ms=round(self.rto.current() * 1000, 1))
         if self.state in (SYN_SENT, SYN_RECEIVED):
             c["tcp.retransmits"] += 1  # (data resends are counted as they leave)
             self.retransmits += 1
@@ -1319,6 +1356,8 @@ class Connection:
             # the first timeout of an episode: remember enough to undo it (Eifel)
             self._eifel = (self._ts_now(now), prior_cwnd, prior_ssthresh)
         self.t_rtx = now + self.rto.current()
+        if self.layer.trace.on:
+            self._trace_cc(now, "rto")
 
     def _on_persist(self, now: float) -> None:
         """RFC 9293 3.8.6.1: probe a zero window with one byte, backing off."""

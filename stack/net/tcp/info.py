@@ -42,4 +42,9 @@ def tcp_info(conn: Connection) -> dict[str, Any]:
         "segs_out": conn.segs_out,
         "retransmits": conn.retransmits,
         "nodelay": conn.nodelay,
+        "send_queue": max(seq_diff(conn.snd_buf.end, conn.snd_una), 0),
+        "recv_queue": len(conn._rcv_buffer),
+        "bytes_acked": max(seq_diff(conn.snd_una, conn.iss) - 1, 0),
+        "bytes_received": max(seq_diff(conn.rcv_nxt, conn.irs) - 1, 0) if conn.irs else 0,
+        "congestion_control": type(conn.cc).__name__.lower(),
     }

@@ -29,6 +29,7 @@ from stack.net.tcp.connection import (
 )
 from stack.net.tcp.seq import MASK, seq_add, seq_ge, seq_gt, seq_lt
 from stack.net.tcp.syncookie import check_cookie, decode_options, encode_options, make_cookie
+from stack.trace import OFF, Trace
 from stack.wire.errors import MalformedError
 from stack.wire.ipv4 import FLAG_DF, PROTO_TCP, IPv4Header, ip_to_str
 from stack.wire.tcp import (
@@ -81,6 +82,7 @@ class Listener:
 
 
 class TcpLayer:
+    trace: Trace = OFF  # the node's
     def __init__(self, ipv4: IPv4Layer, counters: Counters, config: TcpConfig,
                  rng: random.Random, challenge_ack_limit: int = 1000) -> None:
         self.ipv4 = ipv4
