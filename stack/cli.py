@@ -171,6 +171,10 @@ def _parser() -> argparse.ArgumentParser:
         if name == "conns":
             s.add_argument("--watch", action="store_true",
                            help="refresh every second, with delivery rates")
+        if name == "stats":
+            s.add_argument("--nonzero", action="store_true", help="hide counters at zero")
+            s.add_argument("--watch", action="store_true",
+                           help="refresh every second, with rates per second")
         if name == "dns":
             s.add_argument("action", choices=["cache", "flush"])
         if name == "rules":
@@ -455,8 +459,23 @@ def cmd_connect(args: argparse.Namespace) -> int:
 
 def cmd_stats(args: argparse.Namespace) -> int:
     snapshot = _request(args, {"cmd": "stats"})
-    print(json.dumps(snapshot, indent=2) if args.json else format_stats(snapshot))
-    return 0
+    if args.json:
+        print(json.dumps(snapshot, indent=2))
+        return 0
+    if not args.watch:
+        print(format_stats(snapshot, nonzero=args.nonzero))
+        return 0
+    previous, then = None, time.monotonic()
+    try:
+        while True:
+            now = time.monotonic()
+            print("\033[H\033[2J" + format_stats(snapshot, args.nonzero, previous,
+                                                 max(now - then, 1e-3)), flush=True)
+            previous, then = snapshot, now
+            time.sleep(1.0)
+            snapshot = control_request(_reach_name(args), {"cmd": "stats"})
+    except KeyboardInterrupt:
+        return 0
 
 
 def _reach(args: argparse.Namespace) -> tuple[str, str, str]:
@@ -471,6 +490,10 @@ def _reach(args: argparse.Namespace) -> tuple[str, str, str]:
                              "(it does not exist)")
         ns.enter_netns(args.netns)
     return name, what, where_text
+
+
+def _reach_name(args: argparse.Namespace) -> str:
+    return f"node/{args.node}" if args.node else args.tap
 
 
 def _request(args: argparse.Namespace, request: dict[str, Any]) -> dict[str, Any]:

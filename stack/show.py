@@ -5,8 +5,20 @@ from __future__ import annotations
 
 from typing import Any
 
+# what a reader could misread, said next to the number
+NOTES = {
+    ("tcp", "listeners"): "listening ports, not connections",
+    ("tcp", "connections"): "in the table, every state but CLOSED",
+    ("tcp", "state_time_wait"): "closed, waiting 2*MSL for strays",
+    ("link", "tx_errors"): "frames the TAP refused",
+    ("stack", "internal_errors"): "bugs caught; see last internal error",
+}
 
-def format_stats(snapshot: dict[str, Any]) -> str:
+
+def format_stats(snapshot: dict[str, Any], nonzero: bool = False,
+                 previous: dict[str, Any] | None = None, interval: float = 1.0) -> str:
+    """Counters grouped by layer. `nonzero` hides zeros; with `previous` (the snapshot
+    `interval` seconds before, --watch) each changed counter shows its rate per second."""
     info = snapshot.get("info", {})
     where = f"namespace {info['netns']}" if info.get("netns") else "the current namespace"
     interfaces = snapshot.get("interfaces", {})
@@ -16,19 +28,30 @@ def format_stats(snapshot: dict[str, Any]) -> str:
         title = f"tapstack {info.get('address')} on {info.get('tap')}"
     lines = [f"{title} in {where}, pid {info.get('pid')}, up {info.get('uptime_s', 0):.0f} s"]
 
-    def table(groups: dict[str, dict[str, int]], indent: str) -> None:
+    def table(groups: dict[str, dict[str, int]], before: dict[str, dict[str, int]],
+              indent: str) -> None:
         for layer, values in groups.items():
+            shown = {k: v for k, v in values.items() if v or not nonzero}
+            if not shown:
+                continue
             lines.append(f"{indent}{layer}")
-            width = max(len(k) for k in values)
-            lines.extend(f"{indent}  {name:<{width}}  {value:>12}"
-                         for name, value in values.items())
+            width = max(len(k) for k in shown)
+            for name, value in shown.items():
+                line = f"{indent}  {name:<{width}}  {value:>12}"
+                old = before.get(layer, {}).get(name)
+                if previous is not None and old is not None and value != old:
+                    line += f"  {(value - old) / interval:>+12,.0f}/s"
+                if (layer, name) in NOTES:
+                    line += f"  ({NOTES[(layer, name)]})"
+                lines.append(line)
 
-    table(snapshot.get("counters", {}), "")
+    table(snapshot.get("counters", {}), (previous or {}).get("counters", {}), "")
     if len(interfaces) > 1:
         for name, entry in interfaces.items():
             addrs = ", ".join(entry.get("addresses", [])) or "no address"
             lines.append(f"interface {name} ({entry.get('device')}, {addrs})")
-            table(entry.get("counters", {}), "  ")
+            old = ((previous or {}).get("interfaces", {}).get(name) or {}).get("counters", {})
+            table(entry.get("counters", {}), old, "  ")
     if snapshot.get("last_internal_error"):
         lines.append(f"last internal error: {snapshot['last_internal_error']}")
     return "\n".join(lines)

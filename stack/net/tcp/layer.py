@@ -21,6 +21,7 @@ from stack.net.ipv4 import IPv4Layer
 from stack.net.packet import PacketInfo
 from stack.net.tcp.connection import (
     CLOSED,
+    LISTEN,
     STATE_NAMES,
     SYN_SENT,
     TIME_WAIT,
@@ -531,7 +532,9 @@ class TcpLayer:
         g = {"tcp.connections": len(self.connections),
              "tcp.listeners": len(self.listeners) + len(self.bound_listeners)}
         for state, name in enumerate(STATE_NAMES):
-            if state not in (CLOSED,):
+            # a listener is not a connection: no connection is ever in LISTEN here, so
+            # `listeners` (above) counts them and there is no state_listen to confuse
+            if state not in (CLOSED, LISTEN):
                 g["tcp.state_" + name.lower().replace("-", "_")] = self.state_counts[state]
         return g
 
