@@ -190,6 +190,15 @@ def _parser() -> argparse.ArgumentParser:
         which.add_argument("--node", help="the name of a node started with --config")
         s.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
+    pl = sub.add_parser("plot", help="draw one TCP connection of a capture: a time-sequence "
+                                     "graph, and cwnd/srtt with --trace (PNG)")
+    pl.add_argument("capture", help="a pcap file (tapstack run --pcap, tcpdump -w)")
+    pl.add_argument("--trace", metavar="FILE",
+                    help="the trace recorded with it (tapstack run --trace): adds cwnd and "
+                         "srtt")
+    pl.add_argument("--port", type=int, help="the connection using this port (default: the "
+                                             "one that moved the most data)")
+    pl.add_argument("--out", metavar="PNG", help="where to write (default: CAPTURE.png)")
     sub.add_parser("cleanup", help="remove network namespaces that killed tapstack "
                                    "instances left behind (those with no process in them)")
     ca = sub.add_parser("ca", help="print the path of tapstack's lab CA certificate "
@@ -336,6 +345,25 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         run(runtime, control, ready, setup=start_services(args, app, dns_server, resolving, tls),
             loop_factory=lambda: new_event_loop(not args.asyncio))
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from stack.plot import draw, read_connection
+
+    try:
+        series = read_connection(args.capture, args.port, args.trace)
+    except FileNotFoundError as exc:
+        raise UsageError(f"cannot read {exc.filename}: no such file") from None
+    except (ValueError, OSError) as exc:
+        raise UsageError(f"cannot plot {args.capture}: {exc}") from None
+    out = args.out or (args.capture.rsplit(".", 1)[0] + ".png")
+    draw(series, out)
+    (sip, sport), (rip, rport) = series.sender, series.receiver
+    print(f"{sip}:{sport} -> {rip}:{rport}: {len(series.segments)} data segments, "
+          f"{len(series.retransmissions)} retransmissions, {series.bytes:,} bytes in "
+          f"{series.duration:.2f} s" + (f", {len(series.cwnd)} cwnd samples"
+                                        if series.cwnd else "") + f"; wrote {out}")
     return 0
 
 
@@ -644,6 +672,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_cleanup(args)
         if args.command == "trace":
             return cmd_trace(args)
+        if args.command == "plot":
+            return cmd_plot(args)
         if args.command == "conns":
             return cmd_conns(args)
         if args.command == "conntrack":

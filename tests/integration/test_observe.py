@@ -122,3 +122,39 @@ def test_stats_nonzero_and_a_closed_pipe(start_stack):
     r = subprocess.run(["bash", "-c", f"set -o pipefail; {me} | head -1"], cwd=REPO,
                        capture_output=True, text=True, timeout=10)
     assert r.stdout.startswith("tapstack 10.77.0.2/24 on tap0") and r.stderr == ""
+
+
+def test_plot_of_a_lossy_download_marks_its_retransmissions(start_stack, tmp_path):
+    """Loss made by tapstack's own impairment (2 % each way, seeded): the plot's
+    retransmissions are exactly the data segments tshark flags as resent or out of
+    order, and the trace gives cwnd and srtt on the capture's time axis."""
+    require_tool("tshark")
+    from stack.plot import read_connection
+
+    trace = tmp_path / "t.jsonl"
+    st = start_stack("--impair", "loss=2%,seed=11", "--trace", str(trace))
+    r = in_ns(st.ns, "curl", "-sS", "-o", "/dev/null", f"http://{STACK_IP}/bytes/2000000",
+              timeout=60)
+    assert r.returncode == 0, r.stderr
+    st.stop()
+    series = read_connection(str(st.pcap), 80, str(trace))
+    assert series.sender == (STACK_IP, 80) and series.bytes == max(
+        end for _, _, end in series.segments + series.retransmissions)
+    assert series.bytes > 2_000_000  # the body and the response head
+    assert len(series.retransmissions) >= 3
+    out = subprocess.run(["tshark", "-r", str(st.pcap), "-Y",
+                          "tcp.srcport==80 and tcp.len>0 and (tcp.analysis.retransmission or "
+                          "tcp.analysis.fast_retransmission or "
+                          "tcp.analysis.spurious_retransmission or tcp.analysis.out_of_order)",
+                          "-T", "fields", "-e", "frame.number"],
+                         capture_output=True, text=True, timeout=60)
+    assert set(series.retransmission_frames) == {int(n) for n in out.stdout.split()}
+    assert len(series.cwnd) > 10 and all(c > 0 for _, c in series.cwnd)
+    assert all(0 <= t <= series.duration for t, _ in series.cwnd)
+    png = tmp_path / "plot.png"
+    r = subprocess.run(tapstack_cmd("plot", str(st.pcap), "--trace", str(trace), "--port",
+                                    "80", "--out", str(png)),
+                       cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert f"{len(series.retransmissions)} retransmissions" in r.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20000
