@@ -31,7 +31,8 @@ fuzz:
 
 # tapstack (plain, --offload) against the kernel with the same app and clients, then a
 # tapstack router against a Linux router, then DNS (dnsperf), then HTTPS and uvicorn on
-# tapstack against uvicorn on the kernel; a few minutes.
+# tapstack against uvicorn on the kernel, then what the decision trace costs; a few
+# minutes.
 # `make bench ARGS=--quick` is the smoke run.
 bench:
 	@tools/bootstrap.sh test
@@ -39,6 +40,7 @@ bench:
 	$(VENV)/bin/python tools/bench_forward.py $(ARGS)
 	$(VENV)/bin/python tools/bench_dns.py $(ARGS)
 	$(VENV)/bin/python tools/bench_tls.py $(ARGS)
+	$(VENV)/bin/python tools/bench_trace.py $(ARGS)
 
 # Ten minutes of wrk with kernel-made loss; RSS over time in bench/results/soak.png.
 soak:

@@ -236,13 +236,13 @@ def _rules_options(p: argparse.ArgumentParser) -> None:
 
 
 def _banner(args: argparse.Namespace, host_cidr: str | None) -> str:
+    """The ready line and commands to try; each runs as printed (after a `#`, a note)."""
     ip = args.address.split("/")[0]
     prefix = "" if args.no_netns else f"ip netns exec {args.netns} "
     where = "the current namespace" if args.no_netns else f"namespace {args.netns}"
     me = _me()
-    stats = f"{me} stats" + (" --no-netns" if args.no_netns else f" --netns {args.netns}")
-    if args.tap != "tap0":
-        stats += f" --tap {args.tap}"
+    at = (" --no-netns" if args.no_netns else f" --netns {args.netns}") + (
+        f" --tap {args.tap}" if args.tap != "tap0" else "")
     host = f", host side {host_cidr}" if host_cidr else ""
     port = "" if args.http_port == 80 else f":{args.http_port}"
     lines = [
@@ -256,9 +256,11 @@ def _banner(args: argparse.Namespace, host_cidr: str | None) -> str:
         *([f"  {prefix}dig @{ip} {z}" for z in zone_names(args.dns_zone)]),
         f"  {prefix}tcpdump -ni {args.tap}",
         *([] if args.no_services else [
-            f"  {prefix}nc {ip} 7          (echo; also discard on 9, UDP echo: nc -u)",
-            f"  echo 1000000 | {prefix}nc -N {ip} 19 | wc -c   (source: N bytes)"]),
-        f"  {stats}",
+            f"  echo hello | {prefix}nc -N {ip} 7   # echo; discard on 9, UDP echo: nc -u",
+            f"  echo 1000000 | {prefix}nc -N {ip} 19 | wc -c   # source: N bytes"]),
+        f"  {me} stats{at} --nonzero   # counters",
+        f"  {me} trace{at}   # every frame and decision, live",
+        f"  {me} conns{at}   # the connection table, like ss -tin",
         "Ctrl-C stops it and removes what it created.",
     ]
     return "\n".join(lines)

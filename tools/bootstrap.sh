@@ -22,7 +22,7 @@ declare -A pkg_of=(
     [testssl]=testssl.sh [openssl]=openssl
 )
 case "$target" in
-    run) wanted=(ip gcc) ;;
+    run) wanted=(ip gcc ping arping tcpdump curl nc) ;;  # what the banner says to try
     test) wanted=(ip ping arping tcpdump tshark curl nc socat iptables hping3 gcc wrk ab nmap
                  shellcheck vagrant traceroute tracepath iperf3 conntrack dig kdig
                  unbound dnsperf testssl openssl) ;;

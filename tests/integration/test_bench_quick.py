@@ -71,3 +71,13 @@ def test_bench_tls_quick_produces_every_figure(tmp_path):
     assert all(v > 0 for figures in results.values() for v in figures.values()), results
     assert "| new TLS connection per request, ab -c 10 (req/s) |" in \
         (tmp_path / "tls-quick.md").read_text()
+
+
+def test_bench_trace_quick_produces_every_figure(tmp_path):
+    r = subprocess.run([sys.executable, "tools/bench_trace.py", "--quick", "--out",
+                        str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    results = json.loads((tmp_path / "trace-quick.json").read_text())
+    assert set(results) == {"off", "discard", "json"}
+    assert results["off"]["events"] == 0 and results["json"]["events"] > 1000
+    assert all(r["seconds"] > 0 for r in results.values())

@@ -94,3 +94,24 @@ def test_cleanup_removes_leftovers_and_keeps_namespaces_in_use():
         for ns in (left, busy):
             subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
             subprocess.run(["rm", "-f", f"/run/tapstack/netns/{ns}"])
+
+
+def test_the_banner_commands_run_as_printed(start_stack):
+    """Every line under "try:" is a shell command that works as printed (a `#` starts a
+    note); the ones that run until stopped (tcpdump, trace) run for two seconds."""
+    st = start_stack("--tls", pcap=False, env={"TAPSTACK_STATE": "/run/tapstack/test-state"})
+    lines = st.stdout_lines
+    start = lines.index("try:") + 1
+    commands = [ln.strip() for ln in lines[start:] if ln.startswith("  ")]
+    assert len(commands) >= 10, lines
+    for command in commands:
+        forever = "tcpdump" in command or " trace " in command + " "
+        r = subprocess.run(["timeout", "-k", "2", "3" if forever else "30", "bash", "-c",
+                            command], cwd=REPO, capture_output=True, text=True,
+                           env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+                                "TAPSTACK_STATE": "/run/tapstack/test-state"})
+        assert r.returncode == (124 if forever else 0), (command, r.stdout, r.stderr)
+        if "nc -N" in command and " 7 " in command:
+            assert r.stdout == "hello\n"
+        if "wc -c" in command:
+            assert r.stdout.strip() == "1000000"
