@@ -48,3 +48,16 @@ def test_bad_zone_file_is_one_sentence(tmp_path, capsys, monkeypatch):
     assert cli.main(["run", "--netns", "never-made", "--dns-zone", str(zone)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"tapstack: --dns-zone {zone}: the zone has no SOA record at its apex"]
+
+
+def test_the_options_page_is_complete_and_current():
+    """docs/options.md is written from the parser: a new option must reach it."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("options_doc", root / "tools/options_doc.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert (root / "docs" / "options.md").read_text() == module.render(), \
+        "docs/options.md is stale: run python tools/options_doc.py"
