@@ -314,6 +314,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         args.no_services = not spec.echo
         args.no_http = spec.http_port is None
         args.http_port = spec.http_port or 80
+        if spec.https is not None:
+            args.tls, args.tls_port = True, spec.https["port"]
+            args.tls_name = [*args.tls_name, *spec.https["names"]]
 
         def banner() -> str:
             return _node_banner(spec)

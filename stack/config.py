@@ -26,6 +26,7 @@
     http = 80                    # port, or false
     dns_zones = ["bob.com.zone"] # authoritative DNS on UDP and TCP 53 (zone files)
     resolver = { root_hints = "root.hints" }   # or { forward = ["192.0.2.53"] }
+    https = { port = 443, names = ["www.bob.com"] }   # or true: HTTPS, lab CA (as --tls)
 
     [conntrack], [nat], [[acl]], [[security_group]]: see config_middlebox.py
 
@@ -78,6 +79,7 @@ class NodeSpec:
     middlebox: MiddleboxConfig | None = None  # NAT, ACLs, security groups
     dns_zones: list[str] = field(default_factory=list)  # served on port 53
     resolver: dict = field(default_factory=dict)  # root_hints or forward: resolve on 53
+    https: dict | None = None  # {"port", "names"}: HTTPS from the lab CA (as --tls)
 
     @property
     def control_name(self) -> str:
@@ -230,7 +232,7 @@ def parse_node(data: dict, path: str) -> NodeSpec:
         metric = r.get(t, "metric", where, int, 0)
         routes.append(RouteConfig(to, gateway, dev, metric))
     services = r.get(data, "services", "", dict, {})
-    r.unknown(services, {"echo", "http", "dns_zones", "resolver"}, "services")
+    r.unknown(services, {"echo", "http", "https", "dns_zones", "resolver"}, "services")
     resolver = r.get(services, "resolver", "services", dict, {})
     r.unknown(resolver, {"root_hints", "forward"}, "services.resolver")
     echo = r.get(services, "echo", "services", bool, True)
@@ -244,11 +246,25 @@ def parse_node(data: dict, path: str) -> NodeSpec:
         http_port = http
     else:
         raise r.fail("services.http", f"must be a port (1..65535) or false, not {http!r}")
+    https = services.get("https", False)
+    if https is True:
+        https = {}
+    if https is not False:
+        if not isinstance(https, dict):
+            raise r.fail("services.https", "must be true, false or a table {port, names}")
+        r.unknown(https, {"port", "names"}, "services.https")
+        port = https.get("port", 443)
+        if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+            raise r.fail("services.https.port", f"must be a port (1..65535), not {port!r}")
+        names = https.get("names", [])
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise r.fail("services.https.names", "must be a list of DNS names")
+        https = {"port": port, "names": names}
     node = NodeConfig(name=name, interfaces=interfaces, routes=routes, forwarding=forwarding,
                       tcp=TcpConfig(msl=float(msl)))
     middlebox = parse_middlebox(data, interfaces, r.fail)
     return NodeSpec(node, links, netns, echo, http_port, path, middlebox=middlebox,
-                    dns_zones=dns_zones, resolver=resolver)
+                    dns_zones=dns_zones, resolver=resolver, https=https or None)
 
 
 def read_toml(path: str) -> dict:

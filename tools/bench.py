@@ -112,6 +112,30 @@ def start_kernel() -> Target:
     return Target("kernel", cli, VETH_SERVER, proc.pid, cleanup)
 
 
+def run_targets(starts, measure_one) -> dict[str, dict[str, float]]:
+    """Start each target in turn, measure it, always clean it up; figures by name."""
+    results: dict[str, dict[str, float]] = {}
+    for start in starts:
+        target = start()
+        try:
+            results[target.name] = measure_one(target)
+        finally:
+            target.cleanup()
+        print(target.name, json.dumps(results[target.name]), flush=True)
+    return results
+
+
+def save(out: Path, name: str, quick: bool, body: str, results: dict) -> str:
+    """bench/results/NAME.{md,json}: the table under a line saying when and how."""
+    md = (f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on "
+          f"{os.cpu_count()} CPUs{' (--quick: one short run)' if quick else ''}; "
+          "medians of 3 runs.\n\n" + body + "\n")
+    (out / f"{name}.md").write_text(md)
+    (out / f"{name}.json").write_text(json.dumps(results, indent=1))
+    print(md)
+    return md
+
+
 # -- figures -------------------------------------------------------------------------------
 
 
@@ -255,27 +279,19 @@ def main() -> int:
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, dict[str, float]] = {}
     with tempfile.NamedTemporaryFile(prefix="bench-up-", dir="/tmp") as up:
         up.write(os.urandom(10_000_000 if args.quick else 100_000_000))
         up.flush()
-        for start in (lambda: start_tapstack(False), lambda: start_tapstack(True),
-                      start_kernel):
-            target = start()
-            try:
-                time.sleep(0.5)
-                results[target.name] = measure(target, args.quick, up.name)
-            finally:
-                target.cleanup()
-            print(target.name, json.dumps(results[target.name]), flush=True)
-    md = (f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on "
-          f"{os.cpu_count()} CPUs{' (--quick: one short run)' if args.quick else ''}; "
-          "medians of 3 runs.\n\n" + table(results) + "\n")
+
+        def measure_one(target: Target) -> dict[str, float]:
+            time.sleep(0.5)
+            return measure(target, args.quick, up.name)
+
+        results = run_targets((lambda: start_tapstack(False), lambda: start_tapstack(True),
+                               start_kernel), measure_one)
     name = "quick" if args.quick else "latest"
-    (out / f"{name}.md").write_text(md)
-    (out / f"{name}.json").write_text(json.dumps(results, indent=1))
+    save(out, name, args.quick, table(results), results)
     chart(results, out / f"{name}.png")
-    print(md)
     missing = [k for r in results.values() for k, v in r.items() if v is None]
     return 1 if missing else 0
 

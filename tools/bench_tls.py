@@ -16,7 +16,6 @@ request), wrk (keep-alive). Writes bench/results/tls.{md,json}.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import signal
@@ -29,7 +28,7 @@ import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import TAP_IP, VETH_CLIENT, VETH_SERVER, Target, sh
+from bench import TAP_IP, VETH_CLIENT, VETH_SERVER, Target, run_targets, save, sh
 
 REPO = Path(__file__).resolve().parents[1]
 APP = ["--app", "bench_app:app", "--app-dir", str(REPO / "tools")]
@@ -153,27 +152,15 @@ def main() -> int:
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-tls-") as state:
         from stack.certs import LabCA
 
         ca = LabCA(state).cert_path
-        for start in (lambda: start_tapstack(state, False),
-                      lambda: start_tapstack(state, True),
-                      lambda: start_kernel_uvicorn(state)):
-            target = start()
-            try:
-                results[target.name] = measure(target, ca, args.quick)
-            finally:
-                target.cleanup()
-            print(target.name, json.dumps(results[target.name]), flush=True)
-    md = (f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on "
-          f"{os.cpu_count()} CPUs{' (--quick: one short run)' if args.quick else ''}; "
-          "medians of 3 runs.\n\n" + table(results) + "\n")
-    name = "tls-quick" if args.quick else "tls"
-    (out / f"{name}.md").write_text(md)
-    (out / f"{name}.json").write_text(json.dumps(results, indent=1))
-    print(md)
+        results = run_targets((lambda: start_tapstack(state, False),
+                               lambda: start_tapstack(state, True),
+                               lambda: start_kernel_uvicorn(state)),
+                              lambda target: measure(target, ca, args.quick))
+    save(out, "tls-quick" if args.quick else "tls", args.quick, table(results), results)
     return 0
 
 

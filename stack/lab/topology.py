@@ -32,6 +32,7 @@ Errors name the file, the key and what is wrong, in one sentence.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from dataclasses import dataclass, field
 
@@ -40,6 +41,19 @@ from stack.config_middlebox import parse_middlebox
 from stack.net.interface import InterfaceConfig
 
 KINDS = ("tapstack", "linux")
+
+
+def _files_beside(path: str, services: dict) -> None:
+    """Zone and hints files named in a lab are relative to the lab file (its nodes run
+    from elsewhere)."""
+    base = os.path.dirname(os.path.abspath(path))
+    if isinstance(services.get("dns_zones"), list):
+        services["dns_zones"] = [os.path.join(base, z) if isinstance(z, str) else z
+                                 for z in services["dns_zones"]]
+    resolver = services.get("resolver")
+    if isinstance(resolver, dict) and isinstance(resolver.get("root_hints"), str):
+        services["resolver"] = {**resolver,
+                                "root_hints": os.path.join(base, resolver["root_hints"])}
 MIDDLEBOX_KEYS = ("conntrack", "nat", "acl", "security_group")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 
@@ -73,7 +87,7 @@ class LabNode:
     echo: bool = True
     http: int | None = None
     middlebox: dict = field(default_factory=dict)  # conntrack, nat, acl, security_group
-    dns: dict = field(default_factory=dict)  # services: dns_zones, resolver
+    dns: dict = field(default_factory=dict)  # services: dns_zones, resolver, https
 
 
 @dataclass(slots=True)
@@ -209,16 +223,19 @@ def parse_lab(data: dict, path: str) -> Lab:
         services = t.get("services", {})
         if not isinstance(services, dict):
             raise ConfigError(f"{path}: {where}.services: must be a table")
-        _keys(path, services, {"echo", "http", "dns_zones", "resolver"}, f"{where}.services")
+        _keys(path, services, {"echo", "http", "https", "dns_zones", "resolver"},
+              f"{where}.services")
         http = services.get("http", False)
         forwarding = t.get("forwarding", False)
         if not isinstance(forwarding, bool):
             raise ConfigError(f"{path}: {where}.forwarding: must be true or false")
         middlebox = {k: t[k] for k in MIDDLEBOX_KEYS if k in t}
-        dns_services = {k: services[k] for k in ("dns_zones", "resolver") if k in services}
+        dns_services = {k: services[k] for k in ("dns_zones", "resolver", "https")
+                        if k in services}
+        _files_beside(path, dns_services)
         if dns_services and kind != "tapstack":
             raise ConfigError(f"{path}: {where}.services: only tapstack nodes serve DNS "
-                              "(give a Linux node commands)")
+                              "or HTTPS (give a Linux node commands)")
         if middlebox and kind != "tapstack":
             raise ConfigError(f"{path}: {where}.{next(iter(middlebox))}: only tapstack nodes "
                               "take NAT and filter settings (give a Linux node commands)")

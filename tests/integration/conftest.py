@@ -209,6 +209,19 @@ def require_tool(name: str) -> str:
     return path
 
 
+def stream_sha256(cmd: list[str], timeout: float = 120) -> tuple[int, str]:
+    """Run a command (a download to stdout) and hash its output as it comes: (bytes,
+    sha256), without holding it in memory. AssertionError if it fails."""
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE)
+    h = hashlib.sha256()
+    n = 0
+    while chunk := p.stdout.read(1 << 20):
+        h.update(chunk)
+        n += len(chunk)
+    assert p.wait(timeout=timeout) == 0, cmd
+    return n, h.hexdigest()
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import subprocess
@@ -11,7 +10,13 @@ import time
 import pytest
 
 from stack.apps.services import deterministic_bytes, deterministic_sha256
-from tests.integration.conftest import STACK_IP, in_ns, require_tool, sha256_file
+from tests.integration.conftest import (
+    STACK_IP,
+    in_ns,
+    require_tool,
+    sha256_file,
+    stream_sha256,
+)
 
 URL = f"http://{STACK_IP}"
 
@@ -94,15 +99,9 @@ def test_range_http10_and_connection_reuse(web):
 
 
 def test_download_100mb(web):
-    p = subprocess.Popen(["ip", "netns", "exec", web.ns, "curl", "-sS", URL + "/bytes/104857600"],
-                         stdout=subprocess.PIPE)
-    h = hashlib.sha256()
-    n = 0
-    while chunk := p.stdout.read(1 << 20):
-        h.update(chunk)
-        n += len(chunk)
-    assert p.wait(timeout=120) == 0
-    assert n == 104857600 and h.hexdigest() == deterministic_sha256(104857600)
+    assert stream_sha256(["ip", "netns", "exec", web.ns, "curl", "-sS",
+                          URL + "/bytes/104857600"]) == (104857600,
+                                                         deterministic_sha256(104857600))
 
 
 @pytest.mark.parametrize(("raw", "status"), [

@@ -17,6 +17,7 @@ from tests.integration.conftest import (
     StackProcess,
     in_ns,
     require_tool,
+    stream_sha256,
     tapstack_cmd,
     unique_name,
 )
@@ -113,16 +114,9 @@ def test_openssl_s_client_shows_tls13_and_the_chain(https):
 
 def test_50mb_download_and_upload_over_https(https, random_files):
     size = 50_000_000
-    p = subprocess.Popen(["ip", "netns", "exec", https.ns, "curl", "-sS", "--cacert",
-                          https.ca, f"https://{STACK_IP}/bytes/{size}"],
-                         stdout=subprocess.PIPE)
-    h = hashlib.sha256()
-    n = 0
-    while chunk := p.stdout.read(1 << 20):
-        h.update(chunk)
-        n += len(chunk)
-    assert p.wait(timeout=120) == 0
-    assert n == size and h.hexdigest() == deterministic_sha256(size)
+    assert stream_sha256(["ip", "netns", "exec", https.ns, "curl", "-sS", "--cacert",
+                          https.ca, f"https://{STACK_IP}/bytes/{size}"]) == \
+        (size, deterministic_sha256(size))
     path = random_files["50m"]
     r = curl(https, "--data-binary", f"@{path}", f"https://{STACK_IP}/upload", timeout=120)
     assert r.returncode == 0, r.stderr
