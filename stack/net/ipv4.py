@@ -138,6 +138,7 @@ class IPv4Layer:
             if self.trace.on:
                 self.trace.emit("ipv4", "reassembled", now, src=ip_to_str(ip.src),
                                 dst=ip_to_str(ip.dst), ip_id=ip.ident, length=len(packet))
+        arrived = packet  # as it came: what an ICMP error about it must quote
         if self.hooks.prerouting:
             result = run_hooks(self.hooks.prerouting, bytearray(packet[:ip.total_length]),
                                info, now)
@@ -153,7 +154,7 @@ class IPv4Layer:
                 # (RFC 1812 5.3.5.2: forwarding them is off by default)
                 info.broadcast = True
             elif self.forwarding:
-                self._forward(ip, packet, iface, now, info)
+                self._forward(ip, packet, iface, now, info, arrived)
                 return
             else:
                 c["ipv4.rx_not_for_us"] += 1
@@ -214,7 +215,7 @@ class IPv4Layer:
     # -- forwarding (RFC 1812 5.2, 5.3) ----------------------------------------------------
 
     def _forward(self, ip: IPv4Header, packet: memoryview, iface: Interface, now: float,
-                 info: PacketInfo) -> None:
+                 info: PacketInfo, arrived: memoryview | None = None) -> None:
         c = self.counters
         if info.link_broadcast:
             c["ipv4.fwd_link_broadcast"] += 1  # RFC 1812 5.3.4
@@ -225,7 +226,12 @@ class IPv4Layer:
         if _martian_destination(ip.dst):
             c["ipv4.fwd_martian_destination"] += 1
             return
-        quote = bytes(packet[:ip.header_length + 8])
+        # An error quotes the datagram as it arrived (RFC 1812 4.3.2.3), before a NAT
+        # rewrote it here: that is what its sender can match (a traceroute through a
+        # port forward or a 1:1 NAT sees this hop).
+        if arrived is None:
+            arrived = packet
+        quote = bytes(arrived[:(arrived[0] & 0x0F) * 4 + 8])
         if ip.ttl <= 1:
             c["ipv4.fwd_ttl_exceeded"] += 1  # RFC 1812 5.3.1
             self.errors.send(11, 0, quote, now)

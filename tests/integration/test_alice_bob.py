@@ -80,3 +80,18 @@ def test_alice_fetches_bob_over_https_through_every_role(lab):
     assert igw["nat"]["static"] >= 1
     subnet = _counters(env, "subnet")
     assert subnet["acl"]["denied_in"] == 0 and subnet["sg"]["denied_in"] == 0
+
+
+def test_every_router_is_one_hop_on_the_way_to_bob(lab):
+    """A TCP traceroute to Bob's public HTTPS port: each router answers at its own TTL
+    (each takes exactly one off), the internet gateway too although it rewrote the
+    destination, and the last hop is Bob's public address. (The subnet router answers
+    from its private address, as a router inside a VPC does; UDP probes die at the
+    network ACL, which lets only 80, 443 and ICMP into Bob's subnet.)"""
+    env, _ = lab
+    r = _tapstack(env, "lab", "exec", "--lab", "alice-bob", "alice", "--", "traceroute",
+                  "-n", "-T", "-p", "443", "-w", "2", "-q", "1", "-m", "8", "198.51.100.10",
+                  timeout=90)
+    hops = [line.split()[1] for line in r.stdout.splitlines()[1:]]
+    assert hops == ["192.168.1.1", "203.0.113.14", "192.0.2.2", "198.51.100.2",
+                    "10.0.0.2", "198.51.100.10"], r.stdout + r.stderr

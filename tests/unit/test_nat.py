@@ -383,3 +383,22 @@ def test_an_oversized_datagram_in_fragments_is_dropped_and_counted():
         net.router.receive(1, f, net.lan.now)
     assert net.router.counters["ipv4.reasm_too_big"] == 1
     assert net.router.counters["stack.internal_errors"] == 0
+
+
+def test_time_exceeded_at_a_one_to_one_nat_quotes_what_was_sent():
+    """A traceroute probe to the public address dies at the NAT itself: the error quotes
+    the datagram as it arrived (public destination), not as the NAT rewrote it, so the
+    sender can match it (RFC 1812 4.3.2.3; Linux reverses the NAT in the quote too)."""
+    from stack.wire.udp import build_udp
+
+    net = Net(static=[StaticNat(ip("203.0.113.5"), ip("192.168.1.3"))])
+    net.router.add_address("wan", ip("203.0.113.5"), 24)
+    x = net.outside[0]
+    probe = build_udp(x.address, ip("203.0.113.5"), 40000, 33434, b"probe")
+    x.ipv4.send(ip("203.0.113.5"), 17, probe, net.lan.now, ttl=1)
+    net.run(lambda: any(p.p == 1 for p in net.taps[x.address].seen), timeout=3)
+    (err,) = [p for p in net.taps[x.address].seen if p.p == 1]
+    assert err.data.type == 11 and err.src == ip(PUBLIC)
+    quoted = dpkt.ip.IP(bytes(err.data.data.data) + bytes(8))
+    assert quoted.dst == ip("203.0.113.5") and quoted.data.dport == 33434
+    assert net.router.counters["ipv4.fwd_ttl_exceeded"] == 1
