@@ -18,6 +18,7 @@ from stack.aio import new_event_loop
 from stack.api import Stack
 from stack.apps.http.server import HttpServerProtocol
 from stack.config import ConfigError, NodeSpec, load_node
+from stack.lab.build import LabError
 from stack.launch import (
     UsageError,
     build_config,
@@ -199,6 +200,16 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--port", type=int, help="the connection using this port (default: the "
                                              "one that moved the most data)")
     pl.add_argument("--out", metavar="PNG", help="where to write (default: CAPTURE.png)")
+    j = sub.add_parser("journey", help="Alice opens https://www.bob.com/ on the story's lab: "
+                                       "every segment captured, every node traced, told "
+                                       "step by step (a summary and a page)")
+    j.add_argument("--lab", metavar="FILE", help="the lab (default: labs/alice-bob.toml); "
+                                                 "brought up if it is not")
+    j.add_argument("--out", metavar="DIR", default="journey",
+                   help="where the captures, traces, journey.json and index.html go "
+                        "(default: %(default)s)")
+    j.add_argument("--url", default="https://www.bob.com/", help="what the client fetches")
+    j.add_argument("--client", default="alice", help="the Linux node that runs curl")
     sub.add_parser("cleanup", help="remove network namespaces that killed tapstack "
                                    "instances left behind (those with no process in them)")
     ca = sub.add_parser("ca", help="print the path of tapstack's lab CA certificate "
@@ -370,6 +381,18 @@ def cmd_plot(args: argparse.Namespace) -> int:
           f"{series.duration:.2f} s" + (f", {len(series.cwnd)} cwnd samples"
                                         if series.cwnd else "") + f"; wrote {out}")
     return 0
+
+
+def cmd_journey(args: argparse.Namespace) -> int:
+    require_root("journey")
+    from stack import journey
+
+    code, lines, page = journey.run(args.lab or journey.default_lab(), args.out, args.url,
+                                    args.client)
+    for line in lines:
+        print(line)
+    print(f"the walkthrough: {page}; the facts: {os.path.join(args.out, 'journey.json')}")
+    return 0 if code == 0 else 1
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
@@ -679,6 +702,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_trace(args)
         if args.command == "plot":
             return cmd_plot(args)
+        if args.command == "journey":
+            return cmd_journey(args)
         if args.command == "conns":
             return cmd_conns(args)
         if args.command == "conntrack":
@@ -692,7 +717,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return cmd_lab(args)
         return cmd_stats(args)
-    except (UsageError, LinkError, ConfigError) as exc:
+    except (UsageError, LinkError, ConfigError, LabError) as exc:
         print(f"tapstack: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -166,12 +166,47 @@ def describe_frame(frame: bytes | bytearray | memoryview) -> dict[str, Any]:
                 if o:
                     out["options"] = o
     elif proto == PROTO_UDP and len(payload) >= 8:
-        out.update(proto="udp", sport=int.from_bytes(payload[0:2], "big"),
-                   dport=int.from_bytes(payload[2:4], "big"), data=len(payload) - 8)
+        sport, dport = int.from_bytes(payload[0:2], "big"), int.from_bytes(payload[2:4], "big")
+        out.update(proto="udp", sport=sport, dport=dport, data=len(payload) - 8)
+        if 53 in (sport, dport):
+            out["dns"] = describe_dns(bytes(payload[8:]))
     elif proto == PROTO_ICMP and len(payload) >= 4:
         out.update(proto="icmp", type=payload[0], code=payload[1])
     else:
         out["proto"] = proto
+    return out
+
+
+def describe_dns(wire: bytes) -> dict[str, Any]:
+    """A DNS message in a few fields: the question, and for a response its code, whether
+    it is authoritative, its answers and the name servers it refers to."""
+    import dns.exception
+    import dns.flags
+    import dns.message
+    import dns.rcode
+    import dns.rdatatype
+
+    try:
+        msg = dns.message.from_wire(wire)
+    except (dns.exception.DNSException, ValueError):
+        return {"malformed": True}
+    out: dict[str, Any] = {"id": msg.id}
+    if msg.question:
+        q = msg.question[0]
+        out["question"] = f"{q.name} {dns.rdatatype.to_text(q.rdtype)}"
+    if not msg.flags & dns.flags.QR:
+        out["kind"] = "query"
+        return out
+    out.update(kind="response", rcode=dns.rcode.to_text(msg.rcode()),
+               aa=bool(msg.flags & dns.flags.AA))
+    answers = [f"{r.name} {dns.rdatatype.to_text(r.rdtype)} {rd}" for r in msg.answer
+               for rd in r]
+    if answers:
+        out["answers"] = answers
+    referral = [f"{r.name} NS {rd}" for r in msg.authority
+                if r.rdtype == dns.rdatatype.NS for rd in r]
+    if referral and not answers:
+        out["referral"] = referral
     return out
 
 
@@ -242,7 +277,15 @@ def _frame_text(e: Event) -> str:
                 f"seq={e['seq']} ack={e['ack']} win={e['win']} len={e['data']}"
                 f"{' ' + extra if extra else ''}")
     if proto == "udp":
-        return f"UDP {e['src']}:{e['sport']} > {e['dst']}:{e['dport']} len={e['data']}"
+        dns = e.get("dns")
+        what = ""
+        if dns and dns.get("kind") == "query":
+            what = f" DNS query {dns.get('question')}"
+        elif dns:
+            what = (f" DNS {dns.get('rcode')}{' aa' if dns.get('aa') else ''} "
+                    f"{dns.get('question')} -> "
+                    + ", ".join(dns.get("answers") or dns.get("referral") or ["(none)"]))
+        return f"UDP {e['src']}:{e['sport']} > {e['dst']}:{e['dport']} len={e['data']}{what}"
     if proto == "icmp":
         return f"ICMP {e['src']} > {e['dst']} type={e['type']} code={e['code']}"
     if "src" in e:

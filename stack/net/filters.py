@@ -84,6 +84,7 @@ class Acl:
 
     rules: list[Rule] = field(default_factory=list)
     default_hits: int = 0
+    last: int | None = None  # the rule that decided the last packet (None: the default)
 
     def add(self, rule: Rule) -> None:
         if any(r.number == rule.number for r in self.rules):
@@ -97,12 +98,16 @@ class Acl:
         return len(self.rules) != before
 
     def allows(self, protocol: int, far: bytes, port: int, size: int) -> bool:
+        """The first rule that matches decides (its number is left in `last`); none: the
+        default deny (`last` is None)."""
         for rule in self.rules:
             if rule.matches(protocol, far, port):
                 rule.hits += 1
                 rule.bytes += size
+                self.last = rule.number
                 return rule.action == "allow"
         self.default_hits += 1
+        self.last = None
         return False
 
 
@@ -112,12 +117,16 @@ class SecurityGroup:
     outbound: list[Rule] = field(default_factory=lambda: [
         make_rule(1, "allow", "all", "0.0.0.0/0", None)])
     next_number: int = 2
+    last: int | None = None  # the rule that allowed the last new flow
 
     def allows(self, rules: list[Rule], protocol: int, far: bytes, port: int,
                size: int) -> bool:
+        """Any rule that matches allows (its number is left in `last`)."""
         for rule in rules:
             if rule.matches(protocol, far, port):
                 rule.hits += 1
                 rule.bytes += size
+                self.last = rule.number
                 return True
+        self.last = None
         return False

@@ -163,7 +163,16 @@ class Middlebox:
         """Inbound (into the subnet): the far end is the source; outbound: the
         destination. The port is the destination port either way."""
         far = bytes(pkt[12:16]) if inbound else bytes(pkt[16:20])
-        return acl.allows(pkt[9], far, _transport_port(pkt), len(pkt))
+        port = _transport_port(pkt)
+        allowed = acl.allows(pkt[9], far, port, len(pkt))
+        if self.node.trace.on:
+            self.node.trace.emit("acl", "allow" if allowed else "deny", self.node.trace.now,
+                                 direction="inbound" if inbound else "outbound",
+                                 rule=acl.last if acl.last is not None else "default (*)",
+                                 src=ip_to_str(bytes(pkt[12:16])),
+                                 dst=ip_to_str(bytes(pkt[16:20])), protocol=pkt[9],
+                                 port=port)
+        return allowed
 
     # -- rewriting --------------------------------------------------------------------------
 
@@ -321,15 +330,33 @@ class Middlebox:
         proto, src, dst = entry.orig.proto, entry.orig.src, entry.reply.src
         port = entry.reply.sport if proto in (6, 17) else 0
         size = len(pkt)
+        trace = self.node.trace
         group = self.groups.get(info.iface)  # from behind this interface: outbound
-        if group is not None and not group.allows(group.outbound, proto, dst, port, size):
-            self.counters["sg.denied_out"] += 1
-            return None
+        if group is not None:
+            allowed = group.allows(group.outbound, proto, dst, port, size)
+            if trace.on:
+                self._trace_group(group, allowed, "outbound", src, dst, proto, port)
+            if not allowed:
+                self.counters["sg.denied_out"] += 1
+                return None
         group = self.groups.get(info.out_iface)  # towards what is behind it: inbound
-        if group is not None and not group.allows(group.inbound, proto, src, port, size):
-            self.counters["sg.denied_in"] += 1
-            return None
+        if group is not None:
+            allowed = group.allows(group.inbound, proto, src, port, size)
+            if trace.on:
+                self._trace_group(group, allowed, "inbound", src, dst, proto, port)
+            if not allowed:
+                self.counters["sg.denied_in"] += 1
+                return None
         return pkt
+
+    def _trace_group(self, group: SecurityGroup, allowed: bool, direction: str, src: bytes,
+                     dst: bytes, proto: int, port: int) -> None:
+        """A security group decided a new flow (later datagrams of it pass as tracked)."""
+        self.node.trace.emit("sg", "allow new flow" if allowed else "deny new flow",
+                             self.node.trace.now, direction=direction,
+                             rule=group.last if allowed else "none matches",
+                             src=ip_to_str(src), dst=ip_to_str(dst), protocol=proto,
+                             port=port)
 
     def _input(self, pkt: bytearray, info: PacketInfo, now: float) -> bytearray | None:
         ct_info = info.conntrack

@@ -95,3 +95,55 @@ def test_every_router_is_one_hop_on_the_way_to_bob(lab):
     hops = [line.split()[1] for line in r.stdout.splitlines()[1:]]
     assert hops == ["192.168.1.1", "203.0.113.14", "192.0.2.2", "198.51.100.2",
                     "10.0.0.2", "198.51.100.10"], r.stdout + r.stderr
+
+
+def test_the_journey_records_and_tells_every_hop(lab, tmp_path):
+    """`tapstack journey` on cold caches, then again: assertions on what it recorded
+    (captures and traces), not on its prose."""
+    env, _ = lab
+    for node in ("home", "resolver"):
+        assert _tapstack(env, "dns", "flush", "--netns", "alice-bob-sw", "--node",
+                         node).returncode == 0
+    out = tmp_path / "first"
+    r = _tapstack(env, "journey", "--lab", LAB, "--out", str(out), timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.splitlines()[0].startswith("journey: https://www.bob.com/")
+    report = json.loads((out / "journey.json").read_text())
+    asked = {s["node"] for s in report["dns"] if s["kind"] == "query"}
+    assert {"home", "resolver", "root", "comns", "bobns"} <= asked, report["dns"]
+    referrals = [s for s in report["dns"] if s.get("referral")]
+    # the resolver walked down: root referred it to com., com. to bob.com. (names in
+    # mixed case: it varies the case of its questions, the 0x20 defence against forged answers)
+    said = {r.lower() for s in referrals for r in s["referral"]}
+    assert {"com. ns ns1.com.", "bob.com. ns ns1.bob.com."} <= said, said
+    assert report["tls"]["version"] == "TLSv1.3" and report["tls"]["verified"]
+    hops = report["hops"]
+    assert [h["segment"] for h in hops] == ["home", "access", "transit", "edge", "vpc",
+                                           "subnet"]
+    assert [h["ttl"] for h in hops] == [64, 63, 62, 61, 60, 59]  # one per router
+    assert hops[0]["src"] == "192.168.1.2" and hops[1]["src"] == "203.0.113.1"  # NAT
+    assert hops[3]["dst"] == "198.51.100.10" and hops[4]["dst"] == "10.0.1.10"  # 1:1 NAT
+    assert hops[0]["eth_src"] == "00:1a:2b:3c:4d:5e"  # Alice's own MAC, first hop only
+    assert report["http"]["client_seen"] == "203.0.113.1"
+    assert report["http"]["status"] == 200
+    at_subnet = hops[4]["decisions"]
+    acl = next(d for d in at_subnet if d["layer"] == "acl")
+    assert (acl["event"], acl["direction"], acl["rule"]) == ("allow", "inbound", 100)
+    assert any(d["layer"] == "sg" and d["event"] == "allow new flow" for d in at_subnet)
+    assert any(d.get("name") == "static" for d in hops[3]["decisions"])  # the gateway
+    # each frame the report names is in that segment's capture, and is that SYN
+    for hop in hops:
+        fields = subprocess.run(["tshark", "-r", report["captures"][hop["segment"]],
+                                 "-Y", f"frame.number=={hop['frame']}", "-T", "fields",
+                                 "-e", "ip.src", "-e", "ip.dst", "-e", "ip.ttl",
+                                 "-e", "tcp.flags.syn", "-e", "tcp.flags.ack"],
+                                capture_output=True, text=True, timeout=60).stdout.split()
+        assert fields == [hop["src"], hop["dst"], str(hop["ttl"]), "1", "0"], (hop, fields)
+    page = (out / "index.html").read_text()
+    assert page.count("<tr class='hop'>") == len(hops) and page.count("<section") == 4
+    # again: the name comes from the home router's cache, nobody upstream is asked
+    again = tmp_path / "second"
+    r = _tapstack(env, "journey", "--lab", LAB, "--out", str(again), timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    report = json.loads((again / "journey.json").read_text())
+    assert {s["node"] for s in report["dns"] if s["kind"] == "query"} == {"home"}
