@@ -349,14 +349,16 @@ def summary(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+STYLE = ("body{font-family:sans-serif;max-width:72em;margin:2em auto}"
+         "table{border-collapse:collapse}td,th{border:1px solid #bbb;padding:.25em .5em;"
+         "font-size:90%;vertical-align:top}code{background:#f4f4f4}")
+
+
 def render(report: dict[str, Any], out: Path) -> Path:
     """A static page (no external resources): one section per step, one row per hop."""
     e = html.escape
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>The journey: "
-             f"{e(str(report['url']))}</title><style>body{{font-family:sans-serif;"
-             "max-width:70em;margin:2em auto}} table{{border-collapse:collapse}} "
-             "td,th{{border:1px solid #bbb;padding:.25em .5em;font-size:90%}} "
-             "code{{background:#f4f4f4}}</style></head><body>",
+             f"{e(str(report['url']))}</title><style>{STYLE}</style></head><body>",
              f"<h1>The journey of {e(str(report['url']))}</h1>",
              f"<p>curl exit {report['curl']['exit']} in {report['curl']['seconds']} s. "
              "Every fact below comes from the captures (one per segment) and the nodes' "

@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from tests.integration.conftest import REPO, tapstack_cmd
+from tests.integration.conftest import REPO, require_tool, tapstack_cmd
 
 LAB = str(REPO / "labs" / "alice-bob.toml")
 
@@ -139,11 +139,33 @@ def test_the_journey_records_and_tells_every_hop(lab, tmp_path):
                                  "-e", "tcp.flags.syn", "-e", "tcp.flags.ack"],
                                 capture_output=True, text=True, timeout=60).stdout.split()
         assert fields == [hop["src"], hop["dst"], str(hop["ttl"]), "1", "0"], (hop, fields)
-    page = (out / "index.html").read_text()
-    assert page.count("<tr class='hop'>") == len(hops) and page.count("<section") == 4
+    _check_page_in_a_browser(out / "index.html", len(hops), tmp_path)
     # again: the name comes from the home router's cache, nobody upstream is asked
     again = tmp_path / "second"
     r = _tapstack(env, "journey", "--lab", LAB, "--out", str(again), timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     report = json.loads((again / "journey.json").read_text())
     assert {s["node"] for s in report["dns"] if s["kind"] == "query"} == {"home"}
+
+
+CHROMIUM = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update",
+            "--disable-sync"]
+
+
+def _check_page_in_a_browser(page, hops: int, tmp_path) -> None:
+    """Debian's Chromium loads the page from disk: the DOM it built holds one section per
+    step and one row per hop, and a screenshot comes out."""
+    chromium = require_tool("chromium")
+    profile = tmp_path / "chromium-profile"
+    dom = subprocess.run(["timeout", "-k", "5", "60", chromium, *CHROMIUM,
+                          f"--user-data-dir={profile}", "--dump-dom", page.as_uri()],
+                         capture_output=True, text=True, timeout=70).stdout
+    assert dom.count("<section") == 4 and dom.count('<tr class="hop">') == hops, dom[:500]
+    assert "<h2>3. Hop by hop" in dom
+    shot = tmp_path / "page.png"
+    subprocess.run(["timeout", "-k", "5", "60", chromium, *CHROMIUM,
+                    f"--user-data-dir={profile}", f"--screenshot={shot}",
+                    "--window-size=1200,1400", page.as_uri()],
+                   capture_output=True, timeout=70)
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20000
