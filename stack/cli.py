@@ -392,6 +392,8 @@ def cmd_journey(args: argparse.Namespace) -> int:
     for line in lines:
         print(line)
     print(f"the walkthrough: {page}; the facts: {os.path.join(args.out, 'journey.json')}")
+    print(f"the lab stays up (a second run shows the caches): tapstack lab down "
+          f"{args.lab or journey.default_lab()}")
     return 0 if code == 0 else 1
 
 
