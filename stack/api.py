@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from stack.net.tcp.connection import CLOSED, TIME_WAIT, Connection
 from stack.net.tcp.info import fin_acked, tcp_info, unsent_bytes
-from stack.tls import TlsProtocol, start_tls
+from stack.tls import TlsProtocol, client_hostname, start_tls
 from stack.wire.ipv4 import ip_to_str
 
 if TYPE_CHECKING:
@@ -509,7 +509,7 @@ class Stack:
         tls = None
         if ssl:
             tls = TlsProtocol(protocol, ssl, server_side=False,
-                              server_hostname=server_hostname or host,
+                              server_hostname=client_hostname(host, server_hostname),
                               waiter=self.loop.create_future(),
                               handshake_timeout=ssl_handshake_timeout, loop=self.loop)
             handshake = tls.waiter

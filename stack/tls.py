@@ -71,6 +71,9 @@ class TlsProtocol(asyncio.Protocol):
         self.eof_sent = False  # our close_notify went out
         self.eof_seen = False  # the peer's close_notify (or FIN) came
         self.close_notify_received = False
+        self.raw_eof = False  # TCP's FIN came (maybe before all of the data was read)
+        self.app_keeps_open = False  # what the app's eof_received said
+        self.app_paused_writing = False
         self.error: Exception | None = None  # why the handshake failed
 
     # -- the raw transport's callbacks ------------------------------------------------------
@@ -100,9 +103,12 @@ class TlsProtocol(asyncio.Protocol):
             return False
         if self.eof_seen:  # close_notify came before the FIN: keep writing if the app does
             return not self._closing_app()
-        log.debug("TCP FIN without close_notify (truncation); reported as EOF")
-        self.counters["truncated"] += 1
-        return self._app_eof()
+        self.raw_eof = True
+        if self.app_paused_reading:
+            return True  # what is still buffered is delivered first, then the EOF (_read)
+        self._read()
+        # not delivered yet (the app paused on the way): keep TCP open until it is
+        return not self.eof_seen or self.app_keeps_open
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timer()
@@ -116,15 +122,17 @@ class TlsProtocol(asyncio.Protocol):
             self.transport._closing = True
         elif self.call_connection_made:
             return  # the application never saw this connection
-        if app is not None:  # start_tls's protocol learns why the handshake failed
+        if app is not None:  # with the reason: a failed handshake, a broken record
             self.loop.call_soon(app.connection_lost, exc or self.error)
 
     def pause_writing(self) -> None:
-        if self.state == _OPEN and self.app is not None:
+        if self.state == _OPEN and self.app is not None and not self.app_paused_writing:
+            self.app_paused_writing = True
             self.app.pause_writing()
 
     def resume_writing(self) -> None:
-        if self.state == _OPEN and self.app is not None:
+        if self.app_paused_writing and self.app is not None:
+            self.app_paused_writing = False
             self.app.resume_writing()
 
     # -- the session ----------------------------------------------------------------------
@@ -166,6 +174,8 @@ class TlsProtocol(asyncio.Protocol):
             self.counters["handshake_timeouts"] += 1
             self._fail(TlsHandshakeError(f"TLS handshake did not complete in "
                                          f"{self.handshake_timeout:g} s"))
+            if self.raw is not None:
+                self.raw.abort()  # a peer that stalls the handshake gets no graceful close
 
     def _fail(self, exc: Exception) -> None:
         log.debug("TLS handshake failed: %s", exc)
@@ -197,12 +207,17 @@ class TlsProtocol(asyncio.Protocol):
             try:
                 data = sslobj.read(READ_CHUNK)
             except ssl.SSLWantReadError:
+                if self.raw_eof:  # everything that came is delivered: then the FIN
+                    log.debug("TCP FIN without close_notify (truncation); reported as EOF")
+                    self.counters["truncated"] += 1
+                    self._app_eof()
                 break
             except ssl.SSLZeroReturnError:
                 data = b""
             except ssl.SSLError as exc:
                 log.debug("TLS error on an open session: %s", _describe(exc))
                 self._flush()
+                self.error = ConnectionError(f"TLS: {_describe(exc)}")
                 if self.transport is not None:
                     self.transport._fatal(exc)
                 break
@@ -224,10 +239,11 @@ class TlsProtocol(asyncio.Protocol):
     def _app_eof(self) -> bool:
         """The peer will send no more: tell the application; True keeps us half-open."""
         self.eof_seen = True
+        self.app_keeps_open = False
         if self.app is None:
             return False
         try:
-            keep_open = bool(self.app.eof_received())
+            keep_open = self.app_keeps_open = bool(self.app.eof_received())
         except Exception as exc:
             self.loop.call_exception_handler({"message": "eof_received failed",
                                               "exception": exc, "protocol": self.app})
@@ -249,12 +265,17 @@ class TlsProtocol(asyncio.Protocol):
         if self.eof_sent or self.state != _OPEN:
             return
         self.eof_sent = True
+        # unwrap() also tries to read the peer's close_notify, and OpenSSL drops the
+        # application data it reads on the way: keep the unread bytes out of its reach
+        unread = self.incoming.read()
         try:
             self.sslobj.unwrap()
         except ssl.SSLWantReadError:
             pass  # the peer's close_notify is not awaited
         except ssl.SSLError as exc:
             log.debug("close_notify: %s", _describe(exc))
+        if unread:
+            self.incoming.write(unread)
         self._flush()
 
 
@@ -353,9 +374,7 @@ class TlsTransport(asyncio.Transport):
             return sslobj.cipher()
         if name == "compression":
             return sslobj.compression()
-        if name == "socket":
-            return None  # tapstack connections have no kernel socket
-        return tls.raw.get_extra_info(name, default)
+        return tls.raw.get_extra_info(name, default)  # peername, sockname, socket, ...
 
 
 def _describe(exc: BaseException) -> str:

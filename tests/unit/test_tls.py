@@ -63,9 +63,8 @@ class MemTransport(asyncio.Transport):
         elif self.eof_pending:
             self.eof_pending = False
             self.peer._arrive_eof()
-            if self.closing:
-                self._lose()
-                self.peer._lose()
+            if self.closing:  # our FIN is through: closed on our side (the peer's
+                self._lose()  # side stays open until it closes too, as in TCP)
 
     def _arrive(self, data: bytes) -> None:
         if self.lost:
@@ -76,6 +75,9 @@ class MemTransport(asyncio.Transport):
             self.inbox.append(data)
 
     def _arrive_eof(self) -> None:
+        if not self.reading:
+            self.inbox.append(None)  # after the data it follows, as TCP delivers it
+            return
         if not self.lost and not self.protocol.eof_received() and not self.closing:
             self.close()
 
@@ -113,7 +115,11 @@ class MemTransport(asyncio.Transport):
     def resume_reading(self) -> None:
         self.reading = True
         while self.inbox and self.reading:
-            self.protocol.data_received(self.inbox.pop(0))
+            item = self.inbox.pop(0)
+            if item is None:
+                self._arrive_eof()
+            else:
+                self.protocol.data_received(item)
 
     def get_write_buffer_size(self) -> int:
         return len(self.buffer)
@@ -415,3 +421,82 @@ def test_start_tls_failure_reaches_the_protocols_connection_lost(pki, tmp_path):
 
     exc = run(main())
     assert isinstance(exc, TlsHandshakeError) and "certificate verify failed" in str(exc)
+
+
+def test_data_held_while_paused_comes_before_the_eof(pki):
+    """The peer writes and closes while the application has paused reading: after
+    resume_reading every byte arrives, then the EOF (not the EOF first)."""
+    _, server_ctx, client_ctx = pki
+
+    async def main():
+        (server, sapp, sw, _), (client, capp, cw, _) = await _pair(server_ctx, client_ctx)
+        await asyncio.gather(sw, cw)
+        capp.transport.pause_reading()
+        sapp.transport.write(b"y" * 100_000)
+        sapp.transport.close()
+        await sapp.lost.wait()
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert len(capp.data) == 0 and not capp.eof.is_set()
+        capp.transport.resume_reading()
+        await capp.eof.wait()
+        assert len(capp.data) == 100_000  # all of it, before the EOF
+        assert client.close_notify_received and client.counters["truncated"] == 0
+
+    run(main())
+
+
+def test_write_eof_keeps_what_the_peer_still_sends(pki):
+    """close_notify goes out (write_eof) while records the app has not read yet sit in
+    the TLS buffer: OpenSSL's shutdown must not swallow them."""
+    _, server_ctx, client_ctx = pki
+
+    async def main():
+        (server, sapp, sw, _), (client, capp, cw, _) = await _pair(
+            server_ctx, client_ctx, server_app=Recorder(keep_open_on_eof=True),
+            client_app=PauseOnce())
+        await asyncio.gather(sw, cw)
+        sapp.transport.write(b"z" * 60_000)
+        while not capp.data:
+            capp.got.clear()
+            await capp.got.wait()
+        assert len(capp.data) < 60_000  # paused after the first record
+        capp.transport.write_eof()
+        await sapp.eof.wait()
+        sapp.transport.write(b"!" * 10)
+        sapp.transport.close()
+        capp.transport.resume_reading()
+        await capp.lost.wait()
+        assert bytes(capp.data) == b"z" * 60_000 + b"!" * 10
+
+    run(main())
+
+
+class PauseOnce(Recorder):
+    """Pauses reading inside its first data_received."""
+
+    def data_received(self, data):
+        super().data_received(data)
+        if len(self.data) == len(data):
+            self.transport.pause_reading()
+
+
+def test_a_pause_inside_data_received_loses_nothing_at_the_close(pki):
+    """The app pauses after the first record while more records sit decrypted-to-be in
+    the TLS buffer, and the peer's close arrives meanwhile: after resume, every byte
+    then the EOF."""
+    _, server_ctx, client_ctx = pki
+
+    async def main():
+        (server, sapp, sw, _), (client, capp, cw, _) = await _pair(
+            server_ctx, client_ctx, client_app=PauseOnce())
+        await asyncio.gather(sw, cw)
+        sapp.transport.write(b"w" * 60_000)  # four records, one slice of the wire
+        sapp.transport.close()
+        await sapp.lost.wait()
+        assert 0 < len(capp.data) < 60_000 and not capp.eof.is_set()
+        capp.transport.resume_reading()
+        await capp.eof.wait()
+        assert len(capp.data) == 60_000
+
+    run(main())
