@@ -149,3 +149,78 @@ def test_request_lines_that_are_not_ones(raw, statuses):
     data = run(main())
     got = [m.decode() for m in re.findall(rb"HTTP/1\.1 (\d{3}) ", data)]
     assert got == statuses, data
+
+
+def test_a_body_over_the_limit_is_refused_at_once():
+    """The request being answered breaks a limit in its body: 413 at once (not after an
+    application that waits for the rest of a body that will never come)."""
+    from stack.apps.http.server import Limits
+
+    async def app(scope, receive, send):
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"read it all"})
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            lambda: HttpServerProtocol(app, Limits(max_body=1000)), "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"800\r\n" + b"a" * 2048 + b"\r\n")
+        answer = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        server.close()
+        return answer
+
+    assert run(main()).startswith(b"HTTP/1.1 413 ")
+
+
+def test_a_websocket_app_hears_the_disconnect_instead_of_being_cancelled():
+    import socket
+
+    ended = []
+
+    async def app(scope, receive, send):
+        await receive()
+        await send({"type": "websocket.accept"})
+        try:
+            message = await receive()
+            ended.append(message["type"])
+        except asyncio.CancelledError:
+            ended.append("cancelled")
+            raise
+
+    async def main():
+        server, port = await serve(app)
+        ws = await websockets.connect(f"ws://127.0.0.1:{port}/")
+        sock = ws.transport.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        ws.transport.abort()  # a reset, no close frame
+        for _ in range(100):
+            if ended:
+                break
+            await asyncio.sleep(0.01)
+        server.close()
+
+    run(main())
+    assert ended == ["websocket.disconnect"]
+
+
+def test_an_upgrade_we_do_not_offer_is_answered_then_the_connection_ends():
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"plain"})
+
+    async def main():
+        server, port = await serve(app)
+        data = await exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
+                                    b"Upgrade: h2c\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        server.close()
+        return data
+
+    data = run(main())
+    assert data.startswith(b"HTTP/1.1 200 ") and b"Connection: close" in data
+    assert data.endswith(b"plain")

@@ -163,6 +163,8 @@ class HttpServerProtocol(asyncio.Protocol):
             return
         if self.upgraded is not None:
             self.upgraded += data  # frames sent before the session started
+            if len(self.upgraded) > 1 << 20:
+                self.transport.abort()  # a client that floods before the answer
             return
         if self.rejected:
             return  # the stream is unusable past a refused request
@@ -186,7 +188,13 @@ class HttpServerProtocol(asyncio.Protocol):
         except httptools.HttpParserUpgrade as exc:
             if self.pipeline and self.pipeline[-1].upgrade:
                 self.upgraded = bytearray(data[exc.args[0]:] if exc.args else b"")
-            # other upgrades are not offered: the request is served as plain HTTP/1.1
+            else:
+                # other upgrades (h2c, ...) are not offered: the request is answered as
+                # plain HTTP/1.1, then the connection ends (the parser stays in upgrade
+                # mode, so nothing after it on this connection could be read)
+                if self.pipeline:
+                    self.pipeline[-1].keep_alive = False
+                self.closing_after_pipeline = True
         except httptools.HttpParserError as exc:
             # llhttp refuses versions it does not know (HTTP/3.0) before our own check
             self._reject(505 if "HTTP version" in str(exc) else 400)
@@ -206,9 +214,15 @@ class HttpServerProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
-        if self.ws is not None:
-            self.ws.connection_lost()
         self._cancel_idle()
+        if self.ws is not None:
+            # the application hears websocket.disconnect and ends on its own (its
+            # clean-up runs); cancelled only if it does not within a while
+            self.ws.connection_lost()
+            self.parser = None
+            if self.runner is not None and not self.runner.done():
+                self.loop.call_later(10.0, self.runner.cancel)
+            return
         for req in list(self.pipeline) + ([self.current] if self.current else []):
             req.event.set()
         if self.can_write is not None:
@@ -494,9 +508,12 @@ class HttpServerProtocol(asyncio.Protocol):
         head = self.bad_line is None and self.current is not None and \
             self.parser.get_method() == b"HEAD"
         self.rejected = simple_response(status, close=True, head=head)
-        if self.runner is not None and not self.runner.done():
+        refused_is_new = self.current is None or self.current not in self.pipeline
+        if refused_is_new and self.runner is not None and not self.runner.done():
             self.closing_after_pipeline = True  # _run_pipeline writes it at the end
             return
+        # the request being answered is the one refused (its body broke a limit): the
+        # error now, and the connection ends (the application's task is cancelled)
         self._send_rejection()
 
     def _send_rejection(self) -> None:

@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("tapstack.http")
 
 MAX_MESSAGE = 16 * 1024 * 1024  # a bigger message closes with 1009
+MAX_EARLY = 1 << 20  # bytes a client may send before the application accepts
+INBOX_HIGH, INBOX_LOW = 64, 16  # messages waiting for the application: pause, resume
 CLOSE_WAIT = 5.0  # seconds to wait for the peer's close frame after ours
 
 
@@ -78,12 +80,17 @@ class WebSocketSession:
         self.parts: list[Any] = []
         self.size = 0
         self.peer_closed = asyncio.Event()
+        self.paused = False
 
     # -- from the transport (through the HTTP protocol) ------------------------------------
 
     def feed(self, data: bytes) -> None:
         if self.conn is None:
             self.early.append(data)
+            if sum(map(len, self.early)) > MAX_EARLY:  # frames before any accept: hostile
+                self.early.clear()
+                self._lost(1009)
+                self.transport.abort()
             return
         try:
             self.conn.receive_data(data)
@@ -109,6 +116,9 @@ class WebSocketSession:
                     message = {"type": "websocket.receive", "bytes": b"".join(self.parts)}
                 self.parts, self.size = [], 0
                 self.inbox.put_nowait(message)
+                if self.inbox.qsize() >= INBOX_HIGH and not self.paused:
+                    self.paused = True  # the application is slower than the client
+                    self.transport.pause_reading()
         elif isinstance(event, Ping):
             self.transport.write(self.conn.send(event.response()))
         elif isinstance(event, CloseConnection):
@@ -133,7 +143,7 @@ class WebSocketSession:
     async def run(self) -> None:
         app = self.http.app
         try:
-            await app(self.scope, self.inbox.get, self.send)
+            await app(self.scope, self.receive, self.send)
         except WebSocketDisconnected:
             pass
         except asyncio.CancelledError:
@@ -151,6 +161,13 @@ class WebSocketSession:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.peer_closed.wait(), CLOSE_WAIT)
         self.transport.close()
+
+    async def receive(self) -> dict[str, Any]:
+        message = await self.inbox.get()
+        if self.paused and self.inbox.qsize() <= INBOX_LOW and not self.gone:
+            self.paused = False
+            self.transport.resume_reading()
+        return message
 
     async def send(self, message: dict[str, Any]) -> None:
         kind = message["type"]
