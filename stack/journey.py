@@ -66,7 +66,7 @@ def record(lab: Lab, out: Path, url: str, client: str, ca: str) -> Recording:
                                   "-s", "0", "-w", str(path)],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             procs.append(p)
-            p.stderr.readline()  # "listening on ...": it captures from now on
+            _expect(p, "listening on", f"tcpdump on segment {name}")
         for node in lab.nodes.values():
             if node.kind != "tapstack":
                 continue
@@ -78,7 +78,7 @@ def record(lab: Lab, out: Path, url: str, client: str, ca: str) -> Recording:
                                  stdout=f, stderr=subprocess.PIPE, text=True)
             f.close()
             procs.append(p)
-            p.stderr.readline()  # "tracing node ...": subscribed
+            _expect(p, "tracing node", f"the trace of node {node.name}")
         keys = out / "tls-keys.log"
         body = out / "body.html"
         target = lab.nodes[client]
@@ -104,6 +104,14 @@ def record(lab: Lab, out: Path, url: str, client: str, ca: str) -> Recording:
             except subprocess.TimeoutExpired:
                 p.kill()
     return rec
+
+
+def _expect(p: subprocess.Popen, prefix: str, what: str) -> None:
+    """The child's first line on stderr says it is ready; anything else: why it is not
+    (it has exited, or printed its error)."""
+    line = p.stderr.readline()
+    if not line.startswith(prefix):
+        raise LabError(f"{what} did not start: {line.strip() or 'it exited'}")
 
 
 def _settle(rec: Recording, limit: float = 3.0) -> None:
@@ -190,8 +198,9 @@ def _dns_steps(lab: Lab, traces: dict[str, list[dict]]) -> list[dict]:
                     and e.get("dst") in mine:
                 d = e["dns"]
                 steps.append({"t": e["t"], "node": node, "from": e["src"], "to": e["dst"],
-                              **{k: d[k] for k in ("kind", "question", "rcode", "aa",
-                                                   "answers", "referral") if k in d}})
+                              "kind": d.get("kind", "malformed"),
+                              **{k: d[k] for k in ("question", "rcode", "aa", "answers",
+                                                   "referral") if k in d}})
     steps.sort(key=lambda s: s["t"])
     return steps
 
@@ -318,9 +327,9 @@ def summary(report: dict[str, Any]) -> list[str]:
     lines = [f"journey: {report['url']} from the lab {report['lab']}: curl exit "
              f"{report['curl']['exit']} in {report['curl']['seconds']} s"]
     dns = report["dns"]
-    queried = sorted({s["node"] for s in dns if s["kind"] == "query"})
+    queried = sorted({s["node"] for s in dns if s.get("kind") == "query"})
     lines.append(f"dns: {len(dns)} messages; asked: {', '.join(queried) or 'nobody'}"
-                 + ("" if any(s["node"] not in ("home",) for s in dns if s["kind"] == "query")
+                 + ("" if any(s["node"] != "home" for s in dns if s.get("kind") == "query")
                     else " (answered from the home router's cache)"))
     tls = report["tls"]
     lines.append(f"tls: {tls.get('version')} {tls.get('cipher')}, certificate "
@@ -366,8 +375,8 @@ def render(report: dict[str, Any], out: Path) -> Path:
     parts.append("<section id='dns'><h2>1. The name: DNS</h2><table><tr><th>node</th>"
                  "<th>from</th><th>to</th><th>message</th></tr>")
     for s in report["dns"]:
-        what = s["kind"] + " " + s.get("question", "")
-        if s["kind"] == "response":
+        what = s.get("kind", "malformed") + " " + s.get("question", "")
+        if s.get("kind") == "response":
             what += f" {s.get('rcode')}{' (authoritative)' if s.get('aa') else ''}: " + \
                 ", ".join(s.get("answers") or s.get("referral") or [])
         parts.append(f"<tr><td>{e(s['node'])}</td><td>{e(s['from'])}</td><td>{e(s['to'])}"

@@ -278,7 +278,7 @@ class Runtime:
         for pcap in self.pcaps:
             if pcap is not None:
                 pcap.flush()
-        for f in self._trace_files:
+        for f, _ in self._trace_files:
             f.flush()
         if self.node.tcp.connections:
             self._had_connections = True
@@ -410,8 +410,12 @@ class Runtime:
     def trace_to_file(self, path: str) -> None:
         """--trace FILE: every event from the start, as JSON lines."""
         f = open(path, "w", buffering=1 << 16)  # noqa: SIM115 - closed in detach()
-        self._trace_files.append(f)
-        self.node.trace.subscribe(lambda event: f.write(json.dumps(event) + "\n"))
+
+        def sink(event: dict[str, Any]) -> None:
+            f.write(json.dumps(event) + "\n")
+
+        self._trace_files.append((f, sink))
+        self.node.trace.subscribe(sink)
 
     def connections(self) -> dict[str, Any]:
         """`tapstack conns`: every connection like `ss -tin`, listeners, TIME-WAIT."""
@@ -443,7 +447,8 @@ class Runtime:
         self._flush(self.loop.time())
         for link in self.links:
             self.loop.remove_reader(link.fileno())
-        for f in self._trace_files:
+        for f, sink in self._trace_files:
+            self.node.trace.unsubscribe(sink)  # later events (clean-ups) go nowhere
             f.close()
         self._trace_files.clear()
         if self._timer is not None:

@@ -1,5 +1,6 @@
 """The ASGI lifespan protocol: the application's startup before the server says ready,
-its shutdown after the last connection, and the state it keeps for requests."""
+its shutdown when the stack is stopping (before its connections are reset), and the
+state it keeps for requests."""
 
 from __future__ import annotations
 
