@@ -110,7 +110,7 @@ def _expect(p: subprocess.Popen, prefix: str, what: str) -> None:
     """The child's first line on stderr says it is ready; anything else: why it is not
     (it has exited, or printed its error)."""
     line = p.stderr.readline()
-    if not line.startswith(prefix):
+    if prefix not in line:
         raise LabError(f"{what} did not start: {line.strip() or 'it exited'}")
 
 
