@@ -180,10 +180,7 @@ class _OverTapstack:
         if host is None:
             addresses = ["0.0.0.0" if flags & socket.AI_PASSIVE else "127.0.0.1"]
         else:
-            try:
-                addresses = await stack.names.addresses(host)
-            except OSError as exc:
-                raise socket.gaierror(socket.EAI_NONAME, str(exc)) from None
+            addresses = await self._addresses(stack, host)
         number = _port_number(port, type)
         kinds = [type] if type else [socket.SOCK_STREAM, socket.SOCK_DGRAM]
         protos = {socket.SOCK_STREAM: socket.IPPROTO_TCP, socket.SOCK_DGRAM: socket.IPPROTO_UDP}

@@ -83,20 +83,24 @@ def start_tapstack(offload: bool) -> Target:
                   cleanup)
 
 
-def start_kernel() -> Target:
+def veth_namespaces(prefix: str) -> tuple[str, str]:
+    """A server and a client namespace joined by a veth pair (VETH_SERVER, VETH_CLIENT),
+    both with loopback up; (server, client)."""
     tag = uuid.uuid4().hex[:6]
-    srv, cli = f"bench-ks-{tag}", f"bench-kc-{tag}"
+    srv, cli = f"{prefix}s-{tag}", f"{prefix}c-{tag}"
     for ns in (srv, cli):
         subprocess.run(["ip", "netns", "add", ns], check=True)
         subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
-    subprocess.run(["ip", "link", "add", "bk0", "netns", srv, "type", "veth", "peer", "name",
-                    "bk1", "netns", cli], check=True)
-    subprocess.run(["ip", "-n", srv, "addr", "add", f"{VETH_SERVER}/24", "dev", "bk0"],
-                   check=True)
-    subprocess.run(["ip", "-n", cli, "addr", "add", f"{VETH_CLIENT}/24", "dev", "bk1"],
-                   check=True)
-    for ns, dev in ((srv, "bk0"), (cli, "bk1")):
+    subprocess.run(["ip", "link", "add", "bv0", "netns", srv, "type", "veth", "peer", "name",
+                    "bv1", "netns", cli], check=True)
+    for ns, dev, addr in ((srv, "bv0", VETH_SERVER), (cli, "bv1", VETH_CLIENT)):
+        subprocess.run(["ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", dev], check=True)
         subprocess.run(["ip", "-n", ns, "link", "set", dev, "up"], check=True)
+    return srv, cli
+
+
+def start_kernel() -> Target:
+    srv, cli = veth_namespaces("bench-k")
     proc = subprocess.Popen(["ip", "netns", "exec", srv, sys.executable, "-m", "stack.cli",
                              "serve-kernel", "--port", "80", "--log-level", "warning"],
                             cwd=REPO, stdout=subprocess.PIPE, text=True)

@@ -28,7 +28,7 @@ import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import TAP_IP, VETH_CLIENT, VETH_SERVER, Target, run_targets, save, sh
+from bench import TAP_IP, VETH_SERVER, Target, run_targets, save, sh, veth_namespaces
 
 REPO = Path(__file__).resolve().parents[1]
 APP = ["--app", "bench_app:app", "--app-dir", str(REPO / "tools")]
@@ -67,16 +67,7 @@ def start_kernel_uvicorn(state: str) -> Target:
     from stack.certs import LabCA
 
     cert, key = LabCA(state).issue([VETH_SERVER])
-    tag = uuid.uuid4().hex[:6]
-    srv, cli = f"bench-us-{tag}", f"bench-uc-{tag}"
-    for ns in (srv, cli):
-        subprocess.run(["ip", "netns", "add", ns], check=True)
-        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
-    subprocess.run(["ip", "link", "add", "bu0", "netns", srv, "type", "veth", "peer", "name",
-                    "bu1", "netns", cli], check=True)
-    for ns, dev, addr in ((srv, "bu0", VETH_SERVER), (cli, "bu1", VETH_CLIENT)):
-        subprocess.run(["ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", dev], check=True)
-        subprocess.run(["ip", "-n", ns, "link", "set", dev, "up"], check=True)
+    srv, cli = veth_namespaces("bench-u")
     proc = subprocess.Popen(["ip", "netns", "exec", srv, sys.executable, "-m", "uvicorn",
                              "bench_app:app", "--app-dir", str(REPO / "tools"), "--host",
                              "0.0.0.0", "--port", "443", "--ssl-certfile", cert,
