@@ -296,11 +296,22 @@ class UdpTransport(asyncio.DatagramTransport):
     # DatagramUser
     def on_datagram(self, data: bytes, addr: tuple[str, int]) -> None:
         if not self._closing:
-            self._protocol.datagram_received(data, addr)
+            self._call(self._protocol.datagram_received, data, addr)
 
     def on_error(self, exc: Exception) -> None:
         if not self._closing:
-            self._protocol.error_received(exc)
+            self._call(self._protocol.error_received, exc)
+
+    def _call(self, method: Callable, *args: Any) -> None:
+        """The application's bug is the application's: reported to the loop's exception
+        handler, as asyncio does, and counted; never a stack internal error."""
+        try:
+            method(*args)
+        except Exception as exc:
+            self._stack.runtime.node.counters["udp.app_errors"] += 1
+            self._stack.loop.call_exception_handler({
+                "message": f"exception in {type(self._protocol).__name__}.{method.__name__}",
+                "exception": exc, "transport": self, "protocol": self._protocol})
 
     # asyncio.DatagramTransport
     def sendto(self, data: bytes | bytearray | memoryview,

@@ -426,6 +426,11 @@ class Runtime:
             rows.append({"local": f"{ip_to_str(conn.local_ip)}:{conn.local_port}",
                          "remote": f"{ip_to_str(conn.remote_ip)}:{conn.remote_port}",
                          **info})
+        for tw in list(tcp.time_wait.values()):  # what is left of active closes
+            rows.append({"local": f"{ip_to_str(tw.local_ip)}:{tw.local_port}",
+                         "remote": f"{ip_to_str(tw.remote_ip)}:{tw.remote_port}",
+                         "state": tw.state_name,
+                         "expires_in_s": round(max(tw.expires - tcp.now, 0.0), 1)})
         listeners = sorted([f"*:{port}" for port in tcp.listeners]
                            + [f"{ip_to_str(a)}:{p}" for a, p in tcp.bound_listeners])
         return {"connections": rows, "listeners": listeners}

@@ -138,6 +138,10 @@ def format_conns(answer: dict[str, Any], previous: dict[str, int] | None = None)
     rows = answer["connections"]
     lines = [f"{'State':<13}{'Recv-Q':>7}{'Send-Q':>9}  {'Local':<22}{'Peer':<22}"]
     for c in sorted(rows, key=lambda c: (c["state"], c["local"], c["remote"])):
+        if "cwnd" not in c:  # a TIME-WAIT record: addresses and time left, nothing else
+            lines.append(f"{c['state']:<13}{0:>7}{0:>9}  {c['local']:<22}{c['remote']:<22}"
+                         f"timer:({c['expires_in_s']:g}s)")
+            continue
         lines.append(f"{c['state']:<13}{c['recv_queue']:>7}{c['send_queue']:>9}  "
                      f"{c['local']:<22}{c['remote']:<22}")
         srtt = "-" if c["srtt_ms"] is None else f"{c['srtt_ms']:g}"

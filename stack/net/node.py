@@ -65,6 +65,7 @@ class Node:
                               config.reassembly, config.forwarding)
         self.icmp = IcmpEngine(self.ipv4, self.counters)
         self.tcp = TcpLayer(self.ipv4, self.counters, config.tcp, self.rng)
+        self.tcp.on_internal_error = self._internal_error
         self.udp = UdpLayer(self.ipv4, self.counters, self.rng)
         self.trace = Trace(self.name, self.counters)  # on while someone listens
         self.ipv4.trace = self.tcp.trace = self.trace
@@ -159,8 +160,11 @@ class Node:
         try:
             self.interfaces[ifindex].receive(frame, now, checksum_trusted, vnet)
         except Exception as exc:
-            self.counters["stack.internal_errors"] += 1
-            self.last_internal_error = f"{type(exc).__name__}: {exc}"
+            self._internal_error(exc)
+
+    def _internal_error(self, exc: Exception) -> None:
+        self.counters["stack.internal_errors"] += 1
+        self.last_internal_error = f"{type(exc).__name__}: {exc}"
 
     def poll(self, now: float) -> list[tuple[Interface, list[Frame]]]:
         """Run timers that are due; hand over every frame waiting, per interface."""

@@ -20,7 +20,7 @@ EPHEMERAL_LOW, EPHEMERAL_HIGH = 32768, 60999
 COUNTERS = (
     "udp.rx_datagrams", "udp.rx_truncated", "udp.rx_bad_length", "udp.rx_bad_checksum",
     "udp.rx_no_port", "udp.rx_filtered", "udp.tx_datagrams", "udp.tx_errors",
-    "udp.icmp_errors",
+    "udp.icmp_errors", "udp.app_errors",
 )
 
 

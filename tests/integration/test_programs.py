@@ -52,6 +52,11 @@ def test_httpx_websockets_and_streams_on_the_tapstack_loop(kernel_servers):
     assert out["streams_tls_version"] == "TLSv1.3"
     assert out["start_tls"] == f"kernel says hello to {STACK_IP} over https"
     assert out["sock_connect"].startswith("loop.sock_connect() needs a kernel socket")
+    # a UDP callback that raises is the application's error: reported and counted as
+    # such, the next datagram still arrives, and the stack counts no bug of its own
+    assert out["udp_handler_saw"] == "exception in Flaky.datagram_received"
+    assert out["udp_answer"] == "10.77.0.1"
+    assert out["udp_app_errors"] == 1 and out["internal_errors"] == 0
 
 
 WS_CLIENT = """

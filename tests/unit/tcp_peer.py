@@ -44,6 +44,13 @@ class User:
         self.closed.append(exc)
 
 
+def state_name(layer, conn) -> str:
+    """The state of `conn`, looking in the TIME-WAIT table once it was handed over."""
+    tw = layer.time_wait.get((conn.remote_ip, conn.remote_port, conn.local_ip,
+                              conn.local_port))
+    return tw.state_name if tw is not None else conn.state_name
+
+
 def opts(mss=None, wscale=None, sack_ok=False, ts=None) -> bytes:
     out = b""
     if mss is not None:

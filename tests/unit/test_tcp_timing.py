@@ -183,11 +183,12 @@ def test_rto_backs_off_exponentially_from_the_200ms_floor():
         out = peer.advance(peer.iface.next_deadline() - peer.now)
         assert bytes(out[0].data) == b"r" * 100 and out[0].seq == first.seq
         times.append(round(peer.now, 3))
-    # first a tail loss probe after 2 SRTT + 40 ms (RFC 8985; SRTT ~0 here), then the RTO:
+    # one segment out: a tail loss probe would wait 2 SRTT + 200 ms for a delayed ACK
+    # (RFC 8985 7.2), which is not before the RTO, so the RTO goes:
     # max(SRTT + 4 RTTVAR, 200 ms), doubling each time
-    assert times == [0.04, 0.24, 0.64, 1.44, 3.04]
-    assert peer.iface.counters["tcp.tlp_probes"] == 1
-    assert peer.iface.counters["tcp.rto_expiries"] == 4
+    assert times == [0.2, 0.6, 1.4, 3.0, 6.2]
+    assert peer.iface.counters["tcp.tlp_probes"] == 0
+    assert peer.iface.counters["tcp.rto_expiries"] == 5
 
 
 def tsval(seg) -> int:

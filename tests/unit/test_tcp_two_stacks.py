@@ -9,7 +9,7 @@ from stack.link.impair import Impairment
 from stack.link.memory import MemoryWire
 from stack.net.host import Host, HostConfig
 from stack.net.tcp.connection import TcpConfig
-from tests.unit.tcp_peer import User
+from tests.unit.tcp_peer import User, state_name
 
 A_IP, B_IP = bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2])
 FAULTS = "loss=5%,reorder=5%,duplicate=1%,corrupt=1%,delay=1ms"
@@ -75,8 +75,8 @@ def test_simultaneous_close_between_two_stacks():
     client.close()
     server.close()
     seen = set()
-    wire.run(until=lambda: seen.add((client.state_name, server.state_name)) or False,
-             timeout=10)
+    wire.run(until=lambda: seen.add((state_name(a.tcp, client),
+                                     state_name(b.tcp, server))) or False, timeout=10)
     # the FINs crossed: both went FIN-WAIT-1 -> CLOSING -> TIME-WAIT (RFC 9293 fig. 13)
     assert ("CLOSING", "CLOSING") in seen and ("TIME-WAIT", "TIME-WAIT") in seen
     assert a.tcp.connections == {} and b.tcp.connections == {}

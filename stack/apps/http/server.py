@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import collections.abc
+import contextlib
 import email.utils
 import logging
 import re
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -155,6 +157,12 @@ class HttpServerProtocol(asyncio.Protocol):
         self.on_tapstack = stack is not None
         # the node's decision trace: requests and responses are events in it
         self.trace = stack.runtime.node.trace if stack is not None else None
+        # as uvicorn does: a response is written whole in one go, so Nagle has nothing
+        # to gather and could only hold its tail back for the client's delayed ACK
+        sock_obj = transport.get_extra_info("socket")
+        if sock_obj is not None:
+            with contextlib.suppress(OSError, AttributeError):
+                sock_obj.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._arm_idle()
 
     def data_received(self, data: bytes) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
+
 from stack.net.tcp.seq import MASK, seq_add, seq_diff
 
 
@@ -50,51 +52,60 @@ class SendBuffer:
 
 
 class OutOfOrderQueue:
-    """Segments that arrived beyond RCV.NXT: sorted, merged, bounded in bytes."""
+    """Segments that arrived beyond RCV.NXT: sorted, merged, bounded in bytes and in
+    blocks (islands). An insert finds its place by bisection and touches only the blocks
+    it overlaps, so a peer that scatters one-byte islands costs O(log n) per segment,
+    and at most `max_blocks` of them are kept."""
 
-    __slots__ = ("blocks", "bytes", "last_added", "limit")
+    __slots__ = ("blocks", "bytes", "last_added", "limit", "max_blocks")
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, max_blocks: int = 512) -> None:
         self.blocks: list[list] = []  # [start_seq, bytearray], sorted, disjoint
         self.bytes = 0
         self.limit = limit
+        self.max_blocks = max_blocks
         self.last_added: int | None = None  # start of the block touched last (RFC 2018 4)
 
     def add(self, base: int, seq: int, data: bytes | memoryview) -> bool:
         """Store `data` at `seq` (positions relative to `base` = RCV.NXT), merging it with
-        blocks it overlaps or touches. False, and nothing stored, when over the limit."""
+        blocks it overlaps or touches. False, and nothing stored, when over a limit."""
         if not data:
             return True
+        blocks = self.blocks
         s_new = seq_diff(seq, base)
         e_new = s_new + len(data)
-        new = bytearray(data)
-        out: list[list] = []
-        inserted = False
-        for start_seq, buf in self.blocks:
-            s = seq_diff(start_seq, base)
-            e = s + len(buf)
-            if e < s_new:  # wholly before, not touching
-                out.append([start_seq, buf])
-            elif s > e_new:  # wholly after, not touching
-                if not inserted:
-                    out.append([seq_add(base, s_new), new])
-                    inserted = True
-                out.append([start_seq, buf])
-            else:  # overlapping or adjacent: fold into the new block
-                if s < s_new:
-                    new[:0] = buf[: s_new - s]
-                    s_new = s
-                if e > e_new:
-                    new += buf[e_new - s :]
-                    e_new = e
-        if not inserted:
-            out.append([seq_add(base, s_new), new])
-        total = sum(len(b) for _, b in out)
-        if total > self.limit:
+        # the first block that starts at or after the new one, then one back if that one
+        # reaches it
+        i = bisect_left(blocks, s_new, key=lambda blk: seq_diff(blk[0], base))
+        if i > 0 and seq_diff(blocks[i - 1][0], base) + len(blocks[i - 1][1]) >= s_new:
+            i -= 1
+        j = i
+        while j < len(blocks) and seq_diff(blocks[j][0], base) <= e_new:
+            j += 1
+        if i == j:  # a new island
+            if self.bytes + len(data) > self.limit or len(blocks) >= self.max_blocks:
+                return False
+            blocks.insert(i, [seq_add(base, s_new), bytearray(data)])
+            self.bytes += len(data)
+            self.last_added = seq_add(base, s_new)
+            return True
+        first_s = seq_diff(blocks[i][0], base)
+        last_buf = blocks[j - 1][1]
+        last_e = seq_diff(blocks[j - 1][0], base) + len(last_buf)
+        old = sum(len(b) for _, b in blocks[i:j])
+        start = min(first_s, s_new)
+        new = bytearray(blocks[i][1][: s_new - first_s]) if first_s < s_new else bytearray()
+        new += data
+        # the blocks wholly inside the new data are replaced by it; keep what sticks out
+        if last_e > e_new:
+            new += last_buf[e_new - (last_e - len(last_buf)):]
+        if self.bytes - old + len(new) > self.limit:
             return False
-        self.blocks = out
-        self.bytes = total
-        self.last_added = seq_add(base, s_new)
+        # blocks between the first and the last lie inside [s_new, e_new]: the new data
+        # covers them
+        blocks[i:j] = [[seq_add(base, start), new]]
+        self.bytes += len(new) - old
+        self.last_added = seq_add(base, start)
         return True
 
     def pop_ready(self, rcv_nxt: int) -> bytes | None:
@@ -111,11 +122,23 @@ class OutOfOrderQueue:
         return bytes(buf[skip:]) if skip < len(buf) else b""
 
     def sack_blocks(self, limit: int) -> list[tuple[int, int]]:
-        """Up to `limit` blocks, the most recently changed first (RFC 2018 4)."""
-        blocks = [(s, seq_add(s, len(b))) for s, b in self.blocks]
-        if self.last_added is not None:
-            blocks.sort(key=lambda blk: blk[0] != self.last_added)
-        return blocks[:limit]
+        """Up to `limit` blocks, the most recently changed first (RFC 2018 4), then the
+        lowest others: O(limit), however many islands there are."""
+        blocks = self.blocks
+        out: list[tuple[int, int]] = []
+        first = self.last_added
+        if first is not None and blocks:
+            base = blocks[0][0]
+            i = bisect_left(blocks, seq_diff(first, base),
+                            key=lambda blk: seq_diff(blk[0], base))
+            if i < len(blocks) and blocks[i][0] == first:
+                out.append((first, seq_add(first, len(blocks[i][1]))))
+        for s, b in blocks:
+            if len(out) >= limit:
+                break
+            if s != first:
+                out.append((s, seq_add(s, len(b))))
+        return out
 
     def clear(self) -> None:
         self.blocks.clear()

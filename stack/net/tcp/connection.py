@@ -48,6 +48,7 @@ _RECV_STATES = frozenset({ESTABLISHED, FIN_WAIT_1, FIN_WAIT_2})
 
 TS_OPTION_LEN = 12  # NOP NOP TS: what every data segment carries when timestamps are on
 MAX_SACK_BLOCKS = 3  # with timestamps, 3 blocks fit in 40 option bytes (RFC 2018 3)
+WC_DELACK = 0.2  # RFC 8985 7.2 WCDelAckT: the longest a peer may delay an ACK
 PAWS_IDLE = 24 * 86400.0  # RFC 7323 5.5: TS.Recent is invalid after 24 days idle
 
 
@@ -56,6 +57,7 @@ class TcpConfig:
     msl: float = 30.0  # TIME-WAIT lasts 2 * msl
     rcvbuf: int = 1 << 20  # receive window and the bytes held for a paused reader
     ooo_limit: int = 1 << 20  # out-of-order bytes held per connection
+    ooo_max_blocks: int = 512  # and islands of them
     wscale: int = 7
     sack: bool = True
     timestamps: bool = True
@@ -64,7 +66,8 @@ class TcpConfig:
     max_rto: float = 120.0
     syn_retries: int = 6  # like Linux tcp_syn_retries
     synack_retries: int = 4  # the handshake timeout: SYN-ACKs at 1+2+4+8+16 s, then gone
-    retries: int = 15  # data retransmissions without progress before giving up
+    retries: int = 15  # data retransmissions (or window probes) unanswered before giving up
+    orphan_retries: int = 8  # window probes, answered or not, once the user has closed
     delayed_ack: float = 0.04
     quickack_segments: int = 16  # ACK every segment at first, so the peer's slow start runs
     keepalive: bool = False
@@ -73,7 +76,8 @@ class TcpConfig:
     keepalive_count: int = 9
     nodelay: bool = False
     syncookies: bool = True  # answer with SYN cookies when a SYN queue is full
-    max_connections: int = 65536  # in the table, all states; new ones are refused beyond
+    max_connections: int = 65536  # in the table, TIME-WAIT aside; new ones are refused beyond
+    max_time_wait: int = 32768  # TIME-WAIT records; beyond, the oldest is recycled
     max_per_source: int = 0  # per remote address; 0: no limit
 
 
@@ -100,7 +104,8 @@ class Connection:
         "t_delack", "t_keepalive", "t_persist", "t_rtx", "t_timewait", "timer_at",
         "ts_ok", "ts_recent", "ws_ok", "ts_recent_time", "user", "last_recv", "nodelay",
         "_listener", "keepalive", "_sack", "_sack_recovery", "_rack", "_tlp_armed",
-        "_tlp_done", "_rack_armed", "_rack_left", "_eifel", "_reo_armed",
+        "_tlp_done", "_rack_armed", "_rack_left", "_eifel", "_reo_armed", "_probes_unanswered",
+        "_orphan_probes", "_snd_sml",
     )
 
     def __init__(self, layer: TcpLayer, local_ip: bytes, local_port: int, remote_ip: bytes,
@@ -149,12 +154,15 @@ class Connection:
         self._rtt_seq: int | None = None
         self._rtt_time = 0.0
         self._persist_backoff = 0
+        self._probes_unanswered = 0  # window probes since the peer last sent an ACK
+        self._orphan_probes = 0  # window probes since the user closed
+        self._snd_sml = iss  # end of the last small segment sent (Minshall's Nagle)
         # receive side
         self.irs = 0
         self.rcv_nxt = 0
         self.rcv_adv = 0  # right edge of the window we advertised
         self.rcv_wscale = 0
-        self.ooo = OutOfOrderQueue(config.ooo_limit)
+        self.ooo = OutOfOrderQueue(config.ooo_limit, config.ooo_max_blocks)
         self._rcv_buffer = bytearray()  # held while the reader is paused
         self._eof_pending = False
         self.reading_paused = False
@@ -508,9 +516,6 @@ class Connection:
         flags = seg.flags
         seg_len = seg.seg_len
         opts = seg.options
-        if self.state == TIME_WAIT:
-            self._arrive_time_wait(seg, now)
-            return
         # RFC 7323 5.3 R1: PAWS, before the sequence check.
         if self.ts_ok and opts.ts_val is not None and not flags & RST:
             if seq_lt(opts.ts_val, self.ts_recent) and now - self.ts_recent_time < PAWS_IDLE:
@@ -603,19 +608,6 @@ class Connection:
             elif seq_gt(fin_seq, self.rcv_nxt):
                 c["tcp.out_of_order_fin"] += 1  # its data is missing; the peer re-sends it
 
-    def _arrive_time_wait(self, seg: Segment, now: float) -> None:
-        flags = seg.flags
-        if flags & RST:
-            return  # RFC 1337: ignore RST in TIME-WAIT
-        if flags & FIN:
-            # A retransmitted FIN: our last ACK was lost. ACK again, restart 2 MSL.
-            self._ack_now = True
-            self.t_timewait = now + 2 * self.config.msl
-            self.layer.counters["tcp.time_wait_fin_acked"] += 1
-            return
-        if seg.seg_len > 0:
-            self._ack_now = True  # anything else in TIME-WAIT is answered with an ACK
-
     def _challenge_ack(self, now: float) -> None:
         if self.layer.allow_challenge_ack(now):
             self._ack_now = True
@@ -635,6 +627,7 @@ class Connection:
             return False
         window = seg.window << self.snd_wscale
         old_una = self.snd_una
+        self._probes_unanswered = 0  # the peer is there
         if self.sack_ok and (seg.options.sack_blocks or self._sack):
             blocks = seg.options.sack_blocks
             if blocks and (seq_le(blocks[0][1], ack) or (
@@ -682,7 +675,9 @@ class Connection:
         """RFC 5681 2: a duplicate ACK carries no data, no SYN/FIN, acknowledges SND.UNA
         with data outstanding, and leaves the window unchanged."""
         if seg.payload or seg.flags & (SYN | FIN) or self.snd_una == self.snd_max \
-                or window != self.snd_wnd:
+                or window != self.snd_wnd or window == 0:
+            # (answers to window probes repeat SND.UNA with a zero window: not a sign
+            # of loss, and a fast retransmit would push data into the shut window)
             self._dupacks = 0
             return
         self._dupacks += 1
@@ -956,7 +951,11 @@ class Connection:
         # RFC 5681 4.2 / RFC 9293 3.8.6.3: ACK at least every second full-sized segment,
         # otherwise within the delayed-ACK time.
         self._segs_unacked += 1
-        if self._quickack > 0 or self._segs_unacked >= 2 or len(data) > self.eff_mss + 40:
+        if self._segs_unacked >= 2 or len(data) > self.eff_mss + 40:
+            # at once, not at the end of the batch: a batch may hold hundreds of segments
+            # and the sender's ACK clock needs to hear of them as they come
+            self._emit(self.snd_max, ACK, b"", now)
+        elif self._quickack > 0:
             self._ack_now = True
         elif self.t_delack is None:
             self.t_delack = now + self.config.delayed_ack
@@ -997,15 +996,17 @@ class Connection:
             self.user.on_eof()
 
     def _enter_time_wait(self, now: float) -> None:
+        """The application is told the end; what is left is a small TIME-WAIT record in
+        the layer's own table (timewait.py), which answers for the 4-tuple for 2 MSL."""
+        if self._ack_now:
+            self._emit(self.snd_max, ACK, b"", now)  # the ACK of their FIN
+        window = self._window_to_advertise() >> self.rcv_wscale
         self._set_state(TIME_WAIT)
-        self.t_timewait = now + 2 * self.config.msl
         self.t_rtx = self.t_persist = self.t_keepalive = self.t_delack = None
-        self.snd_buf = SendBuffer(self.snd_buf.end)
-        self.ooo.clear()
-        self._sack.clear()
-        self._rack.reset(self.snd_una)
+        self.t_timewait = None
         self._notify_closed(None)
-        self.user = None  # TIME-WAIT keeps only sequence numbers, not the application
+        self.user = None
+        self.layer.enter_time_wait(self, window, now)
 
     # == receive window ===================================================================
 
@@ -1141,9 +1142,17 @@ class Connection:
                 # window-limited small segment: RFC 9293 3.8.6.2.1 sender SWS avoidance
                 if n < self.max_snd_wnd // 2 or self.flight_size > 0:
                     break
-            elif n < mss and self.flight_size > 0 and not self.nodelay and not fin_ready:
-                break  # Nagle (RFC 896): one small segment in flight at a time
+            elif n < mss and not self.nodelay and not fin_ready \
+                    and seq_gt(self._snd_sml, self.snd_una) \
+                    and seq_le(self._snd_sml, self.snd_nxt):
+                # Nagle (RFC 896) with Minshall's change, as Linux: one small segment
+                # unacknowledged at a time, so a reply of a full segment and a bit leaves
+                # whole instead of waiting for the peer's delayed ACK (a re-send after a
+                # rewind below that small segment is not held)
+                break
             payload = buf.get(self.snd_nxt, n)
+            if n < mss:
+                self._snd_sml = seq_add(self.snd_nxt, n)
             last = n == unsent
             flags = ACK | (PSH if last else 0)
             if last and fin_ready:
@@ -1188,7 +1197,7 @@ class Connection:
                 and self.rto.backoff == 0 and self.state in _PROBE_STATES:
             pto = 2 * srtt
             if self.flight_size <= self.eff_mss:
-                pto += self.config.delayed_ack
+                pto += WC_DELACK  # the peer may hold its ACK for a lone segment
             pto = max(pto, 0.01)
             if pto < rto:
                 self.t_rtx = now + pto
@@ -1211,7 +1220,9 @@ class Connection:
             self._emit(self.snd_nxt, ACK | PSH, self.snd_buf.get(self.snd_nxt, n), now)
             self._after_send(n, now)
         else:
-            data_end = self.snd_buf.end
+            data_end = self.snd_buf.end  # the last segment sent, not beyond SND.MAX
+            if seq_gt(data_end, self.snd_max):
+                data_end = self.snd_max
             start = data_end if seq_diff(data_end, self.snd_una) <= 0 \
                 else seq_add(data_end, -min(mss, seq_diff(data_end, self.snd_una)))
             flags = ACK | (FIN if self._fin_sent() else 0)
@@ -1232,7 +1243,9 @@ class Connection:
         self.layer.counters["tcp.retransmits"] += 1
         seq = self.snd_una
         avail = seq_diff(self.snd_buf.end, seq)
-        n = min(max(avail, 0), self.eff_mss)
+        # never beyond SND.MAX: a re-send repeats what left, it does not push new data
+        # (after a window probe, SND.MAX is one byte past a shut window)
+        n = min(max(avail, 0), self.eff_mss, max(seq_diff(self.snd_max, seq), 0))
         flags = ACK
         if self._fin_sent() and n == avail:
             flags |= FIN
@@ -1346,6 +1359,9 @@ class Connection:
             self.cc.on_timeout(seq_diff(self.snd_max, self.snd_una), self.eff_mss)
         self._in_recovery = False
         self._sack_recovery = False
+        # RFC 2018 8 / RFC 6675 5.1: the receiver may have reneged on what it SACKed;
+        # re-send it unless it is reported again
+        self._sack.clear()
         self._recover = self.snd_max  # RFC 6582 4: no fast retransmit for these old dupacks
         self._dupacks = 0
         self._rtt_seq = None  # Karn's rule
@@ -1360,10 +1376,31 @@ class Connection:
             self._trace_cc(now, "rto")
 
     def _on_persist(self, now: float) -> None:
-        """RFC 9293 3.8.6.1: probe a zero window with one byte, backing off."""
+        """RFC 9293 3.8.6.1: probe a zero window with one byte, backing off. RFC 1122
+        4.2.2.17 keeps the connection while the receiver answers; like the RTO, probes
+        that go unanswered end it, and so do a few more once the user has closed (an
+        orphan that a receiver could otherwise hold forever by keeping its window shut)."""
         if self.snd_wnd > 0 or seq_diff(self.snd_buf.end, self.snd_una) <= 0:
             self._persist_backoff = 0
             return
+        cfg = self.config
+        if self._probes_unanswered >= cfg.retries or (
+                self._user_closed and self._orphan_probes >= cfg.orphan_retries):
+            c = self.layer.counters
+            c["tcp.window_probe_timeouts"] += 1
+            c["tcp.timeouts"] += 1
+            if self._probes_unanswered < cfg.retries:  # it is alive: tell it we are gone
+                self.layer.send_rst(self.local_ip, self.local_port, self.remote_ip,
+                                    self.remote_port, self.snd_max, 0, with_ack=False)
+                c["tcp.resets_sent"] += 1
+            self._terminate(TimeoutError(
+                f"{self.layer.peer_name(self)} kept its window shut and the probes "
+                "went unanswered" if self._probes_unanswered >= cfg.retries else
+                f"{self.layer.peer_name(self)} kept its window shut after the close"))
+            return
+        self._probes_unanswered += 1
+        if self._user_closed:
+            self._orphan_probes += 1
         self.layer.counters["tcp.window_probes"] += 1
         seq = self.snd_una
         self._emit(seq, ACK, self.snd_buf.get(seq, 1), now)

@@ -24,17 +24,18 @@ from stack.net.tcp.connection import (
     LISTEN,
     STATE_NAMES,
     SYN_SENT,
-    TIME_WAIT,
     Connection,
     TcpConfig,
 )
-from stack.net.tcp.seq import MASK, seq_add, seq_ge, seq_gt, seq_lt
+from stack.net.tcp.seq import MASK, seq_add, seq_ge, seq_lt
 from stack.net.tcp.syncookie import check_cookie, decode_options, encode_options, make_cookie
+from stack.net.tcp.timewait import TimeWait, TimeWaitTable
 from stack.trace import OFF, Trace
 from stack.wire.errors import MalformedError
 from stack.wire.ipv4 import FLAG_DF, PROTO_TCP, IPv4Header, ip_to_str
 from stack.wire.tcp import (
     ACK,
+    FIN,
     RST,
     SYN,
     Segment,
@@ -63,8 +64,10 @@ COUNTERS = (
     "tcp.syncookies_sent", "tcp.syncookies_ok", "tcp.syncookies_failed",
     "tcp.connection_limit", "tcp.per_source_limit", "tcp.lost_retransmits",
     "tcp.tso_frames", "tcp.predicted_acks", "tcp.spurious_rtos", "tcp.dsacks_received",
-    "tcp.reorder_timeouts",
+    "tcp.reorder_timeouts", "tcp.rx_syn_fin", "tcp.window_probe_timeouts",
+    "tcp.time_wait_recycled", "tcp.aborted_on_error",
 )
+COOKIE_LIFE = 128.0  # a cookie stays valid for two of its 64 s periods
 
 
 class Listener:
@@ -94,6 +97,10 @@ class TcpLayer:
         self.now = 0.0
         # the full 4-tuple: (remote ip, remote port, local ip, local port)
         self.connections: dict[tuple[bytes, int, bytes, int], Connection] = {}
+        self.time_wait = TimeWaitTable(config.max_time_wait)  # same keys, apart
+        # a bug met while handling one connection: the node counts and records it
+        self.on_internal_error: Callable[[Exception], None] | None = None
+        self._cookies_until = -1.0  # SYN cookies were sent recently: ACKs may carry one
         self.listeners: dict[int, Listener] = {}  # on every local address, by port
         self.bound_listeners: dict[tuple[bytes, int], Listener] = {}  # (address, port)
         self.state_counts = [0] * len(STATE_NAMES)
@@ -153,7 +160,7 @@ class TcpLayer:
         if local_port is None:
             local_port = self._ephemeral_port(local_ip, remote_ip, remote_port)
         key = (remote_ip, remote_port, local_ip, local_port)
-        if key in self.connections:
+        if key in self.connections or key in self.time_wait:
             raise OSError(98, "that connection already exists")
         conn = self._new_connection(local_ip, remote_ip, remote_port, local_port,
                                     config or self.config, now)
@@ -168,7 +175,8 @@ class TcpLayer:
         start = self.rng.randrange(span)
         for i in range(span):
             port = EPHEMERAL_LOW + (start + i) % span
-            if (remote_ip, remote_port, local_ip, port) not in self.connections \
+            key = (remote_ip, remote_port, local_ip, port)
+            if key not in self.connections and key not in self.time_wait \
                     and port not in self.listeners \
                     and not (self.reserved is not None and self.reserved(6, local_ip, port)):
                 return port
@@ -212,13 +220,21 @@ class TcpLayer:
         key = (ip.src, seg.src_port, ip.dst, seg.dst_port)
         conn = self.connections.get(key)
         if conn is not None:
-            if conn.state == TIME_WAIT and seg.flags & (SYN | ACK | RST) == SYN \
-                    and self._time_wait_reusable(conn, seg):
-                c["tcp.time_wait_reused"] += 1
-                conn._terminate(None, notify=False)
-            else:
+            try:
                 conn.segment_arrives(seg, now)
-                return
+            except Exception:
+                self._abort_broken(conn)
+                raise  # the node counts it as an internal error
+            return
+        if self.time_wait.records:
+            tw = self.time_wait.get(key)
+            if tw is not None:
+                if seg.flags & (SYN | ACK | RST | FIN) == SYN and tw.reusable_by(seg):
+                    c["tcp.time_wait_reused"] += 1
+                    self._end_time_wait(tw)
+                else:
+                    self._time_wait_input(tw, seg, now)
+                    return
         listener = None
         if self.bound_listeners:
             listener = self.bound_listeners.get((ip.dst, seg.dst_port))
@@ -262,14 +278,65 @@ class TcpLayer:
         """The MTU of the link towards `dst`: our MSS is derived from it."""
         return self.ipv4.link_mtu(dst)
 
-    @staticmethod
-    def _time_wait_reusable(conn: Connection, seg: Segment) -> bool:
-        """RFC 9293 3.10.7.4 / RFC 6191: a new SYN may reuse a TIME-WAIT 4-tuple when its
-        sequence number (or, with timestamps, its TSval) is beyond the old connection's."""
-        ts = seg.options.ts_val
-        if conn.ts_ok and ts is not None:
-            return seq_gt(ts, conn.ts_recent)
-        return seq_gt(seg.seq, conn.rcv_nxt)
+    # -- TIME-WAIT ------------------------------------------------------------------------
+
+    def enter_time_wait(self, conn: Connection, window: int, now: float) -> None:
+        """Replace `conn` (which just entered TIME-WAIT) by a small record, 2 MSL long."""
+        tw = TimeWait(conn.local_ip, conn.local_port, conn.remote_ip, conn.remote_port,
+                      conn.snd_max, conn.rcv_nxt, window, conn.rcv_wscale, conn.ts_ok,
+                      conn.ts_recent, conn._ts_offset, now + 2 * conn.config.msl)
+        self.state_changed(conn, conn.state, CLOSED)
+        conn.state = CLOSED
+        self.remove(conn)
+        recycled = self.time_wait.add(tw)
+        if recycled is not None:
+            self.counters["tcp.time_wait_recycled"] += 1
+            self._forget_time_wait(recycled)
+        here = (tw.local_ip, tw.local_port)
+        self.local_ports[here] = self.local_ports.get(here, 0) + 1
+
+    def _time_wait_input(self, tw: TimeWait, seg: Segment, now: float) -> None:
+        what = tw.arrives(seg)
+        if what == "ignore":
+            return
+        if what == "restart":
+            self.counters["tcp.time_wait_fin_acked"] += 1
+            self.time_wait.restart(tw, now + 2 * self.config.msl)
+        segment = build_tcp(tw.local_ip, tw.remote_ip, tw.local_port, tw.remote_port,
+                            tw.snd_nxt, tw.rcv_nxt, ACK, tw.window, tw.ack_options(now))
+        self.counters["tcp.tx_segments"] += 1
+        self.ipv4.send(tw.remote_ip, PROTO_TCP, segment, now, flags_fragment=FLAG_DF,
+                       src=tw.local_ip)
+
+    def _end_time_wait(self, tw: TimeWait) -> None:
+        self.time_wait.remove(tw)
+        self._forget_time_wait(tw)
+
+    def _forget_time_wait(self, tw: TimeWait) -> None:
+        here = (tw.local_ip, tw.local_port)
+        left = self.local_ports.get(here, 0) - 1
+        if left > 0:
+            self.local_ports[here] = left
+        else:
+            self.local_ports.pop(here, None)
+        if self.trace.on:
+            self.trace.emit("tcp", "state", self.now, local=ip_to_str(tw.local_ip),
+                            local_port=tw.local_port, remote=ip_to_str(tw.remote_ip),
+                            remote_port=tw.remote_port, old="TIME-WAIT", new="CLOSED")
+
+    # -- bugs -------------------------------------------------------------------------------
+
+    def _abort_broken(self, conn: Connection) -> None:
+        """A bug met half-way through this connection's work: its state may be half
+        updated, so it must not go on. Reset it and forget it."""
+        self.counters["tcp.aborted_on_error"] += 1
+        try:
+            conn.abort()
+        except Exception:
+            if conn.state != CLOSED:  # could not even reset: at least forget it
+                self.state_changed(conn, conn.state, CLOSED)
+                conn.state = CLOSED
+                self.remove(conn)
 
     def _listen_input(self, listener: Listener, local: bytes, src: bytes, seg: Segment,
                       now: float) -> None:
@@ -278,13 +345,16 @@ class TcpLayer:
         if flags & RST:
             return
         if flags & ACK:
-            if not flags & SYN and self.config.syncookies and \
-                    self._accept_cookie(listener, local, src, seg, now):
+            if not flags & SYN and self.config.syncookies and now < self._cookies_until \
+                    and self._accept_cookie(listener, local, src, seg, now):
                 return
             self.send_rst(local, seg.dst_port, src, seg.src_port, seg.ack, 0, False)
             self.counters["tcp.resets_sent"] += 1
             return
         if not flags & SYN:
+            return
+        if flags & FIN:
+            self.counters["tcp.rx_syn_fin"] += 1  # illegal; scanners use it
             return
         if not self._admit(src):
             return
@@ -338,6 +408,7 @@ class TcpLayer:
                             seq_add(seg.seq, 1), SYN | ACK, 0xFFFF, options)
         self.counters["tcp.tx_segments"] += 1
         self.counters["tcp.syncookies_sent"] += 1
+        self._cookies_until = now + COOKIE_LIFE
         self.ipv4.send(src, PROTO_TCP, segment, now, flags_fragment=FLAG_DF, src=local)
 
     def _accept_cookie(self, listener: Listener, local: bytes, src: bytes, seg: Segment,
@@ -349,8 +420,7 @@ class TcpLayer:
         mss = check_cookie(self._secret, self._four_tuple(local, src, seg), client_isn, cookie,
                            now)
         if mss is None:
-            if c["tcp.syncookies_sent"]:
-                c["tcp.syncookies_failed"] += 1
+            c["tcp.syncookies_failed"] += 1
             return False
         if not self._admit(src):
             return True  # valid, but no room: drop it, the client will retry
@@ -488,16 +558,34 @@ class TcpLayer:
             if conn.timer_at != at or conn.state == CLOSED:
                 continue  # stale: the deadline moved, or the connection is gone
             conn.timer_at = None
-            conn.on_timer(now)
+            try:
+                conn.on_timer(now)
+            except Exception as exc:
+                self._broken_in_poll(conn, exc)
+                continue
             if conn.state != CLOSED:
                 self._dirty[conn] = None
+        if self.time_wait.records:
+            for tw in self.time_wait.expired(now):
+                self._forget_time_wait(tw)
         while self._dirty:
             dirty = self._dirty
             self._dirty = {}
             for conn in dirty:
                 if conn.state != CLOSED:
-                    conn.output(now)
+                    try:
+                        conn.output(now)
+                    except Exception as exc:
+                        self._broken_in_poll(conn, exc)
+                        continue
                     self._schedule(conn)
+
+    def _broken_in_poll(self, conn: Connection, exc: Exception) -> None:
+        self._abort_broken(conn)
+        if self.on_internal_error is not None:
+            self.on_internal_error(exc)
+        else:
+            raise exc
 
     def _schedule(self, conn: Connection) -> None:
         at = conn.deadline()
@@ -508,6 +596,13 @@ class TcpLayer:
     def next_deadline(self) -> float | None:
         """The earliest real deadline. Stale heads are dropped and heads whose connection
         moved its deadline later are re-filed, so an idle stack never wakes for nothing."""
+        tw = self.time_wait.next_deadline() if self.time_wait.records else None
+        conn = self._next_connection_deadline()
+        if tw is None or (conn is not None and conn < tw):
+            return conn
+        return tw
+
+    def _next_connection_deadline(self) -> float | None:
         timers = self._timers
         while timers:
             at, _, conn = timers[0]
@@ -536,6 +631,7 @@ class TcpLayer:
             # `listeners` (above) counts them and there is no state_listen to confuse
             if state not in (CLOSED, LISTEN):
                 g["tcp.state_" + name.lower().replace("-", "_")] = self.state_counts[state]
+        g["tcp.state_time_wait"] = len(self.time_wait)  # records, not connections
         return g
 
     def abort_all(self) -> None:
