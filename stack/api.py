@@ -237,6 +237,12 @@ class TcpTransport(asyncio.Transport):
         self._conn.nodelay = enabled
         self._stack.kick()
 
+    def set_congestion_control(self, name: str) -> None:
+        """TCP_CONGESTION: "cubic", "newreno" or "bbr" for this connection from now on
+        (the window it has is kept). ValueError for another name."""
+        self._conn.set_congestion_control(name)
+        self._stack.kick()
+
 
 class ConnectionSocket:
     """get_extra_info("socket") for a tapstack connection: libraries read its family and

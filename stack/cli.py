@@ -91,6 +91,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--msl", type=float, default=30.0,
                    help="maximum segment lifetime in seconds; TIME-WAIT lasts 2*MSL "
                         "(default: %(default)s)")
+    r.add_argument("--cc", default="cubic", metavar="NAME",
+                   help="TCP congestion control: cubic (RFC 9438 with HyStart++), newreno "
+                        "or bbr (model-based, keeps its rate under random loss) "
+                        "(default: %(default)s)")
 
     r = sub.add_parser("run", parents=[common],
                        help="serve on a TAP device (in a network namespace by default)")

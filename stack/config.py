@@ -4,6 +4,7 @@
     netns = "lab"                # namespace the process and its control socket live in
     forwarding = true            # a router; false (the default): a host
     msl = 30                     # TCP maximum segment lifetime, seconds
+    cc = "cubic"                 # TCP congestion control: cubic, newreno or bbr
 
     [[interface]]
     name = "eth0"                # as routes and stats call it
@@ -46,6 +47,8 @@ from stack.net.interface import InterfaceConfig
 from stack.net.middlebox import MiddleboxConfig
 from stack.net.node import NodeConfig, RouteConfig
 from stack.net.route import parse_prefix
+from stack.net.tcp.congestion import CONTROLLERS
+from stack.net.tcp.congestion import DEFAULT as DEFAULT_CC
 from stack.net.tcp.connection import TcpConfig
 from stack.wire.ethernet import is_multicast_mac, mac_from_str
 
@@ -145,7 +148,8 @@ def _address(r: _Reader, text: str, key: str) -> bytes:
 
 def parse_node(data: dict, path: str) -> NodeSpec:
     r = _Reader(path)
-    r.unknown(data, {"name", "netns", "forwarding", "msl", "interface", "route", "services",
+    r.unknown(data, {"name", "netns", "forwarding", "msl", "cc", "interface", "route",
+                     "services",
                      "conntrack", "nat", "acl", "security_group"}, "")
     name = r.get(data, "name", "", str, "tapstack")
     netns = r.get(data, "netns", "", str, None)
@@ -153,6 +157,9 @@ def parse_node(data: dict, path: str) -> NodeSpec:
     msl = r.get(data, "msl", "", (int, float), 30.0)
     if not 0 < msl <= 600:
         raise r.fail("msl", f"{msl} is outside 0..600 seconds")
+    cc = r.get(data, "cc", "", str, DEFAULT_CC)
+    if cc not in CONTROLLERS:
+        raise r.fail("cc", f"{cc!r} is not one of {', '.join(CONTROLLERS)}")
     raw_ifaces = r.get(data, "interface", "", list, required=True)
     if not raw_ifaces:
         raise r.fail("interface", "needs at least one [[interface]]")
@@ -261,7 +268,7 @@ def parse_node(data: dict, path: str) -> NodeSpec:
             raise r.fail("services.https.names", "must be a list of DNS names")
         https = {"port": port, "names": names}
     node = NodeConfig(name=name, interfaces=interfaces, routes=routes, forwarding=forwarding,
-                      tcp=TcpConfig(msl=float(msl)))
+                      tcp=TcpConfig(msl=float(msl), cc=cc))
     middlebox = parse_middlebox(data, interfaces, r.fail)
     return NodeSpec(node, links, netns, echo, http_port, path, middlebox=middlebox,
                     dns_zones=dns_zones, resolver=resolver, https=https or None)

@@ -24,6 +24,8 @@ from stack.link.tap import TapLink
 from stack.net.host import HostConfig
 from stack.net.middlebox import Middlebox
 from stack.net.node import Node
+from stack.net.tcp.congestion import CONTROLLERS
+from stack.net.tcp.congestion import DEFAULT as DEFAULT_CC
 from stack.net.tcp.connection import TcpConfig
 from stack.runtime import Runtime, bind_control_socket, control_request, running_instances
 from stack.wire.ethernet import is_multicast_mac, mac_from_str
@@ -110,6 +112,9 @@ def build_config(args: argparse.Namespace) -> tuple[HostConfig, str | None]:
             raise UsageError(f"--gateway {args.gateway!r} is not an IPv4 address") from None
     if not 0 < args.msl <= 600:
         raise UsageError(f"--msl {args.msl:g} must be more than 0 and at most 600 seconds")
+    cc = getattr(args, "cc", DEFAULT_CC)
+    if cc not in CONTROLLERS:
+        raise UsageError(f"--cc {cc} is not one of {', '.join(CONTROLLERS)}")
     if args.impair:
         try:
             Impairment.parse(args.impair)
@@ -119,7 +124,8 @@ def build_config(args: argparse.Namespace) -> tuple[HostConfig, str | None]:
             raise UsageError("--impair works on plain frames; drop --offload to use it")
     config = HostConfig(mac=mac, address=address.ip.packed,
                         prefixlen=address.network.prefixlen, gateway=gateway,
-                        mtu=args.mtu, tcp=TcpConfig(msl=args.msl), offload=args.offload)
+                        mtu=args.mtu, tcp=TcpConfig(msl=args.msl, cc=cc),
+                        offload=args.offload)
     return config, host_cidr
 
 

@@ -4,6 +4,8 @@ regression tests."""
 import itertools
 import struct
 
+import pytest
+
 from stack.net.tcp.connection import TcpConfig
 from tests.unit.tcp_peer import ACK, PSH, Peer, opts, parse_opts
 
@@ -252,17 +254,22 @@ def test_gives_up_after_the_retry_limit_and_tells_the_user():
     assert peer.iface.tcp.connections == {}
 
 
-def test_three_dupacks_trigger_a_fast_retransmit():
-    peer, conn, seq, ack = established(mss=1000)
+@pytest.mark.parametrize(("cc", "ssthresh"), [
+    ("newreno", max(9000 // 2, 2000)),  # half the flight (RFC 5681 equation 4)
+    ("cubic", int(11_000 * 0.7)),  # beta 0.7 of the window (RFC 9438 4.6)
+])
+def test_three_dupacks_trigger_a_fast_retransmit(cc, ssthresh):
+    peer, conn, seq, ack = established(mss=1000, cc=cc)
     conn.send(b"f" * 10_000)
     segs = peer.out()
     peer.send(ACK, seq, ack + 1000)  # the first arrived, the second was lost
+    assert conn.cc.cwnd == 11_000  # slow start: ten segments and the one acknowledged
     for _ in range(3):
         peer.send(ACK, seq, ack + 1000)  # three duplicates
     out = peer.out()
     assert out[0].seq == ack + 1000 and len(out[0].data) == 1000
     assert peer.iface.counters["tcp.fast_retransmits"] == 1
-    assert conn.cc.ssthresh == max(9000 // 2, 2000)
+    assert conn.cc.ssthresh == ssthresh
     assert len(segs) == 10
 
 

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from stack.net.tcp.buffers import OutOfOrderQueue, SendBuffer
-from stack.net.tcp.congestion import NewReno
+from stack.net.tcp.congestion import DEFAULT as DEFAULT_CC
+from stack.net.tcp.congestion import make as make_cc
 from stack.net.tcp.rack import Rack
 from stack.net.tcp.rto import RtoEstimator
 from stack.net.tcp.sack import SackScoreboard
@@ -75,6 +76,7 @@ class TcpConfig:
     keepalive_interval: float = 75.0
     keepalive_count: int = 9
     nodelay: bool = False
+    cc: str = DEFAULT_CC  # congestion control: cubic, newreno or bbr
     syncookies: bool = True  # answer with SYN cookies when a SYN queue is full
     max_connections: int = 65536  # in the table, TIME-WAIT aside; new ones are refused beyond
     max_time_wait: int = 32768  # TIME-WAIT records; beyond, the oldest is recycled
@@ -105,7 +107,7 @@ class Connection:
         "ts_ok", "ts_recent", "ws_ok", "ts_recent_time", "user", "last_recv", "nodelay",
         "_listener", "keepalive", "_sack", "_sack_recovery", "_rack", "_tlp_armed",
         "_tlp_done", "_rack_armed", "_rack_left", "_eifel", "_reo_armed", "_probes_unanswered",
-        "_orphan_probes", "_snd_sml",
+        "_orphan_probes", "_snd_sml", "_cwnd_limited", "_undo_retrans", "_undo_tsval",
     )
 
     def __init__(self, layer: TcpLayer, local_ip: bytes, local_port: int, remote_ip: bytes,
@@ -134,7 +136,10 @@ class Connection:
         self._fin_queued = False
         self.peer_mss = 536  # RFC 9293 3.7.1: the default when no MSS option arrives
         self.eff_mss = 536
-        self.cc = NewReno(536)
+        self.cc = make_cc(config.cc, 536)
+        self._cwnd_limited = False  # the last send stopped at cwnd (RFC 7661)
+        self._undo_retrans = -1  # retransmissions of this recovery not yet D-SACKed
+        self._undo_tsval: int | None = None  # TSval when this recovery began
         self.rto = RtoEstimator(config.initial_rto, config.min_rto, config.max_rto)
         self._dupacks = 0
         self._in_recovery = False
@@ -149,7 +154,7 @@ class Connection:
         self._recover = iss
         # RFC 3522/4015 (Eifel): after an RTO, (TSval of the retransmission, cwnd and
         # ssthresh before it) until the first ACK tells whether the timeout was spurious
-        self._eifel: tuple[int, int, int] | None = None
+        self._eifel: int | None = None  # the TSval of the retransmission
         self._retries = 0
         self._rtt_seq: int | None = None
         self._rtt_time = 0.0
@@ -221,8 +226,7 @@ class Connection:
 
     def _trace_cc(self, now: float, why: str) -> None:
         rto = self.rto
-        ssthresh = self.cc.ssthresh if self.cc.ssthresh < (1 << 30) else None  # infinite
-        self._trace("cwnd", now, why=why, cwnd=self.cc.cwnd, ssthresh=ssthresh,
+        self._trace("cwnd", now, why=why, cwnd=self.cc.cwnd, ssthresh=self.cc.ssthresh_shown,
                     srtt_ms=round((rto.srtt or 0.0) * 1000, 3),
                     in_flight=self.flight_size)
 
@@ -245,7 +249,7 @@ class Connection:
         local_max = self.layer.link_mtu(self.remote_ip) - 40
         self.peer_mss = min(peer_mss if peer_mss else 536, local_max)
         self.eff_mss = self._mss_for(self.layer.path_mtu(self.remote_ip))
-        self.cc = NewReno(self.eff_mss)
+        self.cc = type(self.cc)(self.eff_mss)
 
     def _mss_for(self, path_mtu: int) -> int:
         return max(min(self.peer_mss, path_mtu - 40) - (TS_OPTION_LEN if self.ts_ok else 0),
@@ -258,6 +262,7 @@ class Connection:
         if mss >= self.eff_mss:
             return
         self.eff_mss = mss
+        self.cc.set_mss(mss)
         if self.state not in (SYN_SENT, SYN_RECEIVED) and self.snd_nxt != self.snd_una:
             self.snd_nxt = self.snd_una
             self._rtt_seq = None
@@ -322,7 +327,7 @@ class Connection:
             self._ts_offset = 0
         self.peer_mss = min(mss, self.layer.link_mtu(self.remote_ip) - 40)
         self.eff_mss = self._mss_for(self.layer.path_mtu(self.remote_ip))
-        self.cc = NewReno(self.eff_mss)
+        self.cc = type(self.cc)(self.eff_mss)
         self.snd_wnd = seg.window << self.snd_wscale
         self.max_snd_wnd = self.snd_wnd
         self.snd_wl1, self.snd_wl2 = seg.seq, seg.ack
@@ -349,6 +354,13 @@ class Connection:
         self.t_keepalive = now + self.config.keepalive_idle \
             if enabled and self.state == ESTABLISHED else None
         self._mark()
+
+    def set_congestion_control(self, name: str) -> None:
+        """Change controller (like TCP_CONGESTION): the new one starts from the current
+        window and threshold."""
+        new = make_cc(name, self.eff_mss)
+        new.cwnd, new.ssthresh = self.cc.cwnd, self.cc.ssthresh
+        self.cc = new
 
     def send_buffer_size(self) -> int:
         """Bytes written and not yet acknowledged (asyncio's write buffer size)."""
@@ -445,8 +457,10 @@ class Connection:
             if seq_le(seg.seq, self._last_ack_sent):
                 self.ts_recent = ts
                 self.ts_recent_time = now
-        self._ack_advanced(seg, now)
+        flight = seq_diff(self.snd_max, self.snd_una)
+        acked, rtt = self._ack_advanced(seg, now)
         self.snd_wl1, self.snd_wl2 = seg.seq, ack
+        self._cc_ack(acked, rtt, now, flight)
         self.layer.counters["tcp.predicted_acks"] += 1
         return True
 
@@ -627,7 +641,10 @@ class Connection:
             return False
         window = seg.window << self.snd_wscale
         old_una = self.snd_una
+        flight = seq_diff(self.snd_max, old_una)
         self._probes_unanswered = 0  # the peer is there
+        delivered = 0
+        sacked = False
         if self.sack_ok and (seg.options.sack_blocks or self._sack):
             blocks = seg.options.sack_blocks
             if blocks and (seq_le(blocks[0][1], ack) or (
@@ -635,18 +652,27 @@ class Connection:
                     and seq_le(blocks[0][1], blocks[1][1]))):
                 c["tcp.dsacks_received"] += 1  # RFC 2883: the first block is a duplicate
                 self._rack.dsack(self.snd_max)
+                self._dsack_undo(seq_diff(blocks[0][1], blocks[0][0]), now)
             # an old (reordered) ACK still carries valid blocks; the board stays on SND.UNA
             base = ack if seq_gt(ack, old_una) else old_una
             fresh = self._sack.update(seg.options.sack_blocks, base, self.snd_max, old_una)
             if fresh:
                 self._rack.delivered(fresh, now)
+                delivered = sum(e - s for s, e in fresh)
+            sacked = True
+        rtt = None
         if seq_gt(ack, self.snd_una):
-            self._ack_advanced(seg, now)
+            acked, rtt = self._ack_advanced(seg, now)
+            if not sacked:
+                delivered = acked
             if self.state == CLOSED:
                 return False
         elif ack == self.snd_una:
             self._maybe_dupack(seg, window)
         self._detect_loss(now)
+        if self._sack_recovery:
+            self.cc.recovery_ack(delivered, self._pipe(now))
+        self._cc_ack(delivered, rtt, now, flight)
         # window update (RFC 9293 3.10.7.4: SND.WL1/SND.WL2 rule)
         if seq_lt(self.snd_wl1, seg.seq) or (
                 self.snd_wl1 == seg.seq and seq_le(self.snd_wl2, ack)):
@@ -682,7 +708,7 @@ class Connection:
             return
         self._dupacks += 1
         if self._in_recovery and not self._sack_recovery:
-            self.cc.on_dupack_in_recovery(self.eff_mss)
+            self.cc.on_dupack_in_recovery()
 
     def _detect_loss(self, now: float) -> None:
         """Enter fast recovery on DupThresh duplicate ACKs, or when SACKs show more than
@@ -714,16 +740,19 @@ class Connection:
         self._recover = self.snd_max
         self._tlp_armed = False
         self._rack_left = 3
+        # undo (as Linux): if every retransmission of this recovery comes back D-SACKed,
+        # or the ACKs show the originals arrived, the reduction is taken back
+        self._undo_retrans = 0
+        self._undo_tsval = self._ts_now(now) if self.ts_ok else None
         if self._sack:
             self._sack_recovery = True
-            self.cc.on_fast_retransmit(outstanding, mss)
-            self.cc.cwnd = self.cc.ssthresh  # RFC 6675: pipe, not inflation, paces it
+            self.cc.enter_recovery(outstanding, True, now, reduce=past_recovery)
             self._sack_retransmit(now, first=True)
             if not self._rack_armed:  # nothing to re-send yet: no stale TLP deadline
                 self._arm_recovery_timer(now)
         else:
             self._sack_recovery = False
-            self.cc.on_fast_retransmit(outstanding, mss)
+            self.cc.enter_recovery(outstanding, False, now, reduce=past_recovery)
             self._retransmit_first(now)
 
     def _rack_scan(self, now: float) -> tuple[list[tuple[int, int]], int]:
@@ -787,6 +816,7 @@ class Connection:
                     return
                 pipe += end - start
                 self._rtt_seq = None  # Karn
+                self._undo_retrans += 1
                 self.retransmits += 1
                 c["tcp.retransmits"] += 1
                 c["tcp.sack_retransmits"] += 1
@@ -842,19 +872,24 @@ class Connection:
         else:
             self._retransmit_first(now)
 
-    def _ack_advanced(self, seg: Segment, now: float) -> None:
-        """New data (or our SYN/FIN) acknowledged: buffers, RTT, congestion, timers."""
+    def _ack_advanced(self, seg: Segment, now: float) -> tuple[int, float | None]:
+        """New data (or our SYN/FIN) acknowledged: buffers, RTT, recovery, timers.
+        Returns the data bytes acknowledged and the round-trip sample, if any."""
         ack = seg.ack
-        # RTT sample (RFC 7323 4.1 timestamps, else Karn's rule on one timed segment)
+        # RTT sample (RFC 7323 4.1 timestamps, else Karn's rule on one timed segment);
+        # the timed segment is on the event loop's clock, finer than the millisecond
+        # timestamps, and is what the congestion controller prefers
         opts = seg.options
-        sample = None
+        sample = fine = None
+        if self._rtt_seq is not None and seq_gt(ack, self._rtt_seq):
+            fine = now - self._rtt_time
+            self._rtt_seq = None
         if self.ts_ok and opts.ts_val is not None and opts.ts_ecr:
             rtt = (self._ts_now(now) - opts.ts_ecr) & MASK
             if rtt < 600_000:
                 sample = rtt / 1000.0
-        elif self._rtt_seq is not None and seq_gt(ack, self._rtt_seq):
-            sample = now - self._rtt_time
-            self._rtt_seq = None
+        else:
+            sample = fine
         if sample is not None:
             self.rto.sample(sample)
             if self.sack_ok:
@@ -872,25 +907,62 @@ class Connection:
         self._retries = 0
         self._dupacks = 0
         self._rack_left = 3
-        mss = self.eff_mss
         if self._in_recovery:
             if seq_ge(ack, self._recover):
-                self._in_recovery = False
-                self._sack_recovery = False
-                self._rack.recovery_done()
-                self.cc.on_recovery_exit(seq_diff(self.snd_max, ack), mss)
+                if self._undo_tsval is not None and opts.ts_ecr is not None \
+                        and seq_lt(opts.ts_ecr, self._undo_tsval):
+                    # the ACK echoes a time before the first retransmission: the
+                    # originals arrived, the loss was reordering (Linux's undo)
+                    self._undo(now)
+                else:
+                    self._end_recovery(ack)
             elif not self._sack_recovery:
-                self.cc.on_partial_ack(acked, mss)  # RFC 6582 3.2 step 5
+                self.cc.on_partial_ack(acked)  # RFC 6582 3.2 step 5
                 self._retransmit_first(now)
             # with SACK, output() re-sends the next holes as the pipe drains
-        else:
-            self.cc.on_ack(acked, mss, False)
         # RFC 6298 5.2/5.3: stop the timer when all is acked, else restart it (or the
         # tail loss probe in its place, RFC 8985 7.2).
         self._tlp_done = False
         self._arm_rtx(now)
         if self.user is not None:
             self.user.on_acked()
+        return acked, fine if fine is not None else sample
+
+    def _end_recovery(self, ack: int) -> None:
+        sack = self._sack_recovery
+        self._in_recovery = False
+        self._sack_recovery = False
+        self._rack.recovery_done()
+        self.cc.exit_recovery(seq_diff(self.snd_max, ack), sack)
+
+    def _cc_ack(self, delivered: int, rtt: float | None, now: float, flight: int) -> None:
+        """Tell the controller what this ACK delivered. The window grows only while it is
+        what limits the sender (RFC 7661): the last send stopped at cwnd, or the flight
+        before this ACK filled at least half of it (slow start)."""
+        cc = self.cc
+        cc.on_ack(delivered, rtt, now, self.snd_una, self.snd_nxt, flight,
+                  self._cwnd_limited or 2 * flight >= cc.cwnd, self._in_recovery)
+
+    def _dsack_undo(self, length: int, now: float) -> None:
+        """A D-SACK reports bytes that arrived twice. When every retransmission of the
+        last recovery is reported so, none was needed: undo its reduction."""
+        if self._undo_retrans <= 0:
+            return
+        self._undo_retrans -= max(-(-length // self.eff_mss), 1)
+        if self._undo_retrans <= 0:
+            self._undo(now)
+
+    def _undo(self, now: float) -> None:
+        self._undo_retrans = -1
+        self._undo_tsval = None
+        if self._in_recovery:
+            self._in_recovery = False
+            self._sack_recovery = False
+            self._rack.recovery_done()
+        if self.cc.undo():
+            self.layer.counters["tcp.spurious_recoveries"] += 1
+            if self.layer.trace.on:
+                self._trace_cc(now, "undo: the loss was reordering")
 
     def _eifel_check(self, seg: Segment, ack: int) -> None:
         """RFC 3522 detection on the first ACK of new data after an RTO: if it echoes a
@@ -898,15 +970,14 @@ class Connection:
         timeout was spurious (a stalled peer or path, not a loss). RFC 4015 response:
         resume with new data at SND.MAX instead of sending the whole window again, and
         give back the congestion window the timeout took."""
-        rtx_ts, cwnd, ssthresh = self._eifel
+        rtx_ts = self._eifel
         self._eifel = None
         ecr = seg.options.ts_ecr
         if ecr is None or not seq_lt(ecr, rtx_ts):
             return  # the retransmission was needed, or we cannot tell: go back N
         self.layer.counters["tcp.spurious_rtos"] += 1
         self.snd_nxt = self.snd_max
-        self.cc.ssthresh = ssthresh
-        self.cc.cwnd = max(cwnd, self.eff_mss)
+        self.cc.undo()
 
     def _established(self) -> None:
         self.layer.established(self)
@@ -1128,12 +1199,14 @@ class Connection:
                     room = nxt_block - off  # stop short of data the peer already holds
             fin_ready = self._fin_queued and not self._fin_sent()
             if unsent == 0:
+                self._cwnd_limited = False  # the application has nothing more to send
                 if fin_ready:
                     self._emit(self.snd_nxt, FIN | ACK, b"", now)
                     self._after_send(1, now)
                     sent = True
                 break
             if usable <= 0:
+                self._cwnd_limited = cwnd <= self.snd_wnd
                 if self.snd_wnd == 0 and self.flight_size == 0 and self.t_persist is None:
                     self._arm_persist(now)
                 break
@@ -1173,7 +1246,7 @@ class Connection:
             self.retransmits += 1
             self.layer.counters["tcp.retransmits"] += 1
         if seq_gt(self.snd_nxt, self.snd_max):
-            if self._rtt_seq is None and not self.ts_ok:
+            if self._rtt_seq is None:
                 self._rtt_seq, self._rtt_time = start, now
             self.snd_max = self.snd_nxt
         if self.t_rtx is None:
@@ -1251,6 +1324,7 @@ class Connection:
             flags |= FIN
         if n == 0 and not flags & FIN:
             return
+        self._undo_retrans += 1
         self._emit(seq, flags, self.snd_buf.get(seq, n), now)
         self._arm_recovery_timer(now)
 
@@ -1277,6 +1351,8 @@ class Connection:
                 self._quickack -= 1
         self.layer.emit(self, seq, self.rcv_nxt, flags, wnd >> self.rcv_wscale, opts, payload)
         self.segs_out += 1
+        if self._sack_recovery and payload:
+            self.cc.sent_in_recovery(len(payload))
         if (payload or flags & FIN) and self.sack_ok:
             end = (seq + len(payload) + (1 if flags & FIN else 0)) & MASK
             rack = self._rack
@@ -1354,9 +1430,11 @@ class Connection:
             c["tcp.retransmits"] += 1  # (data resends are counted as they leave)
             self.retransmits += 1
         self.rto.back_off()
-        prior_cwnd, prior_ssthresh = self.cc.cwnd, self.cc.ssthresh
         if self.state not in (SYN_SENT, SYN_RECEIVED):
-            self.cc.on_timeout(seq_diff(self.snd_max, self.snd_una), self.eff_mss)
+            self.cc.on_timeout(seq_diff(self.snd_max, self.snd_una), now,
+                               first=self._retries == 1)
+        self._undo_retrans = -1  # Eifel decides about timeouts
+        self._undo_tsval = None
         self._in_recovery = False
         self._sack_recovery = False
         # RFC 2018 8 / RFC 6675 5.1: the receiver may have reneged on what it SACKed;
@@ -1370,7 +1448,7 @@ class Connection:
             self.snd_nxt = self.iss
         elif self.ts_ok and self._retries == 1:
             # the first timeout of an episode: remember enough to undo it (Eifel)
-            self._eifel = (self._ts_now(now), prior_cwnd, prior_ssthresh)
+            self._eifel = self._ts_now(now)
         self.t_rtx = now + self.rto.current()
         if self.layer.trace.on:
             self._trace_cc(now, "rto")

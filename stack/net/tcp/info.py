@@ -28,7 +28,7 @@ def tcp_info(conn: Connection) -> dict[str, Any]:
         "rttvar_ms": round(rto.rttvar * 1000, 3),
         "rto_ms": round(rto.current() * 1000, 1),
         "cwnd": conn.cc.cwnd,
-        "ssthresh": conn.cc.ssthresh if conn.cc.ssthresh < (1 << 30) else None,
+        "ssthresh": conn.cc.ssthresh_shown,
         "mss": conn.eff_mss,
         "peer_mss": conn.peer_mss,
         "snd_wnd": conn.snd_wnd,
@@ -46,5 +46,5 @@ def tcp_info(conn: Connection) -> dict[str, Any]:
         "recv_queue": len(conn._rcv_buffer),
         "bytes_acked": max(seq_diff(conn.snd_una, conn.iss) - 1, 0),
         "bytes_received": max(seq_diff(conn.rcv_nxt, conn.irs) - 1, 0) if conn.irs else 0,
-        "congestion_control": type(conn.cc).__name__.lower(),
+        "congestion_control": conn.cc.name,
     }

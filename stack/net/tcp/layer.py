@@ -65,7 +65,7 @@ COUNTERS = (
     "tcp.connection_limit", "tcp.per_source_limit", "tcp.lost_retransmits",
     "tcp.tso_frames", "tcp.predicted_acks", "tcp.spurious_rtos", "tcp.dsacks_received",
     "tcp.reorder_timeouts", "tcp.rx_syn_fin", "tcp.window_probe_timeouts",
-    "tcp.time_wait_recycled", "tcp.aborted_on_error",
+    "tcp.time_wait_recycled", "tcp.aborted_on_error", "tcp.spurious_recoveries",
 )
 COOKIE_LIFE = 128.0  # a cookie stays valid for two of its 64 s periods
 
