@@ -221,8 +221,12 @@ def start_services(args: argparse.Namespace, app: Any, dns_server: DnsServer | N
             await stack.create_server(lambda: DnsTcpProtocol(dns_server), port=53)
             runtime.app_counters["dns"] = lambda: dict(dns_server.counters)
         if not args.no_services:
+            counted = {"discard_bytes": 0}  # what the discard service was given
+            runtime.app_counters["services"] = lambda: dict(counted)
             for port, protocol in SERVICES.items():
-                await stack.create_server(protocol, port=port)
+                factory = (lambda: DiscardProtocol(counted)) if protocol is DiscardProtocol \
+                    else protocol
+                await stack.create_server(factory, port=port)
             await stack.create_datagram_endpoint(UdpEchoProtocol, local_addr=("", 7))
         if args.no_http and tls is None:
             return None

@@ -57,12 +57,19 @@ class EchoProtocol(asyncio.Protocol):
 
 
 class DiscardProtocol(asyncio.Protocol):
+    """Counts what it is given (in `counters`, shown by `tapstack stats` as
+    services.discard_bytes) and drops it."""
+
+    def __init__(self, counters: dict[str, int] | None = None) -> None:
+        self.counters = counters if counters is not None else {"discard_bytes": 0}
+
     def connection_made(self, transport: asyncio.Transport) -> None:
         self.transport = transport
         self.received = 0
 
     def data_received(self, data: bytes) -> None:
         self.received += len(data)
+        self.counters["discard_bytes"] += len(data)
 
     def eof_received(self) -> bool:
         return False  # close our side too

@@ -16,7 +16,9 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -240,3 +242,22 @@ def random_files(tmp_path_factory):
             f.write(os.urandom(size))
         files[name] = p
     return files
+
+
+def wait_for(read: Callable[[], Any], ok: Callable[[Any], bool], timeout: float = 10.0,
+             interval: float = 0.05) -> Any:
+    """Read until `ok(value)` holds or `timeout` passes; returns the last value read, so
+    the caller's assertion shows what was seen when it did not."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = read()
+        if ok(value) or time.monotonic() >= deadline:
+            return value
+        time.sleep(interval)
+
+
+def listening(ns: str, port: int, proto: str = "t") -> bool:
+    """A socket in `ns` listens on `port` (TCP, or UDP with proto="u")."""
+    r = subprocess.run(["ip", "netns", "exec", ns, "ss", f"-{proto}lnH", "sport", "=",
+                        f":{port}"], capture_output=True, text=True)
+    return bool(r.stdout.strip())

@@ -16,6 +16,7 @@ from tests.integration.conftest import (
     require_tool,
     sha256_file,
     stream_sha256,
+    wait_for,
 )
 
 URL = f"http://{STACK_IP}"
@@ -134,11 +135,12 @@ def test_ab_and_wrk_have_no_errors_and_leave_nothing_stuck(web):
               timeout=60)
     assert "Socket errors" not in r.stdout and "Non-2xx" not in r.stdout, r.stdout
     assert int(re.search(r"(\d+) requests in", r.stdout).group(1)) > 1000
-    time.sleep(0.5)
-    tcp = web.stats()["tcp"]
-    stuck = {k: v for k, v in tcp.items() if k.startswith("state_") and v
-             and k not in ("state_time_wait",)}
-    assert stuck == {}, stuck
+    def stuck() -> dict[str, int]:
+        return {k: v for k, v in web.stats()["tcp"].items() if k.startswith("state_") and v
+                and k not in ("state_time_wait",)}
+
+    left = wait_for(stuck, lambda s: s == {}, timeout=5)
+    assert left == {}, left
 
 
 def test_a_starlette_app_through_tapstack(start_stack):

@@ -98,7 +98,7 @@ def test_conns_during_a_slow_download(start_stack):
             time.sleep(0.2)
         assert found is not None, answer
         assert found["cwnd"] > 0 and found["rto_ms"] >= 200
-        assert found["congestion_control"] == "newreno"
+        assert found["congestion_control"] == "cubic"
         assert "*:80" in answer["listeners"]
         text = subprocess.run(tapstack_cmd("conns", "--netns", st.ns), cwd=REPO,
                               capture_output=True, text=True, timeout=10).stdout

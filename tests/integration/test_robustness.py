@@ -26,6 +26,7 @@ from tests.integration.conftest import (
     in_ns,
     require_tool,
     sha256_file,
+    wait_for,
 )
 
 HERE = Path(__file__).parent
@@ -207,11 +208,13 @@ def test_nmap_scan_finishes_and_leaves_nothing_stuck(start_stack):
     assert r.returncode == 0, r.stderr
     assert re.search(r"80/tcp\s+open", r.stdout) and re.search(r"81/tcp\s+closed", r.stdout)
     assert curl_status(st.ns) == "200"
-    time.sleep(1.0)
-    tcp = st.stats()["tcp"]
-    live = {k: v for k, v in tcp.items() if k.startswith("state_") and v
-            and k not in ("state_time_wait", "state_syn_received")}
-    assert live == {}, live
+
+    def live() -> dict[str, int]:
+        return {k: v for k, v in st.stats()["tcp"].items() if k.startswith("state_") and v
+                and k not in ("state_time_wait", "state_syn_received")}
+
+    left = wait_for(live, lambda s: s == {}, timeout=5)
+    assert left == {}, left
     assert st.stats()["stack"]["internal_errors"] == 0
 
 
@@ -228,10 +231,12 @@ def test_twenty_thousand_short_connections(start_stack):
               and k != "state_time_wait"}
     assert others == {} and tcp["state_time_wait"] > 0
     peak = rss_kb(st.proc.pid)
-    time.sleep(7.0)  # 2 x MSL, then the trim that follows an empty table (2 s)
-    tcp = st.stats()["tcp"]
-    assert tcp["connections"] == 0
-    after = rss_kb(st.proc.pid)
+    # 2 x MSL, then the memory trim that follows an empty table (2 s later)
+    tcp = wait_for(lambda: st.stats()["tcp"],
+                   lambda t: t["connections"] == 0 and t["state_time_wait"] == 0, timeout=15)
+    assert tcp["connections"] == 0 and tcp["state_time_wait"] == 0
+    after = wait_for(lambda: rss_kb(st.proc.pid), lambda kb: kb - before < 16 * 1024,
+                     timeout=5)
     rate = re.search(r"Requests per second:\s+([\d.]+)", r.stdout).group(1)
     print(f"churn: {rate} req/s, RSS {before // 1024} -> {peak // 1024} -> "
           f"{after // 1024} MiB")

@@ -14,8 +14,10 @@ from tests.integration.conftest import (
     STACK_IP,
     forward_loss,
     in_ns,
+    listening,
     sha256_file,
     tapstack_cmd,
+    wait_for,
 )
 
 HERE = Path(__file__).parent
@@ -43,10 +45,10 @@ def test_discard_100mb(start_stack):
     r = in_ns(st.ns, "sh", "-c", f"head -c 100000000 /dev/zero | nc -N {STACK_IP} 9",
               timeout=120)
     assert r.returncode == 0, r.stderr
-    time.sleep(0.2)
-    stats = st.stats()
+    # every byte acknowledged reached the service, and the connection is gone
+    stats = wait_for(st.stats, lambda s: s["tcp"]["connections"] == 0)
+    assert stats["services"]["discard_bytes"] == 100_000_000
     assert stats["link"]["rx_bytes"] > 100_000_000
-    assert stats["tcp"]["connections"] == 0
 
 
 def test_source_to_nc(start_stack, tmp_path):
@@ -67,7 +69,7 @@ def test_tapstack_as_the_client(netns, random_files, tmp_path):
         listener = subprocess.Popen(["ip", "netns", "exec", netns, "nc", "-l", "-N", "-p",
                                      "5000"], stdin=fin, stdout=fout)
     try:
-        time.sleep(0.3)
+        assert wait_for(lambda: listening(netns, 5000), bool)
         with open(random_files["20m"], "rb") as fin, open(from_kernel, "wb") as fout:
             r = subprocess.run(tapstack_cmd("connect", "--netns", netns, HOST_IP, "5000"),
                                cwd=REPO, stdin=fin, stdout=fout, stderr=subprocess.PIPE,
@@ -94,9 +96,11 @@ def test_thousand_short_connections_then_an_empty_table(start_stack):
               timeout=120)
     assert "ok=1000 failed=0" in r.stdout, r.stdout + r.stderr
     print(r.stdout.strip())
-    time.sleep(2.5)  # past TIME-WAIT (2 x MSL)
-    tcp = st.stats()["tcp"]
-    assert tcp["connections"] == 0 and tcp["passive_opens"] == 1000
+    # past TIME-WAIT (2 x MSL): nothing left, records included
+    tcp = wait_for(lambda: st.stats()["tcp"],
+                   lambda t: t["connections"] == 0 and t["state_time_wait"] == 0)
+    assert tcp["connections"] == 0 and tcp["state_time_wait"] == 0
+    assert tcp["passive_opens"] == 1000
 
 
 def test_echo_20mb_under_kernel_made_loss(routed_client, random_files, tmp_path):

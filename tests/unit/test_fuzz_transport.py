@@ -9,6 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from stack.net.host import Host, HostConfig
+from stack.net.tcp.connection import CLOSED, SYN_RECEIVED, SYN_SENT
+from stack.net.tcp.seq import seq_add, seq_le, seq_lt
 from stack.wire.checksum import internet_checksum
 from stack.wire.ipv4 import build_ipv4
 from tests.helpers import HOST_IP, STACK_IP, STACK_MAC, arp_frame, eth
@@ -27,6 +29,29 @@ def stack_with_a_connection():
     iface.udp.bind(7, type("U", (), {"on_datagram": lambda *a: None,
                                      "on_error": lambda *a: None})())
     return iface
+
+
+def check_invariants(iface) -> None:
+    """What must hold after any input: sequence order, bounded and well-formed buffers,
+    state counts that match the table."""
+    tcp = iface.tcp
+    counted = [0] * len(tcp.state_counts)
+    for key, conn in tcp.connections.items():
+        assert conn.state != CLOSED, "a closed connection left in the table"
+        assert key == (conn.remote_ip, conn.remote_port, conn.local_ip, conn.local_port)
+        counted[conn.state] += 1
+        if conn.state not in (SYN_SENT, SYN_RECEIVED):
+            assert seq_le(conn.snd_una, conn.snd_nxt) and seq_le(conn.snd_nxt, conn.snd_max), \
+                (conn.snd_una, conn.snd_nxt, conn.snd_max)
+        ooo = conn.ooo
+        assert ooo.bytes == sum(len(b) for _, b in ooo.blocks) <= ooo.limit
+        assert len(ooo.blocks) <= ooo.max_blocks
+        for (s1, b1), (s2, _) in zip(ooo.blocks, ooo.blocks[1:], strict=False):
+            assert seq_lt(seq_add(s1, len(b1)), s2), "out-of-order blocks overlap or touch"
+        assert seq_le(conn.snd_buf.start, conn.snd_buf.end)
+    assert counted == tcp.state_counts, (counted, tcp.state_counts)
+    assert len(tcp.time_wait) <= tcp.time_wait.limit
+    assert iface.counters["stack.internal_errors"] == 0, iface.last_internal_error
 
 
 def ip_frame(proto: int, segment: bytes, csum_at: int | None, frag: int = 0) -> bytes:
@@ -59,11 +84,12 @@ def test_tcp_segments_never_break_the_stack(segments):
     for segment in segments:
         iface.receive(ip_frame(6, segment, 16), now)
         iface.poll(now)
+        check_invariants(iface)
         now += 0.05
     for _ in range(5):  # let the timers run over whatever state was made
         now = (iface.next_deadline() or now) + 0.001
         iface.poll(now)
-    assert iface.counters["stack.internal_errors"] == 0, iface.last_internal_error
+        check_invariants(iface)
 
 
 @SETTINGS
@@ -121,8 +147,9 @@ def test_segments_on_an_established_connection_never_break_it(segments):
             b"\0\0\0\0"
         iface.receive(ip_frame(6, header + opts + data, 16), now)
         iface.poll(now)
+        check_invariants(iface)
         now += 0.01
     for _ in range(8):
         now = (iface.next_deadline() or now) + 0.001
         iface.poll(now)
-    assert iface.counters["stack.internal_errors"] == 0, iface.last_internal_error
+        check_invariants(iface)
