@@ -12,9 +12,8 @@ them.
 from __future__ import annotations
 
 from stack.net.tcp.seq import MASK, seq_gt
+from stack.net.tcp.states import TIME_WAIT
 from stack.wire.tcp import FIN, RST, SYN, Segment, build_options
-
-TIME_WAIT = 10  # the state number (as in connection.py)
 
 
 class TimeWait:
