@@ -31,8 +31,9 @@ fuzz:
 
 # tapstack (plain, --offload) against the kernel with the same app and clients, then a
 # tapstack router against a Linux router, then DNS (dnsperf), then HTTPS and uvicorn on
-# tapstack against uvicorn on the kernel, then what the decision trace costs; a few
-# minutes.
+# tapstack against uvicorn on the kernel, then what the decision trace costs (a few
+# minutes), then the loss x RTT matrix of TCP senders, tapstack's congestion controllers
+# against the kernel's (about 1.5 hours; most of it transfers capped at 60 s).
 # `make bench ARGS=--quick` is the smoke run.
 bench:
 	@tools/bootstrap.sh test
@@ -41,6 +42,7 @@ bench:
 	$(VENV)/bin/python tools/bench_dns.py $(ARGS)
 	$(VENV)/bin/python tools/bench_tls.py $(ARGS)
 	$(VENV)/bin/python tools/bench_trace.py $(ARGS)
+	$(VENV)/bin/python tools/bench_matrix.py $(ARGS)
 
 # Ten minutes of wrk with kernel-made loss; RSS over time in bench/results/soak.png.
 soak:

@@ -155,9 +155,10 @@ def upload(t: Target, path: str) -> float:
     return float(r.stdout) / 1e6
 
 
-def wrk(t: Target, connections: int, seconds: int) -> tuple[float, float]:
+def wrk(t: Target, connections: int, seconds: int, path: str = "/bytes/100"
+        ) -> tuple[float, float]:
     r = sh(t.client_ns, "wrk", "-d", f"{seconds}s", "-c", str(connections), "-t",
-           "2" if connections > 1 else "1", "--latency", f"http://{t.ip}/bytes/100",
+           "2" if connections > 1 else "1", "--latency", f"http://{t.ip}{path}",
            timeout=seconds + 30)
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", r.stdout).group(1))
     m = re.search(r"99%\s+([\d.]+)(us|ms|s)", r.stdout)
@@ -205,6 +206,10 @@ FIGURES = [
     ("wrk1_p99", "wrk -c 1 p99 latency (ms)", False),
     ("wrk50", "keep-alive GETs, wrk -c 50 (req/s)", True),
     ("wrk50_p99", "wrk -c 50 p99 latency (ms)", False),
+    # a response a little over one MSS: Nagle without Minshall's change would hold its
+    # tail for the client's delayed ACK (about 40 ms a request)
+    ("wrk10_2k", "keep-alive GETs of a 2 KB page, wrk -c 10 (req/s)", True),
+    ("wrk10_2k_p99", "wrk -c 10 2 KB p99 latency (ms)", False),
     ("ab", "new connection per request, ab -c 10 (req/s)", True),
     ("ping_p50", "ping RTT p50 (ms)", False),
     ("ping_p99", "ping RTT p99 (ms)", False),
@@ -227,6 +232,9 @@ def measure(t: Target, quick: bool, upfile: str) -> dict[str, float]:
         rps, p99 = wrk(t, 50, seconds)
         out["wrk50"].append(rps)
         out["wrk50_p99"].append(p99)
+        rps, p99 = wrk(t, 10, seconds, "/bytes/2000")
+        out["wrk10_2k"].append(rps)
+        out["wrk10_2k_p99"].append(p99)
         out["ab"].append(ab(t, 1000 if quick else 5000))
         p50, p99 = ping(t, 50 if quick else 200)
         out["ping_p50"].append(p50)

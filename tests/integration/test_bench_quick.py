@@ -1,5 +1,6 @@
-"""The benchmarks' --quick runs (tools/bench.py, bench_forward.py, bench_dns.py) produce
-every figure for every target (nothing about speed)."""
+"""The benchmarks' --quick runs (tools/bench.py, bench_forward.py, bench_dns.py,
+bench_tls.py, bench_trace.py, bench_matrix.py) produce every figure for every target
+(nothing about speed)."""
 
 import json
 import subprocess
@@ -81,3 +82,34 @@ def test_bench_trace_quick_produces_every_figure(tmp_path):
     assert set(results) == {"off", "discard", "json"}
     assert results["off"]["events"] == 0 and results["json"]["events"] > 1000
     assert all(r["seconds"] > 0 for r in results.values())
+
+
+def test_bench_matrix_quick_produces_every_cell(tmp_path):
+    """Loss 0 and 5 % at RTT +0: every sender delivers bytes in every cell, the loss is
+    really applied (and only where asked), and the tables and heat map are written."""
+    for tool in ("curl", "iptables", "ping", "timeout"):
+        require_tool(tool)
+    # --time-limit: the tool stops and cleans up by itself well before the kill below
+    r = subprocess.run([sys.executable, "tools/bench_matrix.py", "--quick", "--time-limit",
+                        "100", "--out", str(tmp_path)], cwd=REPO, capture_output=True,
+                       text=True, timeout=150)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    results = json.loads((tmp_path / "matrix-quick.json").read_text())
+    senders = set(results["senders"])
+    assert {"tapstack cubic", "tapstack newreno", "tapstack bbr", "kernel reno"} <= senders
+    best = results["best_pairing"]
+    assert best in senders and best.endswith(" -> tapstack"), best
+    assert [(c["loss_pct"], c["rtt_added_ms"]) for c in results["cells"]] == [(0, 0), (5, 0)]
+    for cell in results["cells"]:
+        assert set(cell["results"]) == senders
+        for name, figures in cell["results"].items():
+            assert figures["MBps"] > 0, (cell["loss_pct"], name, figures)
+            if cell["loss_pct"] == 0:
+                assert figures["complete"], (name, figures)
+        assert cell["ping_ms"] > 0
+    assert results["cells"][0]["measured_loss_pct"] == 0
+    assert results["cells"][1]["measured_loss_pct"] > 0
+    assert "tapstack bbr / " + best in results["cells"][0]["ratios"]
+    table = (tmp_path / "matrix-quick.md").read_text()
+    assert "| loss each way (%) | RTT added (ms) |" in table
+    assert (tmp_path / "matrix-quick.png").stat().st_size > 1000

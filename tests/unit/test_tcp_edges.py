@@ -249,13 +249,19 @@ def test_tail_loss_probe_with_one_segment_out_waits_for_a_200ms_delayed_ack():
 # -- ACKs for a batch of data --------------------------------------------------------------
 
 
-def test_every_second_full_segment_of_a_batch_is_acked():
-    """RFC 5681 4.2, even when many segments arrive before the stack runs its output."""
-    peer, conn, seq, ack = established(quickack_segments=0)
-    for i in range(10):
+@pytest.mark.parametrize(("every", "segments", "acked_at"), [
+    (2, 10, [2, 4, 6, 8, 10]),  # RFC 5681 4.2 to the letter
+    (44, 100, [44, 88, 100]),  # the default: at most 64 KB per ACK, as Linux with GRO
+    (44, 3, [3]),  # a small batch: one ACK at its end, not a delayed one
+])
+def test_a_batch_of_segments_is_acked_as_it_arrives(every, segments, acked_at):
+    """Many segments may arrive before the stack runs its output: the ACKs may not wait
+    for the end of the batch (which once meant one ACK per 256 frames)."""
+    peer, conn, seq, ack = established(quickack_segments=0, ack_every=every)
+    for i in range(segments):
         peer.send(ACK, seq + 1460 * i, ack, b"s" * 1460)
     acks = peer.out()
-    assert [a.ack - seq for a in acks] == [1460 * n for n in (2, 4, 6, 8, 10)]
+    assert [(a.ack - seq) // 1460 for a in acks] == acked_at
 
 
 # -- Nagle with Minshall's modification ----------------------------------------------------
@@ -317,3 +323,21 @@ def test_an_internal_error_in_a_segment_aborts_that_connection(monkeypatch):
     assert not peer.iface.tcp.connections
     assert peer.iface.counters["stack.internal_errors"] == 1
     assert peer.iface.counters["tcp.aborted_on_error"] == 1
+
+
+def test_a_burst_gets_a_tail_loss_probe_not_the_lone_segment_delay():
+    """The timer is armed when the burst's first segment leaves; the probe timeout must be
+    the one for the whole burst (2 SRTT), not for one segment (2 SRTT + 200 ms, which is
+    later than the RTO: a Linux receiver holding its ACK then meets a spurious RTO)."""
+    peer, conn, seq, ack = established()
+    conn.send(b"a" * 1460 * 2)
+    peer.out()
+    peer.now += 0.002
+    peer.send(ACK, seq, ack + 2920)  # SRTT about 2 ms; nothing outstanding
+    peer.out()
+    conn.send(b"b" * 1460 * 6)
+    burst = peer.out()
+    assert len(burst) == 6
+    probe = peer.advance(0.05)
+    assert probe and peer.iface.counters["tcp.tlp_probes"] == 1
+    assert peer.iface.counters["tcp.rto_expiries"] == 0

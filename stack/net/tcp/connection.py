@@ -76,6 +76,11 @@ class TcpConfig:
     orphan_retries: int = 8  # window probes, answered or not, once the user has closed
     delayed_ack: float = 0.04
     quickack_segments: int = 16  # ACK every segment at first, so the peer's slow start runs
+    # Inside one batch of received frames, ACK at once after this many full segments;
+    # the batch's end ACKs the rest (from 2 segments on). 44 segments is 64 KB, what
+    # Linux acknowledges at most per GRO super-packet; 2 would be RFC 5681 4.2 to the
+    # letter (measured: uploads 4 % slower plain, 14 % slower with --offload).
+    ack_every: int = 44
     keepalive: bool = False
     keepalive_idle: float = 7200.0
     keepalive_interval: float = 75.0

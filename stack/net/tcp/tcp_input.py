@@ -428,12 +428,13 @@ class InputMixin:
             self._ack_now = True  # RFC 5681 4.2: ACK a segment that fills a gap at once
         # RFC 5681 4.2 / RFC 9293 3.8.6.3: ACK at least every second full-sized segment,
         # otherwise within the delayed-ACK time.
+        # Segments that arrive in one batch are acknowledged together at its end (as
+        # Linux does for a GRO super-packet), but no more than ack_every of them: a batch
+        # may hold hundreds, and the sender's ACK clock must hear of them as they come.
         self._segs_unacked += 1
-        if self._segs_unacked >= 2 or len(data) > self.eff_mss + 40:
-            # at once, not at the end of the batch: a batch may hold hundreds of segments
-            # and the sender's ACK clock needs to hear of them as they come
+        if self._segs_unacked >= self.config.ack_every or len(data) > self.eff_mss + 40:
             self._emit(self.snd_max, ACK, b"", now)
-        elif self._quickack > 0:
+        elif self._segs_unacked >= 2 or self._quickack > 0:
             self._ack_now = True
         elif self.t_delack is None:
             self.t_delack = now + self.config.delayed_ack

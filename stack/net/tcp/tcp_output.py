@@ -16,6 +16,7 @@ from stack.net.tcp.states import (
     FIN_WAIT_1,
     LAST_ACK,
     MAX_SACK_BLOCKS,
+    RTO,
     SEND_STATES,
     SYN_RECEIVED,
     SYN_SENT,
@@ -47,9 +48,15 @@ class OutputMixin:
         sent = False
         if self._sack_recovery:
             self._sack_retransmit(now)
+        timer_idle = self.t_rtx is None
         if state in SEND_STATES or (state in (FIN_WAIT_1, CLOSING, LAST_ACK)
                                      and not self._fin_sent()):
             sent = self._send_data(now)
+        if sent and timer_idle and self.rtx_kind == RTO and not self._in_recovery:
+            # The timer was armed as the burst's first segment left, when one segment
+            # was out and a probe would have waited for a delayed ACK. Choose again for
+            # the whole burst (RFC 8985 7.2: the probe timeout of the flight sent).
+            self._arm_rtx(now)
         if self._ack_now and not sent:
             # Pure ACKs carry SND.MAX: after a go-back-N rewind an older sequence number
             # would make the peer ignore our window updates (the SND.WL1 rule).
