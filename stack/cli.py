@@ -621,7 +621,7 @@ def cmd_conns(args: argparse.Namespace) -> int:
         if args.watch:
             print("\033[H\033[2J" + text, flush=True)
             previous = {f"{c['local']} {c['remote']}": c["bytes_acked"] + c["bytes_received"]
-                        for c in answer["connections"]}
+                        for c in answer["connections"] if "bytes_acked" in c}  # not TIME-WAIT
             try:
                 time.sleep(1.0)
             except KeyboardInterrupt:

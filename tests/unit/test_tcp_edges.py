@@ -5,7 +5,7 @@ import pytest
 
 from stack.net.tcp import layer as tcp_layer
 from stack.net.tcp.connection import TIME_WAIT, Connection, TcpConfig
-from tests.unit.tcp_peer import ACK, FIN, PSH, SYN, Peer, opts
+from tests.unit.tcp_peer import ACK, FIN, PSH, SYN, Peer, User, opts
 
 SACK_OPTS = opts(mss=1460, wscale=7, sack_ok=True)
 
@@ -341,3 +341,123 @@ def test_a_burst_gets_a_tail_loss_probe_not_the_lone_segment_delay():
     probe = peer.advance(0.05)
     assert probe and peer.iface.counters["tcp.tlp_probes"] == 1
     assert peer.iface.counters["tcp.rto_expiries"] == 0
+
+
+# -- found by review -------------------------------------------------------------------------
+
+
+def test_probes_whose_byte_is_taken_count_as_answered():
+    """A receiver that accepts each probe byte and keeps its window shut answers with an
+    ACK that takes the fast path: the connection must stay (RFC 1122 4.2.2.17)."""
+    peer = Peer(TcpConfig(retries=4))
+    peer.listen()
+    conn, seq, ack = peer.handshake(options=SACK_OPTS)
+    conn.send(b"a" * 100)
+    peer.out()
+    peer.send(ACK, seq, ack + 100, window=0)
+    conn.send(b"b" * 5000)
+    peer.out()
+    edge, probes = ack + 100, 0
+    while probes < 10:
+        for s in peer.advance(peer.iface.next_deadline() - peer.now):
+            if s.data:
+                probes += 1
+                edge = max(edge, s.seq + len(s.data))
+                peer.send(ACK, seq, edge, window=0)  # taken; still shut
+    assert conn.state_name == "ESTABLISHED" and peer.server_user.closed == []
+
+
+def test_an_application_that_aborts_on_the_last_fin_leaves_no_time_wait():
+    peer = Peer()
+    peer.listen()
+    other, _, _ = peer.handshake(iss=5000)  # another connection from the same host
+    peer.port = 40001
+    conn, seq, ack = peer.handshake()
+
+    class AbortOnEof(User):
+        def on_eof(self):
+            conn.abort()  # what the transport does when eof_received raises
+
+    conn.user = AbortOnEof()
+    conn.shutdown()
+    (fin,) = peer.out()
+    peer.send(ACK, seq, fin.seq + 1)
+    peer.send(ACK | FIN, seq, fin.seq + 1)
+    assert [s.flags & 0x04 for s in peer.out()] == [0x04]  # the RST, and no ACK after it
+    layer = peer.iface.tcp
+    assert len(layer.connections) == 1 and not layer.time_wait
+    assert layer.state_counts[4] == 1 and sum(layer.state_counts) == 1  # ESTABLISHED
+    assert sum(layer.per_source.values()) == 1 and sum(layer.local_ports.values()) == 1
+
+
+def sacks(*blocks):
+    import struct
+    return b"\x01\x01" + struct.pack("!BB", 5, 2 + 8 * len(blocks)) + b"".join(
+        struct.pack("!II", s & 0xFFFFFFFF, e & 0xFFFFFFFF) for s, e in blocks)
+
+
+@pytest.mark.parametrize("cc", ["cubic", "newreno"])
+def test_a_loss_after_an_undone_recovery_is_reduced_and_bounded(cc):
+    """Undo restores an infinite ssthresh on a first loss; the next loss must still be a
+    loss (reduced), and ending its recovery must never set cwnd to that infinity."""
+    peer = Peer(TcpConfig(cc=cc))
+    peer.listen()
+    conn, seq, their = peer.handshake(options=SACK_OPTS)
+    mss = conn.eff_mss
+
+    def s(k):
+        return their + k * mss
+
+    conn.send(b"y" * (20 * mss))
+    peer.out()
+    peer.now += 0.01
+    peer.send(ACK, seq, s(10))
+    peer.out()
+    peer.now += 0.01
+    peer.send(ACK, seq, s(10), options=sacks((s(11), s(18)), (s(19), s(20))))
+    peer.out()  # holes 10 and 18 re-sent
+    peer.now += 0.01
+    peer.send(ACK, seq, s(18), options=sacks((s(10), s(11)), (s(19), s(20))))  # D-SACK
+    peer.send(ACK, seq, s(20), options=sacks((s(18), s(19))))  # D-SACK: all spurious
+    peer.out()
+    assert peer.iface.counters["tcp.spurious_recoveries"] == 1
+    conn.send(b"z" * (10 * mss))
+    peer.out()
+    peer.now += 0.01
+    peer.send(ACK, seq, s(20), options=sacks((s(21), s(24))))  # a real loss: segment 20
+    peer.out()
+    assert conn.cc.ssthresh < 1 << 30  # reduced
+    peer.now += 0.01
+    peer.send(ACK, seq, conn.snd_max)
+    peer.out()
+    assert conn.cc.cwnd < 100 * mss
+    conn.send(b"w" * (400 * mss))
+    assert len(peer.out()) < 100
+
+
+def test_bbr_probes_for_the_minimum_rtt_even_with_a_sample_on_every_ack():
+    from stack.net.tcp.congestion import Bbr
+    cc = Bbr(1000)
+    now, una, modes = 0.0, 0, set()
+    while now < 20.0:
+        rtt = 0.010 if now < 1.0 else 0.015  # a queue builds after the first second
+        window = min(cc.cwnd, 200_000)  # the receiver's window bounds the flight
+        una += window
+        cc.on_ack(window, rtt, now + rtt, una, una + window, window, True, False)
+        modes.add(cc.mode)
+        now += rtt
+    assert "probe_rtt" in modes
+
+
+def test_a_small_window_with_nothing_in_flight_is_not_a_stall():
+    """Sender SWS avoidance holds a segment smaller than half the largest window seen;
+    with nothing in flight no ACK will come, so the override timer sends it (RFC 9293
+    3.8.6.2.1) if the receiver's window update is lost."""
+    peer, conn, seq, ack = established()
+    conn.send(b"a" * 1460)
+    peer.out()
+    peer.send(ACK, seq, ack + 1460, window=2)  # scaled by 2**7: 256 bytes open
+    conn.send(b"b" * 5000)
+    assert peer.out() == []  # 256 bytes: too small to send at once
+    later = peer.advance(1.0)
+    assert later and len(later[0].data) == 256

@@ -163,6 +163,8 @@ class CongestionControl:
         self.cwnd = max(self.cwnd - acked + (mss if acked >= mss else 0), mss)
 
     def exit_recovery(self, flight: int, sack: bool) -> None:
+        if self.ssthresh >= INFINITE:
+            return  # nothing was reduced (undone, or a controller switched mid-way)
         if sack:
             self.cwnd = self.ssthresh  # RFC 6937: the reduction is complete
         else:
@@ -172,10 +174,10 @@ class CongestionControl:
     def on_timeout(self, flight: int, now: float, first: bool = True) -> None:
         # RFC 5681 3.1 equation 4, and a loss window of one segment; undo() goes back to
         # before the first timeout of a series
-        if first:
+        if first:  # (a backed-off timeout of the same episode does not cut again)
             self._save()
-        self.ssthresh = self._loss_ssthresh(flight)
-        self._on_loss(flight, now)
+            self.ssthresh = self._loss_ssthresh(flight)
+            self._on_loss(flight, now)
         self.cwnd = self.mss
         self._avoid_acc = 0
 
@@ -371,7 +373,7 @@ class Bbr(CongestionControl):
     def _bdp(self, gain: float) -> int:
         if self.min_rtt is None or self.btl_bw <= 0:
             return initial_window(self.mss)
-        return int(gain * self.btl_bw * max(self.min_rtt, MIN_RTT_FLOOR))
+        return int(min(gain * self.btl_bw * max(self.min_rtt, MIN_RTT_FLOOR), INFINITE))
 
     def _target_cwnd(self) -> int:
         mode = self.mode
@@ -383,7 +385,9 @@ class Bbr(CongestionControl):
             gain = 1.0  # no pacing: the window, not the rate, lets the queue drain
         else:
             gain = CWND_GAIN * self.pacing_gain  # the phase's gain acts on the window
-        return max(self._bdp(gain) + BATCH_BUDGET * self.mss, 4 * self.mss)
+        # (bounded: with no bottleneck but the receiver's window, the model could grow
+        # without end)
+        return min(max(self._bdp(gain) + BATCH_BUDGET * self.mss, 4 * self.mss), INFINITE)
 
     def on_ack(self, delivered: int, rtt: float | None, now: float, una: int, snd_nxt: int,
                flight: int, cwnd_limited: bool, in_recovery: bool) -> None:
@@ -403,11 +407,12 @@ class Bbr(CongestionControl):
                 self.btl_bw = max(r for _, r in self._bw_samples)
             self._interval_start = now
             self._interval_delivered = self._delivered
-        if rtt is not None:
-            if self.min_rtt is None or rtt <= self.min_rtt \
-                    or now - self._min_rtt_stamp > MIN_RTT_WINDOW:
-                self.min_rtt = rtt
-                self._min_rtt_stamp = now
+        # the minimum RTT, and whether it has gone unconfirmed for 10 s (decided before
+        # this sample refreshes it, or PROBE_RTT would never come with an RTT per ACK)
+        expired = self.min_rtt is not None and now - self._min_rtt_stamp > MIN_RTT_WINDOW
+        if rtt is not None and (self.min_rtt is None or rtt <= self.min_rtt or expired):
+            self.min_rtt = rtt
+            self._min_rtt_stamp = now
         # the state machine
         if self.mode == STARTUP and new_round and cwnd_limited:
             if self.btl_bw >= self._full_bw * 1.25:
@@ -425,8 +430,7 @@ class Bbr(CongestionControl):
             self._cycle_index = (self._cycle_index + 1) % len(PACING_CYCLE)
             self._cycle_start = now
             self.pacing_gain = PACING_CYCLE[self._cycle_index]
-        if self.mode != PROBE_RTT and self.min_rtt is not None \
-                and now - self._min_rtt_stamp > MIN_RTT_WINDOW:
+        if self.mode != PROBE_RTT and expired:
             self.mode = PROBE_RTT  # the minimum is old: let the queue drain to see it
             self.prior_cwnd = max(self.prior_cwnd, self.cwnd)
             self._probe_rtt_done = now + PROBE_RTT_TIME

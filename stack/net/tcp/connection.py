@@ -147,6 +147,7 @@ class Connection(InputMixin, OutputMixin, RecoveryMixin, TimerMixin):
         "_listener", "keepalive", "_sack", "_sack_recovery", "_rack", "rtx_kind",
         "_tlp_done", "_rack_left", "_eifel", "_probes_unanswered",
         "_orphan_probes", "_snd_sml", "_cwnd_limited", "_undo_retrans", "_undo_tsval",
+        "_rto_episode",
     )
 
     def __init__(self, env: TcpEnv, local_ip: bytes, local_port: int, remote_ip: bytes,
@@ -179,6 +180,7 @@ class Connection(InputMixin, OutputMixin, RecoveryMixin, TimerMixin):
         self._cwnd_limited = False  # the last send stopped at cwnd (RFC 7661)
         self._undo_retrans = -1  # retransmissions of this recovery not yet D-SACKed
         self._undo_tsval: int | None = None  # TSval when this recovery began
+        self._rto_episode = False  # after an RTO, until what it covered is acknowledged
         self.rto = RtoEstimator(config.initial_rto, config.min_rto, config.max_rto)
         self._dupacks = 0
         self._in_recovery = False
@@ -348,6 +350,7 @@ class Connection(InputMixin, OutputMixin, RecoveryMixin, TimerMixin):
         self.irs = seq_add(seg.seq, -1)
         self.rcv_nxt = seg.seq
         self.snd_una = self.snd_nxt = self.snd_max = seg.ack
+        self._snd_sml = seg.ack
         self.snd_buf = SendBuffer(seg.ack)
         self._recover = self.iss
         self._rack.reset(seg.ack)
@@ -396,7 +399,12 @@ class Connection(InputMixin, OutputMixin, RecoveryMixin, TimerMixin):
         """Change controller (like TCP_CONGESTION): the new one starts from the current
         window and threshold."""
         new = make_cc(name, self.eff_mss)
-        new.cwnd, new.ssthresh = self.cc.cwnd, self.cc.ssthresh
+        old = self.cc
+        new.cwnd, new.ssthresh = old.cwnd, old.ssthresh
+        # a recovery under way goes on under the new controller's rules
+        new.prr_delivered, new.prr_out, new.recover_fs = \
+            old.prr_delivered, old.prr_out, old.recover_fs
+        new.round_end = old.round_end
         self.cc = new
 
     def send_buffer_size(self) -> int:

@@ -284,7 +284,8 @@ class TcpLayer:
         """Replace `conn` (which just entered TIME-WAIT) by a small record, 2 MSL long."""
         tw = TimeWait(conn.local_ip, conn.local_port, conn.remote_ip, conn.remote_port,
                       conn.snd_max, conn.rcv_nxt, window, conn.rcv_wscale, conn.ts_ok,
-                      conn.ts_recent, conn._ts_offset, now + 2 * conn.config.msl)
+                      conn.ts_recent, conn._ts_offset, now + 2 * conn.config.msl,
+                      2 * conn.config.msl)
         self.state_changed(conn, conn.state, CLOSED)
         conn.state = CLOSED
         self.remove(conn)
@@ -301,7 +302,9 @@ class TcpLayer:
             return
         if what == "restart":
             self.counters["tcp.time_wait_fin_acked"] += 1
-            self.time_wait.restart(tw, now + 2 * self.config.msl)
+            self.time_wait.restart(tw, now + tw.life)
+        elif not self.allow_challenge_ack(now):
+            return
         segment = build_tcp(tw.local_ip, tw.remote_ip, tw.local_port, tw.remote_port,
                             tw.snd_nxt, tw.rcv_nxt, ACK, tw.window, tw.ack_options(now))
         self.counters["tcp.tx_segments"] += 1
@@ -330,6 +333,9 @@ class TcpLayer:
         """A bug met half-way through this connection's work: its state may be half
         updated, so it must not go on. Reset it and forget it."""
         self.counters["tcp.aborted_on_error"] += 1
+        if conn.state == CLOSED:
+            self.remove(conn)  # it had ended already; make sure the table knows
+            return
         try:
             conn.abort()
         except Exception:
@@ -477,13 +483,16 @@ class TcpLayer:
         self._dirty[conn] = None
 
     def remove(self, conn: Connection) -> None:
+        """Take a CLOSED connection out of the table and the counts (once: a second
+        call, e.g. an abort after a bug, changes nothing)."""
         key = (conn.remote_ip, conn.remote_port, conn.local_ip, conn.local_port)
-        if self.connections.get(key) is conn:
-            del self.connections[key]
         if conn._listener is not None:
             conn._listener.syn_queue.discard(conn)
             conn._listener = None
         self._dirty.pop(conn, None)
+        if self.connections.get(key) is not conn:
+            return
+        del self.connections[key]
         self.state_counts[CLOSED] -= 1
         left = self.per_source.get(conn.remote_ip, 0) - 1
         if left > 0:

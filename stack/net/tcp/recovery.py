@@ -64,13 +64,13 @@ class RecoveryMixin:
         self._undo_tsval = self._ts_now(now) if self.ts_ok else None
         if self._sack:
             self._sack_recovery = True
-            self.cc.enter_recovery(outstanding, True, now, reduce=past_recovery)
+            self.cc.enter_recovery(outstanding, True, now, reduce=not self._rto_episode)
             self._sack_retransmit(now, first=True)
             if self.rtx_kind != RECOVERY:  # nothing to re-send yet: no stale TLP deadline
                 self._arm_recovery_timer(now)
         else:
             self._sack_recovery = False
-            self.cc.enter_recovery(outstanding, False, now, reduce=past_recovery)
+            self.cc.enter_recovery(outstanding, False, now, reduce=not self._rto_episode)
             self._retransmit_first(now)
 
     def _rack_scan(self, now: float) -> tuple[list[tuple[int, int]], int]:
@@ -206,6 +206,7 @@ class RecoveryMixin:
     def _undo(self, now: float) -> None:
         self._undo_retrans = -1
         self._undo_tsval = None
+        self._recover = self.snd_una  # the episode is over: a new loss is a new one
         if self._in_recovery:
             self._in_recovery = False
             self._sack_recovery = False
@@ -340,6 +341,7 @@ class RecoveryMixin:
         # re-send it unless it is reported again
         self._sack.clear()
         self._recover = self.snd_max  # RFC 6582 4: no fast retransmit for these old dupacks
+        self._rto_episode = True  # until SND.UNA passes SND.MAX of now: no second cut
         self._dupacks = 0
         self._rtt_seq = None  # Karn's rule
         self.snd_nxt = self.snd_una  # go back N: output() re-sends from SND.UNA

@@ -111,7 +111,7 @@ class InputMixin:
             self._set_state(ESTABLISHED)
             self._ack_now = True
             self._established()
-            if seg.payload:
+            if seg.payload and self.state != CLOSED:  # (the application may have aborted)
                 self._receive_data(seg, now)
         else:
             # Simultaneous open (RFC 9293 3.10.7.3 fifth check): SYN-RECEIVED, SYN-ACK.
@@ -359,6 +359,9 @@ class InputMixin:
         self._retries = 0
         self._dupacks = 0
         self._rack_left = 3
+        self._probes_unanswered = 0  # the peer is there (a probe may be what it acked)
+        if self._rto_episode and seq_gt(ack, self._recover):
+            self._rto_episode = False
         if self._in_recovery:
             if seq_ge(ack, self._recover):
                 if self._undo_tsval is not None and opts.ts_ecr is not None \
@@ -420,11 +423,15 @@ class InputMixin:
         filled_gap = bool(self.ooo.blocks)
         self.rcv_nxt = seq_add(self.rcv_nxt, len(data))
         self._deliver(data)
+        if self.state == CLOSED:
+            return  # the application aborted while reading
         if filled_gap:
             while (more := self.ooo.pop_ready(self.rcv_nxt)) is not None:
                 if more:
                     self.rcv_nxt = seq_add(self.rcv_nxt, len(more))
                     self._deliver(more)
+                    if self.state == CLOSED:
+                        return
             self._ack_now = True  # RFC 5681 4.2: ACK a segment that fills a gap at once
         # RFC 5681 4.2 / RFC 9293 3.8.6.3: ACK at least every second full-sized segment,
         # otherwise within the delayed-ACK time.
@@ -463,7 +470,8 @@ class InputMixin:
                     self.user.on_data(data)
                 if self.user is not None:
                     self.user.on_eof()
-            self._enter_time_wait(now)
+            if self.state != CLOSED:  # (unless the application aborted meanwhile)
+                self._enter_time_wait(now)
             return
         elif state == FIN_WAIT_1:
             self._set_state(CLOSING)

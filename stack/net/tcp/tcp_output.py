@@ -20,6 +20,7 @@ from stack.net.tcp.states import (
     SEND_STATES,
     SYN_RECEIVED,
     SYN_SENT,
+    TLP,
     TS_OPTION_LEN,
 )
 from stack.wire.tcp import ACK, FIN, PSH, SYN, build_options
@@ -52,7 +53,7 @@ class OutputMixin:
         if state in SEND_STATES or (state in (FIN_WAIT_1, CLOSING, LAST_ACK)
                                      and not self._fin_sent()):
             sent = self._send_data(now)
-        if sent and timer_idle and self.rtx_kind == RTO and not self._in_recovery:
+        if sent and timer_idle and self.rtx_kind in (RTO, TLP) and not self._in_recovery:
             # The timer was armed as the burst's first segment left, when one segment
             # was out and a probe would have waited for a delayed ACK. Choose again for
             # the whole burst (RFC 8985 7.2: the probe timeout of the flight sent).
@@ -143,6 +144,11 @@ class OutputMixin:
             if n < mss and n < unsent and n < room:
                 # window-limited small segment: RFC 9293 3.8.6.2.1 sender SWS avoidance
                 if n < self.max_snd_wnd // 2 or self.flight_size > 0:
+                    if self.flight_size == 0 and self.t_persist is None:
+                        # nothing in flight will bring an ACK: the override timer of
+                        # RFC 9293 3.8.6.2.1 sends what the window allows, if no update
+                        # comes first (a lost one would otherwise stall us for good)
+                        self._arm_persist(now)
                     break
             elif n < mss and not self.nodelay and not fin_ready \
                     and seq_gt(self._snd_sml, self.snd_una) \

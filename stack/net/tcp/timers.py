@@ -13,9 +13,10 @@ from stack.net.tcp.states import (
     ESTABLISHED,
     RECOVERY,
     REORDER,
+    SEND_STATES,
     TLP,
 )
-from stack.wire.tcp import ACK
+from stack.wire.tcp import ACK, PSH
 
 
 class TimerMixin:
@@ -70,6 +71,15 @@ class TimerMixin:
         4.2.2.17 keeps the connection while the receiver answers; like the RTO, probes
         that go unanswered end it, and so do a few more once the user has closed (an
         orphan that a receiver could otherwise hold forever by keeping its window shut)."""
+        unsent = seq_diff(self.snd_buf.end, self.snd_nxt)
+        if self.snd_wnd > 0 and unsent > 0 and self.snd_nxt == self.snd_una \
+                and self.state in SEND_STATES:
+            # the SWS override: a small window and nothing in flight for a while
+            n = min(unsent, self.snd_wnd, self.eff_mss)
+            self._emit(self.snd_nxt, ACK | PSH, self.snd_buf.get(self.snd_nxt, n), now)
+            self._after_send(n, now)
+            self._persist_backoff = 0
+            return
         if self.snd_wnd > 0 or seq_diff(self.snd_buf.end, self.snd_una) <= 0:
             self._persist_backoff = 0
             return

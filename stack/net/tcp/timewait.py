@@ -17,15 +17,16 @@ from stack.wire.tcp import FIN, RST, SYN, Segment, build_options
 
 
 class TimeWait:
-    __slots__ = ("expires", "local_ip", "local_port", "rcv_nxt", "rcv_wscale", "remote_ip",
-                 "remote_port", "snd_nxt", "ts_offset", "ts_ok", "ts_recent", "window")
+    __slots__ = ("expires", "life", "local_ip", "local_port", "rcv_nxt", "rcv_wscale",
+                 "remote_ip", "remote_port", "snd_nxt", "ts_offset", "ts_ok", "ts_recent",
+                 "window")
 
     state = TIME_WAIT
     state_name = "TIME-WAIT"
 
     def __init__(self, local_ip: bytes, local_port: int, remote_ip: bytes, remote_port: int,
                  snd_nxt: int, rcv_nxt: int, window: int, rcv_wscale: int, ts_ok: bool,
-                 ts_recent: int, ts_offset: int, expires: float) -> None:
+                 ts_recent: int, ts_offset: int, expires: float, life: float) -> None:
         self.local_ip, self.local_port = local_ip, local_port
         self.remote_ip, self.remote_port = remote_ip, remote_port
         self.snd_nxt = snd_nxt  # just past our FIN
@@ -36,6 +37,7 @@ class TimeWait:
         self.ts_recent = ts_recent
         self.ts_offset = ts_offset
         self.expires = expires
+        self.life = life  # 2 MSL, as its connection was configured
 
     @property
     def key(self) -> tuple[bytes, int, bytes, int]:
@@ -55,10 +57,11 @@ class TimeWait:
         flags = seg.flags
         if flags & RST:
             return "ignore"  # RFC 1337: RST in TIME-WAIT is ignored
-        if flags & FIN:
-            return "restart"
+        if flags & FIN and not flags & SYN and \
+                (seg.seq + len(seg.payload)) & MASK == (self.rcv_nxt - 1) & MASK:
+            return "restart"  # their FIN again, exactly where it was: our ACK was lost
         if seg.seg_len > 0 or flags & SYN:
-            return "ack"
+            return "ack"  # anything else is answered (rate limited), and changes nothing
         return "ignore"
 
     def ack_options(self, now: float) -> bytes:
