@@ -343,7 +343,8 @@ BATCH_BUDGET = 16  # segments of headroom for the batches a Python stack sends a
 class Bbr(CongestionControl):
     name = "bbr"
     __slots__ = ("_bw_samples", "_cycle_index", "_cycle_start", "_delivered",
-                 "_filled_rounds", "_full_bw", "_interval_delivered", "_interval_start",
+                 "_filled_rounds", "_full_bw", "_interval", "_interval_delivered",
+                 "_interval_start", "_target",
                  "_min_rtt_stamp", "_probe_rtt_done", "_recovery_round", "btl_bw",
                  "min_rtt", "mode", "pacing_gain", "prior_cwnd")
 
@@ -365,6 +366,8 @@ class Bbr(CongestionControl):
         self._probe_rtt_done: float | None = None
         self.prior_cwnd = 0
         self._recovery_round: int | None = None  # packet conservation during this round
+        self._interval = MIN_RTT_FLOOR  # a rate sample spans at least this (min RTT)
+        self._target = initial_window(mss)  # the window the model asks for
 
     @property
     def ssthresh_shown(self) -> int | None:
@@ -391,14 +394,43 @@ class Bbr(CongestionControl):
 
     def on_ack(self, delivered: int, rtt: float | None, now: float, una: int, snd_nxt: int,
                flight: int, cwnd_limited: bool, in_recovery: bool) -> None:
-        new_round = self._new_round(una, snd_nxt)
-        # the model: delivery rate over about a round trip, and the minimum RTT
+        # per ACK only what must be: the round, the delivered count, a lower RTT, and the
+        # window; the model and the state machine move once per interval or round
+        end = self.round_end
+        new_round = end is None or ((una - end) & 0xFFFFFFFF) < 0x80000000
+        if new_round:
+            self.round_end = snd_nxt
+            self.rounds += 1
         self._delivered += delivered
-        if self._interval_start is None:
+        if rtt is not None and (self.min_rtt is None or rtt <= self.min_rtt):
+            self.min_rtt = rtt
+            self._min_rtt_stamp = now
+        start = self._interval_start
+        if start is None:
             self._interval_start = now
             self._interval_delivered = self._delivered
+        elif new_round or now - start >= self._interval or self.mode != PROBE_BW:
+            self._update_model(now, rtt, flight, cwnd_limited, new_round)
+        # the window: towards the target, by what was delivered
+        if in_recovery and self._recovery_round is not None \
+                and self.rounds <= self._recovery_round:
+            if flight > self.cwnd:
+                self.cwnd = flight  # packet conservation: what was out
+            return
+        target = self._target
+        cwnd = self.cwnd
+        if cwnd < target:
+            cwnd += delivered
+            self.cwnd = cwnd if cwnd < target else target
+        else:
+            self.cwnd = target
+
+    def _update_model(self, now: float, rtt: float | None, flight: int, cwnd_limited: bool,
+                      new_round: bool) -> None:
         span = now - self._interval_start
-        if span >= max(self.min_rtt or 0.0, MIN_RTT_FLOOR) and span > 0:
+        interval = self._interval
+        if span >= interval and span > 0:
+            # the delivery rate over about a round trip
             rate = (self._delivered - self._interval_delivered) / span
             if cwnd_limited or rate > self.btl_bw:  # app-limited samples only raise it
                 self._bw_samples.append((self.rounds, rate))
@@ -407,13 +439,12 @@ class Bbr(CongestionControl):
                 self.btl_bw = max(r for _, r in self._bw_samples)
             self._interval_start = now
             self._interval_delivered = self._delivered
-        # the minimum RTT, and whether it has gone unconfirmed for 10 s (decided before
-        # this sample refreshes it, or PROBE_RTT would never come with an RTT per ACK)
+        # the minimum RTT unconfirmed for 10 s (decided before this sample refreshes it,
+        # or PROBE_RTT would never come with an RTT on every ACK)
         expired = self.min_rtt is not None and now - self._min_rtt_stamp > MIN_RTT_WINDOW
-        if rtt is not None and (self.min_rtt is None or rtt <= self.min_rtt or expired):
+        if expired and rtt is not None:
             self.min_rtt = rtt
             self._min_rtt_stamp = now
-        # the state machine
         if self.mode == STARTUP and new_round and cwnd_limited:
             if self.btl_bw >= self._full_bw * 1.25:
                 self._full_bw = self.btl_bw
@@ -425,8 +456,7 @@ class Bbr(CongestionControl):
                     self.pacing_gain = 1 / HIGH_GAIN
         if self.mode == DRAIN and flight <= self._bdp(1.0) + BATCH_BUDGET * self.mss:
             self._enter_probe_bw(now)
-        if self.mode == PROBE_BW and now - self._cycle_start > max(self.min_rtt or 0.0,
-                                                                    MIN_RTT_FLOOR):
+        if self.mode == PROBE_BW and now - self._cycle_start > interval:
             self._cycle_index = (self._cycle_index + 1) % len(PACING_CYCLE)
             self._cycle_start = now
             self.pacing_gain = PACING_CYCLE[self._cycle_index]
@@ -439,16 +469,8 @@ class Bbr(CongestionControl):
             self._min_rtt_stamp = now
             self.cwnd = max(self.cwnd, self.prior_cwnd)
             self._enter_probe_bw(now)
-        # the window: towards the target, by what was delivered
-        target = self._target_cwnd()
-        if in_recovery and self._recovery_round is not None \
-                and self.rounds <= self._recovery_round:
-            self.cwnd = max(self.cwnd, flight)  # packet conservation: what was out
-            return
-        if self.cwnd < target:
-            self.cwnd = min(self.cwnd + delivered, target)
-        else:
-            self.cwnd = target
+        self._interval = max(self.min_rtt or 0.0, MIN_RTT_FLOOR)
+        self._target = self._target_cwnd()
 
     def _enter_probe_bw(self, now: float) -> None:
         self.mode = PROBE_BW
