@@ -222,8 +222,10 @@ def _parser() -> argparse.ArgumentParser:
                                         "else /var/lib/tapstack as root)")
 
     from stack.lab.cli import add_lab_parser
+    from stack.video.cli import add_hls_parser
 
     add_lab_parser(sub)
+    add_hls_parser(sub)
     return p
 
 
@@ -722,6 +724,10 @@ def main(argv: list[str] | None = None) -> int:
             from stack.lab.cli import cmd_lab
 
             return cmd_lab(args)
+        if args.command == "hls":
+            from stack.video.cli import cmd_hls
+
+            return cmd_hls(args)
         return cmd_stats(args)
     except (UsageError, LinkError, ConfigError, LabError) as exc:
         print(f"tapstack: {exc}", file=sys.stderr)

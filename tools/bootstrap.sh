@@ -19,13 +19,14 @@ declare -A pkg_of=(
     [shellcheck]=shellcheck [vagrant]=vagrant [traceroute]=traceroute
     [tracepath]=iputils-tracepath [iperf3]=iperf3 [conntrack]=conntrack
     [dig]=bind9-dnsutils [kdig]=knot-dnsutils [unbound]=unbound [dnsperf]=dnsperf
-    [testssl]=testssl.sh [openssl]=openssl [chromium]=chromium
+    [testssl]=testssl.sh [openssl]=openssl [chromium]=chromium [ffmpeg]=ffmpeg
+    [ffprobe]=ffmpeg
 )
 case "$target" in
     run) wanted=(ip gcc ping arping tcpdump curl nc) ;;  # what the banner says to try
     test) wanted=(ip ping arping tcpdump tshark curl nc socat iptables hping3 gcc wrk ab nmap
                  shellcheck vagrant traceroute tracepath iperf3 conntrack dig kdig
-                 unbound dnsperf testssl openssl chromium) ;;
+                 unbound dnsperf testssl openssl chromium ffmpeg ffprobe) ;;
     *) wanted=() ;;
 esac
 

@@ -17,8 +17,8 @@ def test_bench_quick_produces_every_figure(tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     results = json.loads((tmp_path / "quick.json").read_text())
     assert set(results) == {"tapstack", "tapstack --offload", "kernel"}
-    keys = {"download", "upload", "wrk1", "wrk1_p99", "wrk50", "wrk50_p99", "ab",
-            "ping_p50", "ping_p99", "idle_kb", "idle_cpu"}
+    keys = {"download", "upload", "wrk1", "wrk1_p99", "wrk50", "wrk50_p99", "wrk10_2k",
+            "wrk10_2k_p99", "ab", "ping_p50", "ping_p99", "idle_kb", "idle_cpu"}
     for name, figures in results.items():
         assert set(figures) == keys, name
         assert all(figures[k] > 0 for k in keys - {"idle_cpu"}), (name, figures)

@@ -21,6 +21,7 @@ from email.utils import formatdate, parsedate_to_datetime
 from typing import Any
 
 from stack.apps.services import deterministic_bytes
+from stack.video.hls import CONTENT_TYPES as STREAM_TYPES
 
 Scope = dict[str, Any]
 MAX_BYTES = 1 << 40
@@ -268,9 +269,16 @@ th{{text-align:left;padding-right:1em}}</style></head>
                 await send({"type": "http.response.start", "status": 304,
                             "headers": validators})
                 return await send({"type": "http.response.body", "body": b""})
-            ctype = (mimetypes.guess_type(full)[0] or "application/octet-stream").encode()
+            ext = os.path.splitext(full)[1].lower()
+            ctype = (STREAM_TYPES.get(ext) or mimetypes.guess_type(full)[0]
+                     or "application/octet-stream").encode()
             if ctype.startswith(b"text/"):
                 ctype += b"; charset=utf-8"
+            if ext == ".m3u8":
+                # a live playlist changes every segment: revalidate it each time
+                validators.append((b"cache-control", b"no-cache"))
+            elif ext in STREAM_TYPES:
+                validators.append((b"cache-control", b"max-age=86400"))  # a segment never
 
             def read(offset: int, n: int) -> bytes:
                 f.seek(offset)

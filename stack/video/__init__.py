@@ -1,0 +1,1 @@
+"""Video over tapstack: HLS ladders and their checker."""

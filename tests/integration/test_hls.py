@@ -1,0 +1,109 @@
+"""An HLS ladder made by `tapstack hls make` (real ffmpeg), served by tapstack, read by
+curl, ffprobe and ffmpeg as a player in the namespace."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+
+import pytest
+
+from tests.integration.conftest import REPO, STACK_IP, in_ns, require_tool, tapstack_cmd
+
+URL = f"http://{STACK_IP}"
+
+
+@pytest.fixture(scope="module")
+def ladder(tmp_path_factory):
+    require_tool("ffmpeg")
+    require_tool("ffprobe")
+    out = tmp_path_factory.mktemp("hls")
+    r = subprocess.run(tapstack_cmd("hls", "make", str(out), "--duration", "6",
+                                    "--segment", "2"), cwd=REPO, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "master.m3u8 is valid" in r.stdout
+    return out
+
+
+def test_the_ladder_has_three_aligned_renditions(ladder):
+    r = subprocess.run(tapstack_cmd("hls", "check", str(ladder), "--json"), cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    variants = summary["variants"]
+    assert [v["resolution"] for v in variants] == ["426x240", "640x360", "1280x720"]
+    assert [v["segments"] for v in variants] == [3, 3, 3]
+    assert all(v["target_duration"] == 2 for v in variants)
+    bandwidth = [v["bandwidth"] for v in variants]
+    assert bandwidth == sorted(bandwidth) and bandwidth[0] < 1e6 < bandwidth[2]
+    assert all(v["codecs"].startswith("avc1.") and "mp4a.40.2" in v["codecs"]
+               for v in variants)
+    # each rendition's real rate lies below what the master promises (BANDWIDTH is a peak)
+    assert all(v["measured_bps"] <= v["bandwidth"] for v in variants)
+
+
+def test_a_broken_ladder_is_refused_in_one_sentence(ladder, tmp_path):
+    r = subprocess.run(tapstack_cmd("hls", "check", str(tmp_path)), cwd=REPO,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert r.stderr.startswith("tapstack: ") and "master.m3u8 is missing" in r.stderr
+    assert r.stderr.count("\n") == 1
+
+
+def curl_head(ns: str, *args: str) -> dict[str, str]:
+    r = in_ns(ns, "curl", "-sS", "-D", "-", "-o", "/dev/null", *args, timeout=30)
+    lines = r.stdout.replace("\r", "").splitlines()
+    headers = {"status": lines[0].split(" ")[1]}
+    for ln in lines[1:]:
+        if ":" in ln:
+            k, v = ln.split(":", 1)
+            headers[k.strip().lower()] = v.strip()
+    return headers
+
+
+def test_tapstack_serves_it_with_the_right_types_ranges_and_caching(ladder, start_stack):
+    st = start_stack("--root", str(ladder), pcap=False)
+    master = curl_head(st.ns, f"{URL}/master.m3u8")
+    assert master["status"] == "200"
+    assert master["content-type"] == "application/vnd.apple.mpegurl"
+    assert master["cache-control"] == "no-cache"  # playlists change when live
+    seg = curl_head(st.ns, f"{URL}/360p/seg_001.ts")
+    assert seg["status"] == "200" and seg["content-type"] == "video/mp2t"
+    assert seg["cache-control"].startswith("max-age=")
+    size = (ladder / "360p" / "seg_001.ts").stat().st_size
+    assert int(seg["content-length"]) == size
+    # a byte range: the second transport-stream packet, 188 bytes starting with 0x47
+    r = subprocess.run(["ip", "netns", "exec", st.ns, "curl", "-sS", "-r", "188-375", "-w",
+                        "%{http_code}", f"{URL}/360p/seg_001.ts"], capture_output=True,
+                       timeout=30)
+    body = r.stdout
+    assert body.endswith(b"206") and len(body) == 188 + 3 and body[0] == 0x47
+    assert body[:188] == (ladder / "360p" / "seg_001.ts").read_bytes()[188:376]
+    # ffprobe reads a segment over HTTP from tapstack
+    r = in_ns(st.ns, "ffprobe", "-v", "error", "-show_entries", "stream=codec_name,width",
+              "-of", "json", f"{URL}/720p/seg_000.ts", timeout=60)
+    streams = json.loads(r.stdout)["streams"]
+    assert {"h264", "aac"} <= {s["codec_name"] for s in streams}
+    assert any(s.get("width") == 1280 for s in streams)
+
+
+def test_ffmpeg_plays_the_master_playlist_from_tapstack(ladder, start_stack):
+    """A real HLS client: ffmpeg reads the master, picks a variant, fetches every segment
+    over tapstack's TCP, and decodes all six seconds."""
+    st = start_stack("--root", str(ladder), pcap=False)
+    r = in_ns(st.ns, "timeout", "-k", "5", "60", "ffmpeg", "-hide_banner", "-nostdin",
+              "-i", f"{URL}/master.m3u8", "-map", "0:v:0", "-f", "null", "-",
+              timeout=90)
+    assert r.returncode == 0, r.stderr[-2000:]
+    frames = [int(x) for x in re.findall(r"frame=\s*(\d+)", r.stderr)]
+    assert frames and frames[-1] >= 6 * 25 - 1  # every frame of the 6 s at 25 fps
+    st.stop()
+    # tapstack's access log: the master first, then the playlists and segments (ffmpeg
+    # asks for ranges, "bytes=0-", so they are 206s); every segment of the variant it
+    # played was fetched
+    got = re.findall(r'"GET (\S+) HTTP/1\.1" 20[06]', st.stderr)
+    assert got and got[0] == "/master.m3u8", st.stderr[-1000:]
+    assert any({f"/{v}/seg_00{i}.ts" for i in range(3)} <= set(got)
+               for v in ("240p", "360p", "720p")), got
