@@ -316,12 +316,7 @@ class TcpLayer:
         self._forget_time_wait(tw)
 
     def _forget_time_wait(self, tw: TimeWait) -> None:
-        here = (tw.local_ip, tw.local_port)
-        left = self.local_ports.get(here, 0) - 1
-        if left > 0:
-            self.local_ports[here] = left
-        else:
-            self.local_ports.pop(here, None)
+        _decrement(self.local_ports, (tw.local_ip, tw.local_port))
         if self.trace.on:
             self.trace.emit("tcp", "state", self.now, local=ip_to_str(tw.local_ip),
                             local_port=tw.local_port, remote=ip_to_str(tw.remote_ip),
@@ -494,17 +489,8 @@ class TcpLayer:
             return
         del self.connections[key]
         self.state_counts[CLOSED] -= 1
-        left = self.per_source.get(conn.remote_ip, 0) - 1
-        if left > 0:
-            self.per_source[conn.remote_ip] = left
-        else:
-            self.per_source.pop(conn.remote_ip, None)
-        here = (conn.local_ip, conn.local_port)
-        left = self.local_ports.get(here, 0) - 1
-        if left > 0:
-            self.local_ports[here] = left
-        else:
-            self.local_ports.pop(here, None)
+        _decrement(self.per_source, conn.remote_ip)
+        _decrement(self.local_ports, (conn.local_ip, conn.local_port))
 
     def allow_challenge_ack(self, now: float) -> bool:
         """RFC 5961 7: a global per-second budget for challenge ACKs."""
@@ -647,3 +633,13 @@ class TcpLayer:
         """Shutdown: reset every synchronized connection, forget the rest."""
         for conn in list(self.connections.values()):
             conn.abort()
+
+
+def _decrement(counts: dict, key: object) -> None:
+    """One fewer for `key`; the entry goes at zero (the tables stay as small as what is
+    in use)."""
+    left = counts.get(key, 0) - 1
+    if left > 0:
+        counts[key] = left
+    else:
+        counts.pop(key, None)
