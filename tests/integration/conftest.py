@@ -176,6 +176,17 @@ def routed_client(start_stack, netns):
     The client's veth sends one segment per packet (gso_max_segs 1), so a drop is a
     segment, not a 64 KB GSO train."""
     st = start_stack(ns=netns, pcap=False)
+    client = add_routed_client(netns)
+    try:
+        yield st, client
+    finally:
+        subprocess.run(["ip", "netns", "delete", client], check=False)
+
+
+def add_routed_client(netns: str) -> str:
+    """A namespace of its own one hop from `netns` (veth 10.78.0.2 <-> 10.78.0.1 on rt0),
+    the kernel of `netns` routing between it and tap0; returns its name (the caller
+    deletes it)."""
     client = unique_name("tc")
     subprocess.run(["ip", "netns", "add", client], check=True)
     try:
@@ -191,9 +202,10 @@ def routed_client(start_stack, netns):
                     ["ip", "netns", "exec", netns, "sysctl", "-qw",
                      "net.ipv4.ip_forward=1"]):
             subprocess.run(cmd, check=True, capture_output=True)
-        yield st, client
-    finally:
+    except BaseException:
         subprocess.run(["ip", "netns", "delete", client], check=False)
+        raise
+    return client
 
 
 def forward_loss(ns: str, probability: float) -> None:

@@ -107,3 +107,86 @@ def test_ffmpeg_plays_the_master_playlist_from_tapstack(ladder, start_stack):
     assert got and got[0] == "/master.m3u8", st.stderr[-1000:]
     assert any({f"/{v}/seg_00{i}.ts" for i in range(3)} <= set(got)
                for v in ("240p", "360p", "720p")), got
+
+
+PLAY_PAGE = """<html><body><video id=v src="{src}" autoplay muted></video><div id=o></div>
+<script>
+var v = document.getElementById('v'), o = document.getElementById('o'), seen = [];
+function note() {{ o.textContent = JSON.stringify({{sizes: seen, t: v.currentTime,
+                                                   error: v.error && v.error.message}}); }}
+['loadedmetadata', 'resize', 'playing', 'timeupdate', 'error'].forEach(function (n) {{
+  v.addEventListener(n, function () {{
+    var s = v.videoWidth + 'x' + v.videoHeight;
+    if (v.videoWidth && seen[seen.length - 1] !== s) seen.push(s);
+    note();
+  }});
+}});
+</script></body></html>
+"""
+
+LEVELS = {"240p": 0, "360p": 1, "720p": 2}
+
+
+def chromium_plays(client_ns: str, page: str, seconds: int) -> dict:
+    """Headless Chromium (its own HLS player) plays the page; what the page saw."""
+    r = subprocess.run(["ip", "netns", "exec", client_ns, "timeout", "-k", "5", "90",
+                        "chromium", "--headless", "--no-sandbox", "--disable-gpu",
+                        "--autoplay-policy=no-user-gesture-required",
+                        f"--virtual-time-budget={seconds * 1000}", "--dump-dom", page],
+                       capture_output=True, text=True, timeout=120)
+    m = re.search(r'<div id="o">([^<]*)</div>', r.stdout)
+    assert m and m.group(1), r.stdout[-500:] + r.stderr[-1500:]
+    return json.loads(m.group(1).replace("&quot;", '"'))
+
+
+def levels_fetched(stderr: str) -> list[int]:
+    """The rendition of every segment tapstack served, in order (its access log)."""
+    return [LEVELS[v] for v in re.findall(r'"GET /(\d+p)/seg_\d+\.ts HTTP/1\.1" 20[06]',
+                                          stderr)]
+
+
+@pytest.fixture(scope="module")
+def long_ladder(tmp_path_factory):
+    require_tool("ffmpeg")
+    out = tmp_path_factory.mktemp("hls-long")
+    r = subprocess.run(tapstack_cmd("hls", "make", str(out), "--duration", "16",
+                                    "--segment", "2"), cwd=REPO, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    (out / "play.html").write_text(PLAY_PAGE.format(src="/master.m3u8"))
+    return out
+
+
+def test_chromium_plays_from_tapstack_and_adapts_to_a_shaped_link(long_ladder, start_stack,
+                                                                  netns):
+    """Chromium's own HLS player, one routed hop from tapstack, plays the ladder twice:
+    on the bare link, then with the hop shaped to 700 kbit/s (tbf), where only 240p
+    fits. Shaped, it fetches lower renditions than it chose unshaped (the renditions
+    are read from tapstack's access log: what went over the wire) at the first switch
+    point. How far it climbs later is the player's business: under headless Chromium's
+    virtual time it fills its buffer and then probes upwards even on the slow link."""
+    require_tool("chromium")
+    st = start_stack("--root", str(long_ladder), ns=netns, pcap=False)
+    from tests.integration.conftest import add_routed_client
+
+    client = add_routed_client(netns)
+    try:
+        fast = chromium_plays(client, f"{URL}/play.html", 14)
+        subprocess.run(["ip", "netns", "exec", netns, "tc", "qdisc", "add", "dev", "rt0",
+                        "root", "tbf", "rate", "700kbit", "burst", "16kbit", "latency",
+                        "500ms"], check=True, capture_output=True)
+        slow = chromium_plays(client, f"{URL}/play.html", 14)
+    finally:
+        subprocess.run(["ip", "netns", "delete", client], check=False)
+    st.stop()
+    first, _, second = st.stderr.rpartition('"GET /play.html ')
+    unshaped, shaped = levels_fetched(first), levels_fetched(second)
+    for seen in (fast, slow):
+        assert seen["error"] is None and seen["sizes"], seen  # it decoded and showed video
+    assert len(unshaped) >= 2 and len(shaped) >= 2, (unshaped, shaped)
+    # both start at the lowest rendition; at the first switch point, with the link
+    # measured, the fast link goes up and the shaped one stays down
+    assert unshaped[0] == shaped[0] == 0
+    assert unshaped[1] >= 1 and shaped[1] == 0, (unshaped, shaped)
+    print(f"renditions fetched (0=240p, 1=360p, 2=720p): unshaped {unshaped}, shaped to "
+          f"700 kbit/s {shaped}")
