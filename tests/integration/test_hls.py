@@ -14,17 +14,21 @@ from tests.integration.conftest import REPO, STACK_IP, in_ns, require_tool, taps
 URL = f"http://{STACK_IP}"
 
 
-@pytest.fixture(scope="module")
-def ladder(tmp_path_factory):
+def make(out, seconds: int):
+    """`tapstack hls make` with 2-second segments, as a user would run it."""
     require_tool("ffmpeg")
     require_tool("ffprobe")
-    out = tmp_path_factory.mktemp("hls")
-    r = subprocess.run(tapstack_cmd("hls", "make", str(out), "--duration", "6",
+    r = subprocess.run(tapstack_cmd("hls", "make", str(out), "--duration", str(seconds),
                                     "--segment", "2"), cwd=REPO, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "master.m3u8 is valid" in r.stdout
     return out
+
+
+@pytest.fixture(scope="module")
+def ladder(tmp_path_factory):
+    return make(tmp_path_factory.mktemp("hls"), 6)
 
 
 def test_the_ladder_has_three_aligned_renditions(ladder):
@@ -147,12 +151,7 @@ def levels_fetched(stderr: str) -> list[int]:
 
 @pytest.fixture(scope="module")
 def long_ladder(tmp_path_factory):
-    require_tool("ffmpeg")
-    out = tmp_path_factory.mktemp("hls-long")
-    r = subprocess.run(tapstack_cmd("hls", "make", str(out), "--duration", "16",
-                                    "--segment", "2"), cwd=REPO, capture_output=True,
-                       text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
+    out = make(tmp_path_factory.mktemp("hls-long"), 16)
     (out / "play.html").write_text(PLAY_PAGE.format(src="/master.m3u8"))
     return out
 
