@@ -24,10 +24,10 @@ from typing import Any
 from stack.link import LinkError
 from stack.link.impair import Impairment
 from stack.link.pcap import PcapTee
-from stack.net.node import Node
+from stack.net.node import Node, RouteConfig
 from stack.net.tcp.info import tcp_info
 from stack.trace import TraceBuffer, describe_frame, matches
-from stack.wire.ipv4 import ip_to_str
+from stack.wire.ipv4 import ip_from_str, ip_to_str
 
 log = logging.getLogger("tapstack")
 
@@ -337,6 +337,8 @@ class Runtime:
             return self.connections()
         if cmd in self.app_commands:
             return self.app_commands[cmd](request)
+        if cmd == "route":
+            return self._change_route(request)
         box = self.node.middlebox
         if cmd in ("conntrack", "rules", "rule") and box is None:
             return {"error": f"node {self.node.name} tracks no connections and has no NAT "
@@ -353,6 +355,26 @@ class Runtime:
             except (ValueError, TypeError) as exc:
                 return {"error": str(exc)}
         return {"error": f"unknown request {cmd!r}"}
+
+    def _change_route(self, request: dict[str, Any]) -> dict[str, Any]:
+        """{"cmd": "route", "op": "add" | "del", "to": PREFIX, "via": GW, "dev": IF,
+        "metric": N}: change the routing table at run time, as `ip route` does."""
+        op, to = request.get("op"), str(request.get("to"))
+        try:
+            if op == "del":
+                n = self.node.remove_route(to, request.get("metric"))
+                return {"done": f"deleted {n} route{'s' if n > 1 else ''} to {to}"}
+            if op == "add":
+                via = request.get("via")
+                route = self.node.add_route(RouteConfig(
+                    to, ip_from_str(via) if via else None, request.get("dev"),
+                    int(request.get("metric") or 0)))
+                how = f"via {via}" if via else "on-link"
+                return {"done": f"added route {route.prefix_str()} {how} dev "
+                                f"{self.node.interfaces[route.ifindex].name}"}
+        except (ValueError, TypeError) as exc:
+            return {"error": str(exc)}
+        return {"error": "a route request says add or del"}
 
     async def _serve_control(self, reader: asyncio.StreamReader,
                              writer: asyncio.StreamWriter) -> None:

@@ -523,8 +523,11 @@ class Middlebox:
                 raise ValueError(f"{name} {direction} has no security-group rule {number}")
             rules[:] = kept
             return f"deleted security-group rule {number} ({name} {direction})"
-        rule = make_rule(group.next_number, "allow", request.get("protocol", "all"),
+        number = int(request.get("number") or group.next_number)
+        if any(r.number == number for r in rules):
+            raise ValueError(f"{name} {direction} already has a security-group rule {number}")
+        rule = make_rule(number, "allow", request.get("protocol", "all"),
                          request.get("cidr", "0.0.0.0/0"), request.get("ports"))
-        group.next_number += 1
+        group.next_number = max(group.next_number, number + 1)
         rules.append(rule)
         return f"added security-group rule {rule.number} ({name} {direction})"

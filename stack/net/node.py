@@ -144,6 +144,23 @@ class Node:
         self.routes.add(route)
         return route
 
+    def remove_route(self, prefix: str, metric: int | None = None) -> int:
+        """Remove the static routes for `prefix` (of that metric, if given); connected
+        routes stay while their address does. Returns how many; ValueError if none."""
+        try:
+            network, prefixlen = parse_prefix(prefix)
+        except ValueError:
+            raise ValueError(f"{prefix!r} is not a prefix like 10.0.0.0/8 or 'default'") \
+                from None
+        doomed = [r for r in self.routes.routes
+                  if (r.network, r.prefixlen) == (network, prefixlen)
+                  and r.proto == PROTO_STATIC and metric in (None, r.metric)]
+        if not doomed:
+            raise ValueError(f"no static route to {prefix}")
+        self.routes.routes = [r for r in self.routes.routes if r not in doomed]
+        self.routes.rebuild()
+        return len(doomed)
+
     # -- the frame path -------------------------------------------------------------------
 
     def start(self, now: float) -> None:

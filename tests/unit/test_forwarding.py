@@ -5,6 +5,7 @@ import random
 import socket
 
 import dpkt
+import pytest
 
 from stack.net.hooks import Hooks
 from stack.net.interface import InterfaceConfig
@@ -254,3 +255,23 @@ def test_a_two_interface_host_answers_on_both_and_replies_by_the_route():
     assert conn.local_ip == ip("10.2.0.1")
     (eth,) = drain(node)[1]
     assert eth.data.src == ip("10.2.0.1") and conn.state != ESTABLISHED
+
+
+def test_a_static_route_removed_at_run_time_is_gone_and_connected_ones_stay():
+    """`tapstack route del`: the datagram that used the route now meets ICMP network
+    unreachable; a connected route cannot be removed, nor a route that is not there."""
+    node = router()
+    node.receive(0, frame(udp(dst=ip("10.9.1.1"))), 0.0)
+    assert node.counters["ipv4.forwarded"] == 1 and drain(node)[1]
+    assert node.remove_route("10.9.0.0/16") == 1
+    node.receive(0, frame(udp(dst=ip("10.9.1.1"))), 0.0)
+    assert node.counters["ipv4.fwd_no_route"] == 1
+    back = drain(node)[0]
+    icmp = [f.data.data for f in back if isinstance(f.data, dpkt.ip.IP) and f.data.p == 1]
+    assert [(m.type, m.code) for m in icmp] == [(3, 0)]
+    for wrong in ("10.9.0.0/16", "10.1.0.0/24", "10.9.0.1/16"):
+        with pytest.raises(ValueError):
+            node.remove_route(wrong)
+    node.add_route(RouteConfig("10.9.0.0/16", GW))  # and back, as the journey undoes it
+    node.receive(0, frame(udp(dst=ip("10.9.1.1"))), 0.0)
+    assert node.counters["ipv4.forwarded"] == 2
