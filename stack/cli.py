@@ -18,6 +18,7 @@ from stack.aio import new_event_loop
 from stack.api import Stack
 from stack.apps.http.server import HttpServerProtocol
 from stack.config import ConfigError, NodeSpec, load_node
+from stack.journey.scenarios import SCENARIOS as JOURNEY_SCENARIOS
 from stack.lab.build import LabError
 from stack.launch import (
     UsageError,
@@ -153,7 +154,8 @@ def _parser() -> argparse.ArgumentParser:
                         "(default: the first nameserver of the namespace's resolv.conf)")
 
     for name, text in (("stats", "print the counters of a running tapstack"),
-                       ("route", "print a running tapstack's routing table, like ip route"),
+                       ("route", "print (or add, del) a running tapstack's routes, like "
+                                 "ip route"),
                        ("conntrack", "list the flows a running tapstack tracks, like "
                                      "conntrack -L"),
                        ("rules", "list (or add, del) a running tapstack's ACL and "
@@ -184,6 +186,12 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("action", choices=["cache", "flush"])
         if name == "rules":
             _rules_options(s)
+        if name == "route":
+            s.add_argument("action", nargs="?", choices=["list", "add", "del"], default="list")
+            s.add_argument("prefix", nargs="?", help="10.0.0.0/8 or default (add, del)")
+            s.add_argument("--via", metavar="GW", help="the next hop (add)")
+            s.add_argument("--dev", metavar="IF", help="leave by this interface (add)")
+            s.add_argument("--metric", type=int, help="its metric (add; del only that one)")
         swhere = s.add_mutually_exclusive_group()
         swhere.add_argument("--netns", default="tapstack",
                             help="namespace the instance runs in (default: %(default)s)")
@@ -214,6 +222,9 @@ def _parser() -> argparse.ArgumentParser:
                         "(default: %(default)s)")
     j.add_argument("--url", default="https://www.bob.com/", help="what the client fetches")
     j.add_argument("--client", default="alice", help="the Linux node that runs curl")
+    j.add_argument("--scenario", choices=JOURNEY_SCENARIOS,
+                   help="break one thing on purpose and show where the packet dies: "
+                        + "; ".join(JOURNEY_SCENARIOS) + " (see docs/journey.md)")
     sub.add_parser("cleanup", help="remove network namespaces that killed tapstack "
                                    "instances left behind (those with no process in them)")
     ca = sub.add_parser("ca", help="print the path of tapstack's lab CA certificate "
@@ -394,12 +405,17 @@ def cmd_journey(args: argparse.Namespace) -> int:
     from stack import journey
 
     code, lines, page = journey.run(args.lab or journey.default_lab(), args.out, args.url,
-                                    args.client)
+                                    args.client, args.scenario)
     for line in lines:
         print(line)
     print(f"the walkthrough: {page}; the facts: {os.path.join(args.out, 'journey.json')}")
     print(f"the lab stays up (a second run shows the caches): tapstack lab down "
           f"{args.lab or journey.default_lab()}")
+    if args.scenario:  # it is meant to fail; that it did not is the error
+        if code == 0:
+            print(f"tapstack: scenario {args.scenario} did not stop the request",
+                  file=sys.stderr)
+        return 1 if code == 0 else 0
     return 0 if code == 0 else 1
 
 
@@ -652,6 +668,7 @@ def cmd_rules(args: argparse.Namespace) -> int:
     if args.action == "del" or args.kind == "acl":
         if args.number is None:
             raise UsageError(f"rules {args.action} --{args.kind} needs --number")
+    if args.number is not None:  # a security group numbers new rules itself otherwise
         request["number"] = args.number
     if args.action == "add":
         request.update(action=args.verdict, protocol=args.protocol, cidr=args.cidr)
@@ -685,6 +702,12 @@ def cmd_dns(args: argparse.Namespace) -> int:
 
 
 def cmd_route(args: argparse.Namespace) -> int:
+    if args.action != "list":
+        if not args.prefix:
+            raise UsageError(f"route {args.action} needs a prefix (10.0.0.0/8 or default)")
+        print(_request(args, {"cmd": "route", "op": args.action, "to": args.prefix,
+                              "via": args.via, "dev": args.dev, "metric": args.metric})["done"])
+        return 0
     snapshot = _request(args, {"cmd": "stats"})
     print(json.dumps(snapshot.get("routes", []), indent=2) if args.json
           else format_routes(snapshot))

@@ -207,6 +207,10 @@ def describe_dns(wire: bytes) -> dict[str, Any]:
                 if r.rdtype == dns.rdatatype.NS for rd in r]
     if referral and not answers:
         out["referral"] = referral
+    soa = [f"{r.name} SOA {rd}" for r in msg.authority if r.rdtype == dns.rdatatype.SOA
+           for rd in r]
+    if soa and not answers:  # NXDOMAIN or no data: the zone that says so (RFC 2308)
+        out["soa"] = soa
     return out
 
 

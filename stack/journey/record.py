@@ -26,6 +26,9 @@ class Recording:
     pcaps: dict[str, Path] = field(default_factory=dict)
     traces: dict[str, Path] = field(default_factory=dict)
     curl: dict[str, Any] = field(default_factory=dict)
+    # wall clock minus the monotonic clock the nodes' traces are stamped with (one
+    # machine, one monotonic clock): puts trace events on the captures' time axis
+    clock_offset: float = field(default_factory=lambda: time.time() - time.monotonic())
 
 
 def ensure_up(path: str) -> Lab:
@@ -35,13 +38,15 @@ def ensure_up(path: str) -> Lab:
     return find_lab(lab.name)
 
 
-def record(lab: Lab, out: Path, url: str, client: str, ca: str) -> Recording:
+def record(lab: Lab, out: Path, url: str, client: str, ca: str,
+           max_time: float = 20.0) -> Recording:
     """One curl with every segment captured and every tapstack node traced."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "captures").mkdir(exist_ok=True)
     (out / "traces").mkdir(exist_ok=True)
     rec = Recording(out)
     procs: list[subprocess.Popen] = []
+    ready: list[tuple[subprocess.Popen, str, str]] = []
     try:
         for name, seg in lab.segments.items():
             path = out / "captures" / f"{name}.pcap"
@@ -51,7 +56,7 @@ def record(lab: Lab, out: Path, url: str, client: str, ca: str) -> Recording:
                                   "-s", "0", "-w", str(path)],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             procs.append(p)
-            _expect(p, "listening on", f"tcpdump on segment {name}")
+            ready.append((p, "listening on", f"tcpdump on segment {name}"))
         for node in lab.nodes.values():
             if node.kind != "tapstack":
                 continue
@@ -63,14 +68,16 @@ def record(lab: Lab, out: Path, url: str, client: str, ca: str) -> Recording:
                                  stdout=f, stderr=subprocess.PIPE, text=True)
             f.close()
             procs.append(p)
-            _expect(p, "tracing node", f"the trace of node {node.name}")
+            ready.append((p, "tracing node", f"the trace of node {node.name}"))
+        for p, prefix, what in ready:  # all started at once, then each waited for
+            _expect(p, prefix, what)
         keys = out / "tls-keys.log"
         body = out / "body.html"
         target = lab.nodes[client]
         start = time.time()
-        r = subprocess.run(["timeout", "-k", "2", "30", "ip", "netns", "exec",
+        r = subprocess.run(["timeout", "-k", "2", str(max_time + 10), "ip", "netns", "exec",
                             lab.netns(target), "env", f"SSLKEYLOGFILE={keys}", "curl", "-sS",
-                            "-v", "--max-time", "20", "--cacert", ca, "-o", str(body),
+                            "-v", "--max-time", str(max_time), "--cacert", ca, "-o", str(body),
                             "-w", "%{json}", url], capture_output=True, text=True)
         rec.curl = {"exit": r.returncode, "verbose": r.stderr, "url": url,
                     "seconds": round(time.time() - start, 3)}
@@ -78,7 +85,8 @@ def record(lab: Lab, out: Path, url: str, client: str, ca: str) -> Recording:
             rec.curl["info"] = json.loads(r.stdout)
         except ValueError:
             rec.curl["info"] = {}
-        _settle(rec)
+        # a failed run has no close to wait for: only the frames still in flight
+        _settle(rec, 3.0 if r.returncode == 0 else 0.5)
     finally:
         for p in procs:
             if p.poll() is None:

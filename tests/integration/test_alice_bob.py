@@ -6,6 +6,7 @@ routers, an internet gateway's 1:1 NAT, a network ACL and a security group."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 
@@ -23,8 +24,6 @@ def _tapstack(env, *args, timeout=120):
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    import os
-
     state = tmp_path_factory.mktemp("state")
     env = {**os.environ, "TAPSTACK_STATE": str(state)}
     r = _tapstack(env, "lab", "up", LAB)
@@ -139,7 +138,25 @@ def test_the_journey_records_and_tells_every_hop(lab, tmp_path):
                                  "-e", "tcp.flags.syn", "-e", "tcp.flags.ack"],
                                 capture_output=True, text=True, timeout=60).stdout.split()
         assert fields == [hop["src"], hop["dst"], str(hop["ttl"]), "1", "0"], (hop, fields)
-    _check_page_in_a_browser(out / "index.html", len(hops), tmp_path)
+    # the HTTP request's frame on Alice's segment, opened layer by layer, decrypted
+    frame = report["frame"]
+    assert [x["name"] for x in frame["layers"]] == ["Ethernet", "IPv4", "TCP", "TLS", "HTTP"]
+    assert frame["layers"][-1]["decrypted"] and frame["http"].startswith("GET / HTTP/1.1\r\n")
+    assert "Host: www.bob.com" in frame["http"]
+    shown = subprocess.run(["tshark", "-n", "-r", report["captures"]["home"], "-o",
+                            f"tls.keylog_file:{out / 'tls-keys.log'}", "-Y",
+                            f"frame.number=={frame['frame']} && http.request", "-T", "fields",
+                            "-e", "ip.src", "-e", "http.request.method"],
+                           capture_output=True, text=True, timeout=60).stdout.split()
+    assert shown == ["192.168.1.2", "GET"], shown
+    # the SYN-ACK came back the same way, each router one TTL further
+    back = report["return"]
+    assert [h["segment"] for h in back] == ["subnet", "vpc", "edge", "transit", "access",
+                                           "home"]
+    assert [h["ttl"] for h in back] == [64, 63, 62, 61, 60, 59]
+    assert back[-1]["dst"] == "192.168.1.2" and back[-1]["arrived"]
+    assert report["verdict"]["ok"]
+    _check_page_in_a_browser(out / "index.html", len(hops), len(back), tmp_path)
     # again: the name comes from the home router's cache, nobody upstream is asked
     again = tmp_path / "second"
     r = _tapstack(env, "journey", "--lab", LAB, "--out", str(again), timeout=120)
@@ -153,19 +170,136 @@ CHROMIUM = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--
             "--disable-sync"]
 
 
-def _check_page_in_a_browser(page, hops: int, tmp_path) -> None:
-    """Debian's Chromium loads the page from disk: the DOM it built holds one section per
-    step and one row per hop, and a screenshot comes out."""
+def _check_page_in_a_browser(page, hops: int, back: int, tmp_path) -> None:
+    """Debian's Chromium loads the page from disk (in a namespace of its own with only
+    loopback: a browser may try to phone home): the DOM it built holds one section per
+    step, one row per hop each way, the two drawings and the opened frame, and a
+    screenshot comes out."""
     chromium = require_tool("chromium")
     profile = tmp_path / "chromium-profile"
-    dom = subprocess.run(["timeout", "-k", "5", "60", chromium, *CHROMIUM,
-                          f"--user-data-dir={profile}", "--dump-dom", page.as_uri()],
-                         capture_output=True, text=True, timeout=70).stdout
-    assert dom.count("<section") == 4 and dom.count('<tr class="hop">') == hops, dom[:500]
-    assert "<h2>3. Hop by hop" in dom
-    shot = tmp_path / "page.png"
-    subprocess.run(["timeout", "-k", "5", "60", chromium, *CHROMIUM,
-                    f"--user-data-dir={profile}", f"--screenshot={shot}",
-                    "--window-size=1200,1400", page.as_uri()],
-                   capture_output=True, timeout=70)
-    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20000
+    ns = f"jview{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+        browse = ["timeout", "-k", "5", "60", "ip", "netns", "exec", ns, chromium, *CHROMIUM,
+                  f"--user-data-dir={profile}"]
+        dom = subprocess.run([*browse, "--dump-dom", page.as_uri()], capture_output=True,
+                             text=True, timeout=70).stdout
+        ids = re.findall(r'<section id="([a-z]+)"', dom)
+        assert ids == ["outcome", "dns", "hops", "tls", "http", "frame", "sequence", "lab"], ids
+        assert dom.count('<tr class="hop">') == hops and dom.count('<tr class="back">') == back
+        assert dom.count("<svg") >= 2 and "GET / HTTP/1.1" in dom
+        shot = tmp_path / "page.png"
+        subprocess.run([*browse, f"--screenshot={shot}", "--window-size=1200,1400",
+                        page.as_uri()], capture_output=True, timeout=70)
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20000
+    finally:
+        subprocess.run(["ip", "netns", "delete", ns], check=False)
+
+
+def _journey(env, tmp_path, scenario):
+    out = tmp_path / scenario
+    r = _tapstack(env, "journey", "--lab", LAB, "--scenario", scenario, "--out", str(out),
+                  timeout=120)
+    # a scenario is meant to fail: exit 0 says the request stopped and the run was told
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "could not undo" not in r.stdout, r.stdout
+    report = json.loads((out / "journey.json").read_text())
+    page = (out / "index.html").read_text()
+    return report, page
+
+
+def _frame(report, segment, number, *fields):
+    """What tshark reads in one frame of a segment's capture."""
+    cmd = ["tshark", "-n", "-r", report["captures"][segment], "-Y", f"frame.number=={number}",
+           "-T", "fields", "-E", "occurrence=f", *[x for f in fields for x in ("-e", f)]]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60).stdout.split()
+
+
+def _rules_of(env, node):
+    r = _tapstack(env, "rules", "--netns", "alice-bob-sw", "--node", node, "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_without_the_https_rule_the_syn_dies_at_the_security_group(lab, tmp_path):
+    env, _ = lab
+    denied = _counters(env, "subnet")["sg"]["denied_in"]
+    report, page = _journey(env, tmp_path, "sg-no-https")
+    v = report["verdict"]
+    assert (v["stage"], v["way"], v["where"], v["filter"], v["direction"], v["counter"]) == \
+        ("tcp", "forward", "subnet", "sg", "inbound", "sg.denied_in"), v
+    assert report["curl"]["exit"] == 28 and report["return"] == []  # no answer: a timeout
+    last = report["hops"][-1]
+    assert last["segment"] == "vpc" and last["next_node"] == "subnet" and "dropped" in last
+    assert _frame(report, "vpc", v["frame"], "ip.dst", "tcp.dstport", "tcp.flags.syn",
+                  "tcp.flags.ack") == ["10.0.1.10", "443", "1", "0"]
+    assert _counters(env, "subnet")["sg"]["denied_in"] > denied
+    assert "Stopped at subnet" in page and "sg.denied_in" in page
+    # undone: the group allows HTTPS again
+    group = _rules_of(env, "subnet")["security_groups"]["bob"]["inbound"]
+    assert any(r["protocol"] == "tcp" and r["ports"] == [443, 443] for r in group)
+
+
+def test_without_the_ephemeral_rule_the_syn_ack_dies_at_the_network_acl(lab, tmp_path):
+    """The stateless lesson: the SYN is let in (rule 100), Bob answers, and the answer
+    to Alice's ephemeral port meets the implicit deny on its way out."""
+    env, _ = lab
+    report, page = _journey(env, tmp_path, "acl-no-return")
+    v = report["verdict"]
+    assert (v["way"], v["where"], v["filter"], v["rule"], v["counter"]) == \
+        ("return", "subnet", "acl", "default (*)", "acl.denied_out"), v
+    assert report["hops"][-1]["next_node"] == "bob" and report["hops"][-1]["arrived"]
+    acl_in = next(d for d in report["hops"][-2]["decisions"] if d["layer"] == "acl")
+    assert (acl_in["event"], acl_in["rule"]) == ("allow", 100)
+    assert [h["segment"] for h in report["return"]] == ["subnet"]
+    assert _frame(report, "subnet", v["frame"], "ip.src", "tcp.srcport", "tcp.flags.syn",
+                  "tcp.flags.ack") == ["10.0.1.10", "443", "1", "1"]
+    assert "Stopped at subnet" in page and "acl.denied_out" in page
+    outbound = _rules_of(env, "subnet")["acl"]["bob"]["outbound"]
+    assert any(r["number"] == 100 and r["ports"] == [1024, 65535] for r in outbound)
+
+
+def test_a_certificate_for_another_name_is_refused_by_curl(lab, tmp_path):
+    env, _ = lab
+    report, page = _journey(env, tmp_path, "wrong-name")
+    v = report["verdict"]
+    assert report["curl"]["exit"] == 60 and (v["stage"], v["where"]) == ("tls", "alice"), v
+    assert "no alternative certificate subject name matches" in v["error"]
+    assert report["hops"][-1]["arrived"] and report["http"] == {}  # no request was sent
+    assert report["tls"].get("verified") is None and report["tls"]["version"] == "TLSv1.3"
+    flags = _frame(report, "home", v["frame"], "ip.src", "tcp.flags.fin", "tcp.flags.reset")
+    assert flags[0] == "192.168.1.2" and "1" in flags[1:], flags
+    assert "Stopped at alice" in page
+
+
+def test_a_name_that_does_not_exist_ends_in_nxdomain_with_the_soa(lab, tmp_path):
+    env, _ = lab
+    for node in ("home", "resolver"):
+        assert _tapstack(env, "dns", "flush", "--netns", "alice-bob-sw", "--node",
+                         node).returncode == 0
+    report, page = _journey(env, tmp_path, "nxdomain")
+    v = report["verdict"]
+    assert report["curl"]["exit"] == 6 and (v["stage"], v["where"]) == ("dns", "comns"), v
+    assert v["authoritative"] and v["soa"][0].lower().startswith("com. soa ns1.com.")
+    assert report["hops"] == []  # no SYN left Alice
+    rcode = _frame(report, "home", v["frame"], "ip.dst", "dns.flags.rcode", "dns.qry.name")
+    assert rcode[:2] == ["192.168.1.2", "3"] and rcode[2].lower() == "www.bobb.com", rcode
+    assert "Stopped at comns" in page and "NXDOMAIN" in page
+
+
+def test_a_missing_route_sends_an_icmp_unreachable_back_to_alice(lab, tmp_path):
+    env, _ = lab
+    report, page = _journey(env, tmp_path, "no-route")
+    v = report["verdict"]
+    assert report["curl"]["exit"] == 7  # refused at once, not a timeout
+    assert (v["where"], v["counter"], v["segment"]) == ("isp", "ipv4.fwd_no_route",
+                                                        "access"), v
+    icmp = report["icmp_to_client"][0]
+    assert (icmp["type"], icmp["code"], icmp["from"]) == (3, 0, "203.0.113.14")
+    assert _frame(report, "home", icmp["frame"], "ip.src", "ip.dst", "icmp.type",
+                  "icmp.code") == ["203.0.113.14", "192.168.1.2", "3", "0"]
+    assert "Stopped at isp" in page and "ipv4.fwd_no_route" in page
+    r = _tapstack(env, "route", "--netns", "alice-bob-sw", "--node", "isp", "--json")
+    routes = {x["prefix"]: x["gateway"] for x in json.loads(r.stdout)}
+    assert routes.get("default") == "192.0.2.2" and "192.0.2.0/24" not in routes
