@@ -23,7 +23,7 @@
     metric = 0
 
     [services]
-    echo = true                  # echo 7, discard 9, source 19, UDP echo 7
+    echo = true                  # echo 7, discard 9, source 19, UDP echo 7, stream 5004
     http = 80                    # port, or false
     dns_zones = ["bob.com.zone"] # authoritative DNS on UDP and TCP 53 (zone files)
     resolver = { root_hints = "root.hints" }   # or { forward = ["192.0.2.53"] }

@@ -39,12 +39,17 @@ def run(lab_path: str, out: str, url: str, client: str, scenario: str | None = N
                         check=True).stdout.strip()
     chosen = SCENARIOS[scenario] if scenario else None
     made = scenarios.apply(lab, chosen) if chosen else []
+    contrast = None
     try:
         rec = record(lab, Path(out), chosen.url or url if chosen else url, client, ca,
                      chosen.max_time if chosen else 20.0)
+        if chosen and chosen.contrast:
+            contrast = _contrast(lab, client, Path(out), url)
     finally:
         failed = scenarios.undo(lab, made)
     report = analyse(lab, rec, client)
+    if contrast is not None:
+        report["contrast"] = contrast
     if chosen:
         report["scenario"] = {"name": chosen.name, "title": chosen.title,
                               "lesson": chosen.lesson,
@@ -60,6 +65,21 @@ def run(lab_path: str, out: str, url: str, client: str, scenario: str | None = N
     if failed:
         lines += [f"could not undo: {f}" for f in failed]
     return rec.curl["exit"], lines, page
+
+
+def _contrast(lab, client: str, out: Path, url: str) -> dict:
+    """The same chunks over UDP and TCP from the server to the client (contrast.py)."""
+    from urllib.parse import urlsplit
+
+    from stack.journey import contrast
+
+    netns = lab.netns(lab.nodes[client])
+    segment = lab.nodes[client].interfaces[0].segment
+    result = contrast.measure(netns, lab.switch_netns, lab.segments[segment].bridge,
+                              urlsplit(url).hostname or "www.bob.com", out)
+    if "error" in result:
+        return {"error": result["error"]}
+    return contrast.analyse(result, contrast.dropped_by_iptables(netns))
 
 
 def _open_request_frame(report: dict, out: Path, pcaps: dict[str, Path],

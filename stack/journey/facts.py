@@ -55,6 +55,7 @@ def analyse(lab: Lab, rec: Recording, client: str) -> dict[str, Any]:
                                        "seconds": rec.curl.get("seconds"),
                                        "error": _curl_error(rec.curl.get("verbose", ""))}}
     report["dns"] = _dns_steps(lab, traces, rec.clock_offset)
+    _dns_frames(lab, report["dns"], packets)
     report["tls"] = _tls_facts(rec.curl.get("verbose", ""))
     client_addr = lab.nodes[client].interfaces[0].addresses[0].split("/")[0]
     client_seg = lab.nodes[client].interfaces[0].segment
@@ -106,10 +107,28 @@ def _dns_steps(lab: Lab, traces: dict[str, list[dict]], offset: float) -> list[d
                 steps.append({"t": e["t"], "time": e["t"] + offset, "node": node,
                               "from": e["src"], "to": e["dst"],
                               "kind": d.get("kind", "malformed"),
-                              **{k: d[k] for k in ("question", "rcode", "aa", "answers",
-                                                   "referral", "soa") if k in d}})
+                              **{k: d[k] for k in ("id", "question", "rcode", "aa",
+                                                   "answers", "referral", "soa") if k in d}})
     steps.sort(key=lambda s: s["t"])
     return steps
+
+
+def _dns_frames(lab: Lab, steps: list[dict], packets: dict[str, list]) -> None:
+    """Each DNS message's frame in the capture of the segment it arrived on (the
+    receiving node's interface with that address; matched by addresses and DNS id)."""
+    for step in steps:
+        segment = next((i.segment for i in lab.nodes[step["node"]].interfaces
+                        if step["to"] in {a.split("/")[0] for a in i.addresses}), None)
+        if segment is None or "id" not in step:
+            continue
+        for n, _ts, eth in packets.get(segment, []):
+            ip = eth.data
+            if isinstance(ip, dpkt.ip.IP) and isinstance(ip.data, dpkt.udp.UDP) \
+                    and _ip(ip.src) == step["from"] and _ip(ip.dst) == step["to"] \
+                    and len(ip.data.data) >= 2 \
+                    and int.from_bytes(ip.data.data[:2], "big") == step["id"]:
+                step["segment"], step["frame"] = segment, n
+                break
 
 
 def _tls_facts(verbose: str) -> dict[str, Any]:

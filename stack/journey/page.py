@@ -38,6 +38,16 @@ def summary(report: dict[str, Any]) -> list[str]:
     if seg and seg.get("data_segments"):
         lines.append(f"segments: {seg['data_segments']} data segments ({seg['bytes']} bytes, "
                      f"MSS {seg['mss']}) on {seg['segment']}")
+    c = report.get("contrast")
+    if c and "udp" in c:
+        lines.append(f"contrast: {c['count']} chunks each way, {c['loss']:.0%} loss on the "
+                     f"last link: UDP {c['udp']['received']} arrived, "
+                     f"{len(c['udp']['lost'])} lost, max delay {c['udp']['delay_ms']['max']} "
+                     f"ms; TCP {c['tcp']['received']} arrived in order, "
+                     f"{c['tcp'].get('retransmitted', '?')} retransmitted, max delay "
+                     f"{c['tcp']['delay_ms']['max']} ms")
+    elif c:
+        lines.append(f"contrast: not measured: {c.get('error')}")
     v = report.get("verdict", {})
     if v and not v.get("ok"):
         lines.append(f"stopped: {v['text']}")
@@ -102,6 +112,10 @@ def render(report: dict[str, Any], out: Path, drawings: dict[str, str] | None = 
     parts.append("<section id='lab'><h2>7. The lab</h2><p>The nodes and the segments "
                  "between them; the path this request took is highlighted.</p>"
                  + drawings.get("topology", "<p>(no drawing)</p>") + "</section>")
+    if "contrast" in report:
+        from stack.journey.contrast import html_section
+
+        parts.append(html_section(report["contrast"]))
     parts.append("</body></html>")
     page = out / "index.html"
     page.write_text("\n".join(parts))
@@ -137,14 +151,16 @@ def _dns(report: dict[str, Any]) -> str:
     parts = ["<section id='dns'><h2>1. The name: DNS</h2><p>Every DNS message a tapstack "
              "node received, in time order (the home router forwards, the ISP's resolver "
              "walks the hierarchy, the authoritative servers answer).</p><table><tr>"
-             "<th>node</th><th>from</th><th>to</th><th>message</th></tr>"]
+             "<th>node</th><th>frame</th><th>from</th><th>to</th><th>message</th></tr>"]
     for s in report["dns"]:
         what = s.get("kind", "malformed") + " " + s.get("question", "")
         if s.get("kind") == "response":
             what += f" {s.get('rcode')}{' (authoritative)' if s.get('aa') else ''}: " + \
                 ", ".join(s.get("answers") or s.get("referral") or s.get("soa") or [])
-        parts.append(f"<tr class='dns'><td>{e(s['node'])}</td><td>{e(s['from'])}</td>"
-                     f"<td>{e(s['to'])}</td><td>{e(what)}</td></tr>")
+        frame = (f"<a href='captures/{e(s['segment'])}.pcap'>{e(s['segment'])} "
+                 f"#{s['frame']}</a>" if s.get("frame") else "")
+        parts.append(f"<tr class='dns'><td>{e(s['node'])}</td><td>{frame}</td>"
+                     f"<td>{e(s['from'])}</td><td>{e(s['to'])}</td><td>{e(what)}</td></tr>")
     parts.append("</table></section>")
     return "".join(parts)
 

@@ -18,6 +18,8 @@ work whatever the rules are numbered in the lab file.
                     (NXDOMAIN, with the SOA that bounds how long to remember it)
     no-route        the ISP's router loses its default route: it answers Alice's SYN with
                     an ICMP destination unreachable (network), which her NAT carries back
+    udp-vs-tcp      nothing breaks the request; then Bob streams numbered chunks over UDP
+                    and TCP while Alice's link loses 5 % (contrast.py)
 """
 
 from __future__ import annotations
@@ -35,14 +37,18 @@ from stack.lab.topology import Lab
 
 @dataclass
 class Change:
-    """One command run on a node, and the command that undoes it."""
+    """One command run on a node, and the command that undoes it: a tapstack command for
+    a tapstack node, or a command in a Linux node's namespace (`netns`)."""
     node: str
     args: list[str]
     undo: list[str]
+    netns: str | None = None
 
     def shown(self, args: list[str] | None = None) -> str:
-        return "tapstack " + " ".join(args if args is not None else self.args) + \
-            f" --node {self.node}"
+        args = args if args is not None else self.args
+        if self.netns:
+            return f"ip netns exec {self.netns} " + " ".join(args)
+        return "tapstack " + " ".join(args) + f" --node {self.node}"
 
 
 @dataclass
@@ -53,6 +59,15 @@ class Scenario:
     url: str | None = None  # instead of the default
     changes: Callable[[Lab], list[Change]] = field(default=lambda lab: [])
     max_time: float = 4.0  # curl's limit; a broken path fails by timeout
+    breaks: bool = True  # the request is meant to fail
+    contrast: bool = False  # stream over UDP and TCP after the request
+
+
+def _run(lab: Lab, change: Change, args: list[str]) -> subprocess.CompletedProcess:
+    if change.netns:
+        return subprocess.run(["ip", "netns", "exec", change.netns, *args],
+                              capture_output=True, text=True, timeout=30)
+    return _tapstack(lab, change.node, *args)
 
 
 def _tapstack(lab: Lab, node: str, *args: str) -> subprocess.CompletedProcess:
@@ -119,6 +134,21 @@ def _isp_without_default(lab: Lab) -> list[Change]:
                    ["route", "add", "default", "--via", via])]
 
 
+def _lossy_last_link(lab: Lab) -> list[Change]:
+    """The kernel in Alice's namespace drops a share of what arrives from the stream's
+    port, UDP and TCP alike (so only the contrast suffers, not the name lookups)."""
+    from stack.journey.contrast import LOSS, PORT
+
+    netns = lab.netns(lab.nodes["alice"])
+    changes = []
+    for proto in ("udp", "tcp"):
+        rule = ["INPUT", "-p", proto, "--sport", str(PORT), "-m", "statistic", "--mode",
+                "random", "--probability", str(LOSS), "-j", "DROP"]
+        changes.append(Change("alice", ["iptables", "-I", *rule], ["iptables", "-D", *rule],
+                              netns))
+    return changes
+
+
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("sg-no-https", "Bob's security group without its HTTPS rule",
              "A security group is stateful and allows only what a rule names: Alice's SYN "
@@ -147,6 +177,12 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
              "her home router's NAT translates the error like the flow it quotes, and "
              "curl fails at once instead of waiting.",
              changes=_isp_without_default),
+    Scenario("udp-vs-tcp", "UDP and TCP on a lossy link",
+             "The request itself goes through; then Bob streams the same numbered chunks "
+             "over UDP and over TCP while Alice's last link loses 5 % of them: UDP "
+             "delivers the rest on time and never the lost ones, TCP delivers all of them "
+             "in order, the ones behind a loss late.",
+             changes=_lossy_last_link, max_time=20.0, breaks=False, contrast=True),
 )}
 
 
@@ -155,7 +191,7 @@ def apply(lab: Lab, scenario: Scenario) -> list[Change]:
     made: list[Change] = []
     try:
         for change in scenario.changes(lab):
-            r = _tapstack(lab, change.node, *change.args)
+            r = _run(lab, change, change.args)
             if r.returncode != 0:
                 raise LabError(f"scenario {scenario.name}: {change.shown()} failed: "
                                f"{r.stderr.strip()}")
@@ -171,7 +207,7 @@ def undo(lab: Lab, made: list[Change]) -> list[str]:
     `lab down` and `up` then)."""
     failed = []
     for change in reversed(made):
-        r = _tapstack(lab, change.node, *change.undo)
+        r = _run(lab, change, change.undo)
         if r.returncode != 0:
             failed.append(f"{change.shown(change.undo)}: {r.stderr.strip()}")
     return failed

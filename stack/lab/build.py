@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -200,8 +201,11 @@ def _build(lab: Lab, state: dict[str, Any], directory: str) -> None:
 
 
 def _hosts_file(lab: Lab) -> str:
-    """Every node by name: `ip netns exec` puts this over /etc/hosts in a Linux node."""
-    lines = ["127.0.0.1 localhost"]
+    """Every node by name: `ip netns exec` puts this over /etc/hosts in a Linux node.
+    The machine's own name too, as Debian's /etc/hosts has it (127.0.1.1): a namespace
+    shares the machine's host name, and programs that look it up (curl -v does) would
+    otherwise ask the lab's DNS for it."""
+    lines = ["127.0.0.1 localhost", f"127.0.1.1 {socket.gethostname()}"]
     for node in lab.nodes.values():
         for k, (iface, address) in enumerate(
                 (i, a) for i in node.interfaces for a in i.addresses):

@@ -86,7 +86,8 @@ def test_every_router_is_one_hop_on_the_way_to_bob(lab):
     (each takes exactly one off), the internet gateway too although it rewrote the
     destination, and the last hop is Bob's public address. (The subnet router answers
     from its private address, as a router inside a VPC does; UDP probes die at the
-    network ACL, which lets only 80, 443 and ICMP into Bob's subnet.)"""
+    network ACL, which lets only ICMP and TCP 80, 443 and 5004 into Bob's subnet, and
+    UDP only to 5004.)"""
     env, _ = lab
     r = _tapstack(env, "lab", "exec", "--lab", "alice-bob", "alice", "--", "traceroute",
                   "-n", "-T", "-p", "443", "-w", "2", "-q", "1", "-m", "8", "198.51.100.10",
@@ -156,6 +157,12 @@ def test_the_journey_records_and_tells_every_hop(lab, tmp_path):
     assert [h["ttl"] for h in back] == [64, 63, 62, 61, 60, 59]
     assert back[-1]["dst"] == "192.168.1.2" and back[-1]["arrived"]
     assert report["verdict"]["ok"]
+    # every DNS message a node received is linked to its frame, and is that message
+    for step in report["dns"]:
+        seen = _frame(report, step["segment"], step["frame"], "ip.src", "ip.dst", "dns.id",
+                      "dns.flags.response")
+        assert seen == [step["from"], step["to"], f"0x{step['id']:04x}",
+                        "1" if step["kind"] == "response" else "0"], (step, seen)
     _check_page_in_a_browser(out / "index.html", len(hops), len(back), tmp_path)
     # again: the name comes from the home router's cache, nobody upstream is asked
     again = tmp_path / "second"
@@ -303,3 +310,28 @@ def test_a_missing_route_sends_an_icmp_unreachable_back_to_alice(lab, tmp_path):
     r = _tapstack(env, "route", "--netns", "alice-bob-sw", "--node", "isp", "--json")
     routes = {x["prefix"]: x["gateway"] for x in json.loads(r.stdout)}
     assert routes.get("default") == "192.0.2.2" and "192.0.2.0/24" not in routes
+
+
+def test_on_a_lossy_link_udp_loses_chunks_and_tcp_delivers_them_late(lab, tmp_path):
+    """The UDP contrast: the same paced chunks both ways while Alice's kernel drops 5 %
+    of what comes from the stream's port (iptables statistic; ~200 chunks each way, so
+    no loss at all has a chance of about 1 in 30,000)."""
+    env, _ = lab
+    report, page = _journey(env, tmp_path, "udp-vs-tcp")
+    assert report["curl"]["exit"] == 0 and report["verdict"]["ok"]  # the request itself
+    c = report["contrast"]
+    u, t, dropped = c["udp"], c["tcp"], c["dropped_by_kernel"]
+    # UDP: every datagram reached Alice's wire; what her kernel dropped is gone for good
+    assert c["udp_on_wire"] == c["count"]
+    assert dropped["udp"] > 0 and len(u["lost"]) == dropped["udp"]
+    assert u["received"] == c["count"] - dropped["udp"]
+    # TCP: everything, in order, some of it twice on the wire and late at the application
+    assert dropped["tcp"] > 0 and t["retransmitted"] >= 1
+    assert t["received"] == c["count"] and t["in_order"] and t["lost"] == []
+    # a lost chunk cannot be repaired before a later one (sent one interval later) tells
+    # Bob of the gap: its delay is at least that interval
+    assert t["delay_ms"]["max"] >= c["interval_ms"]
+    assert "8. UDP and TCP on a lossy link" in page
+    out = subprocess.run(["ip", "netns", "exec", "alice-bob-alice", "iptables", "-S",
+                          "INPUT"], capture_output=True, text=True, timeout=10).stdout
+    assert "statistic" not in out  # undone
