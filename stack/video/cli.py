@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from stack.video.abr import RULES, Player, parse_schedule, plot
 from stack.video.hls import LADDER, HlsError, check, make_ladder
 
 
@@ -25,15 +26,40 @@ def add_hls_parser(sub: argparse._SubParsersAction) -> None:
                                       "segment with ffprobe")
     p.add_argument("dir")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p = cmds.add_parser("play", help="play a master playlist in real time with an adaptive "
+                                     "bitrate rule, one log line per segment")
+    p.add_argument("url", help="the master playlist, e.g. http://10.77.0.2/master.m3u8")
+    p.add_argument("--rule", choices=RULES, default="ewma",
+                   help="ewma: throughput (as hls.js); bola: buffer (BOLA-BASIC) "
+                        "(default: %(default)s)")
+    p.add_argument("--max-buffer", type=float, default=8.0,
+                   help="seconds of video to keep ahead (default: %(default)s)")
+    p.add_argument("--segments", type=int, help="stop after this many segments")
+    p.add_argument("--shape", metavar="NETNS:DEV",
+                   help="run --schedule with tc tbf on this device in this namespace (the "
+                        "link towards the player)")
+    p.add_argument("--schedule", default="5mbit:10,600kbit:16,5mbit",
+                   help="rates and how long each lasts (default: %(default)s)")
+    p.add_argument("--log", metavar="FILE", help="write the run (JSON) here")
+    p = cmds.add_parser("plot", help="draw a run written by hls play --log (PNG)")
+    p.add_argument("log")
+    p.add_argument("--out", metavar="PNG", help="where to write (default: LOG.png)")
 
 
 def cmd_hls(args: argparse.Namespace) -> int:
     try:
+        if args.hls_command == "play":
+            return _play(args)
+        if args.hls_command == "plot":
+            with open(args.log) as f:
+                run = json.load(f)
+            print(plot(run, args.out or args.log.rsplit(".", 1)[0] + ".png"))
+            return 0
         if args.hls_command == "make":
             summary = make_ladder(args.dir, args.duration, args.segment)
         else:
             summary = check(args.dir)
-    except HlsError as exc:
+    except (HlsError, OSError, ValueError, KeyError) as exc:
         print(f"tapstack: {exc}", file=sys.stderr)
         return 2
     if getattr(args, "json", False):
@@ -45,4 +71,30 @@ def cmd_hls(args: argparse.Namespace) -> int:
               f"target {v['target_duration']} s  {v['codecs']}")
     print(f"{args.dir}/master.m3u8 is valid; serve it with: tapstack run --root {args.dir}"
           f"  (then http://10.77.0.2/master.m3u8)")
+    return 0
+
+
+def _play(args: argparse.Namespace) -> int:
+    shaper = None
+    if args.shape:
+        netns, _, dev = args.shape.partition(":")
+        if not netns or not dev:
+            raise HlsError(f"--shape {args.shape!r} must look like NETNS:DEV")
+        shaper = (netns, dev, parse_schedule(args.schedule))
+    player = Player(args.url, args.rule, args.max_buffer, args.segments, shaper)
+    run = player.run()
+    for s in run["segments"]:
+        print(f"{s['t']:7.2f} s  #{s['seq']:<3} {s['name']:>5}  {s['bytes']:>8} B in "
+              f"{s['seconds']:6.2f} s  = {(s['throughput_bps'] or 0) / 1e6:6.2f} Mbit/s  "
+              f"estimate {s['estimate_bps'] / 1e6:5.2f}  buffer {s['buffer_before']:5.2f} -> "
+              f"{s['buffer_after']:5.2f} s"
+              + (f"  stalled {s['stall_s']:.2f} s" if s["stall_s"] else "")
+              + (f"  (abandoned {run['variants'][s['abandoned_from']]['name']})"
+                 if s["abandoned_from"] is not None else ""))
+    print(f"startup {run['startup_s']} s, {len(run['stalls'])} stalls "
+          f"({run['stall_total_s']} s), {run['switches']} switches, {run['abandoned']} "
+          f"abandoned, {run['connections']} TCP connections")
+    if args.log:
+        with open(args.log, "w") as f:
+            json.dump(run, f, indent=1)
     return 0

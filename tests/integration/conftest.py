@@ -183,22 +183,23 @@ def routed_client(start_stack, netns):
         subprocess.run(["ip", "netns", "delete", client], check=False)
 
 
-def add_routed_client(netns: str) -> str:
-    """A namespace of its own one hop from `netns` (veth 10.78.0.2 <-> 10.78.0.1 on rt0),
-    the kernel of `netns` routing between it and tap0; returns its name (the caller
-    deletes it)."""
+def add_routed_client(netns: str, n: int = 0) -> str:
+    """A namespace of its own one hop from `netns` (veth 10.78.N.2 <-> 10.78.N.1, rtN in
+    `netns`, named rt1 in the client for N = 0), the kernel of `netns` routing between it
+    and tap0; returns its name (the caller deletes it). Several, with N = 0, 1, ..."""
     client = unique_name("tc")
+    here, there = f"rt{n}" if n else "rt0", "rt1"
     subprocess.run(["ip", "netns", "add", client], check=True)
     try:
-        for cmd in (["ip", "link", "add", "rt0", "netns", netns, "type", "veth", "peer",
-                     "name", "rt1", "netns", client],
-                    ["ip", "-n", netns, "addr", "add", "10.78.0.1/24", "dev", "rt0"],
-                    ["ip", "-n", netns, "link", "set", "rt0", "up"],
-                    ["ip", "-n", client, "link", "set", "rt1", "gso_max_segs", "1"],
-                    ["ip", "-n", client, "addr", "add", "10.78.0.2/24", "dev", "rt1"],
-                    ["ip", "-n", client, "link", "set", "rt1", "up"],
+        for cmd in (["ip", "link", "add", here, "netns", netns, "type", "veth", "peer",
+                     "name", there, "netns", client],
+                    ["ip", "-n", netns, "addr", "add", f"10.78.{n}.1/24", "dev", here],
+                    ["ip", "-n", netns, "link", "set", here, "up"],
+                    ["ip", "-n", client, "link", "set", there, "gso_max_segs", "1"],
+                    ["ip", "-n", client, "addr", "add", f"10.78.{n}.2/24", "dev", there],
+                    ["ip", "-n", client, "link", "set", there, "up"],
                     ["ip", "-n", client, "link", "set", "lo", "up"],
-                    ["ip", "-n", client, "route", "add", "default", "via", "10.78.0.1"],
+                    ["ip", "-n", client, "route", "add", "default", "via", f"10.78.{n}.1"],
                     ["ip", "netns", "exec", netns, "sysctl", "-qw",
                      "net.ipv4.ip_forward=1"]):
             subprocess.run(cmd, check=True, capture_output=True)

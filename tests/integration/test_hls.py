@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -189,3 +190,74 @@ def test_chromium_plays_from_tapstack_and_adapts_to_a_shaped_link(long_ladder, s
     assert unshaped[1] >= 1 and shaped[1] == 0, (unshaped, shaped)
     print(f"renditions fetched (0=240p, 1=360p, 2=720p): unshaped {unshaped}, shaped to "
           f"700 kbit/s {shaped}")
+
+
+# -- the Python ABR player under a shaping schedule ------------------------------------------
+
+SCHEDULE = "8mbit:6,700kbit:10,8mbit"  # 720p fits, then only 240p, then 720p again
+STALL_BOUND = 2.0  # seconds: one segment
+
+
+@pytest.fixture(scope="module")
+def abr_ladder(tmp_path_factory):
+    return make(tmp_path_factory.mktemp("hls-abr"), 40)
+
+
+def _phases(run: dict) -> tuple[float, float]:
+    """When the link went down and up again, from the player's own log of the tc calls."""
+    rates = [(p["t"], p["bps"]) for p in run["link"]]
+    assert [r for _, r in rates] == [8_000_000, 700_000, 8_000_000], rates
+    return rates[1][0], rates[2][0]
+
+
+def test_the_python_player_adapts_to_a_shaping_schedule_with_each_rule(abr_ladder,
+                                                                         start_stack, netns,
+                                                                         tmp_path):
+    """Two players, one per rule (ewma: throughput, as hls.js; bola: buffer), at once from
+    one tapstack, each on a link of its own shaped by the same tbf schedule (8 Mbit/s for
+    6 s, 700 kbit/s for 10 s, 8 Mbit/s again). Each climbs above 240p on the fast link,
+    is at 240p within three segments of the drop, climbs again after the recovery, and
+    never stalls longer than a segment. Assertions on the players' logs."""
+    start_stack("--root", str(abr_ladder), "--no-access-log", ns=netns, pcap=False)
+    from tests.integration.conftest import add_routed_client
+
+    clients = [add_routed_client(netns, n) for n in (0, 1)]
+    procs, logs = [], {}
+    try:
+        for n, (client, rule) in enumerate(zip(clients, ("ewma", "bola"), strict=True)):
+            logs[rule] = tmp_path / f"abr-{rule}.json"
+            procs.append(subprocess.Popen(
+                ["ip", "netns", "exec", client, "timeout", "-k", "5", "120",
+                 *tapstack_cmd("hls", "play", f"{URL}/master.m3u8", "--rule", rule,
+                               "--shape", f"{netns}:rt{n}", "--schedule", SCHEDULE,
+                               "--segments", "20", "--log", str(logs[rule]))],
+                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        outputs = [p.communicate(timeout=150) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        for client in clients:
+            subprocess.run(["ip", "netns", "delete", client], check=False)
+    for p, (out, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, out[-2000:] + err[-2000:]
+    for rule, path in logs.items():
+        run = json.loads(path.read_text())
+        down, up = _phases(run)
+        segs = run["segments"]
+        assert len(segs) == 20 and run["rule"] == rule
+        before = [s for s in segs if s["t"] + s["seconds"] <= down]
+        during = [s for s in segs if s["t"] + s["seconds"] > down and s["t"] < up]
+        after = [s for s in segs if s["t"] >= up]
+        where = (rule, [(s["t"], s["name"], s["abandoned_from"]) for s in segs])
+        assert max(s["variant"] for s in before) >= 1, where  # it climbed
+        assert any(s["variant"] == 0 for s in during[:3]), where  # down within 3 segments
+        assert len(after) >= 4 and max(s["variant"] for s in after) >= 1, where  # and up
+        assert all(stall <= STALL_BOUND for stall in run["stalls"]), (run["stalls"], where)
+        print(f"{rule}: " + " ".join(s["name"] + ("*" if s["abandoned_from"] is not None
+                                                  else "") for s in segs)
+              + f"; stalls {run['stalls']}")
+    png = subprocess.run(tapstack_cmd("hls", "plot", str(logs["bola"])), cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert png.returncode == 0, png.stderr
+    assert Path(png.stdout.strip()).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
