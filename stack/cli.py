@@ -105,8 +105,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="run the node this TOML file describes (interfaces, routes, "
                         "forwarding, services) instead of the one-interface flags")
     r.add_argument("--no-services", action="store_true",
-                   help="do not start the echo (TCP and UDP 7), discard (9), source (19) "
-                        "and stream (TCP and UDP 5004) services")
+                   help="do not start the echo (TCP and UDP 7), discard (9) and source (19) "
+                        "services")
+    r.add_argument("--stream", type=int, metavar="PORT",
+                   help="serve paced numbered chunks on this UDP and TCP port (request: "
+                        "STREAM count size interval_ms)")
     _http_options(r)
     r.add_argument("--http-port", type=int, default=80,
                    help="port of the HTTP server (default: %(default)s)")
@@ -340,6 +343,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         except ConfigError as exc:
             raise UsageError(str(exc)) from None
         args.no_services = not spec.echo
+        args.stream = args.stream or spec.stream
         args.no_http = spec.http_port is None
         args.http_port = spec.http_port or 80
         if spec.https is not None:
@@ -352,6 +356,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         config, host_cidr = build_config(args)
         spec = host_spec(args, config, host_cidr)
         check_port(args.http_port, "--http-port")
+        if args.stream is not None:
+            check_port(args.stream, "--stream")
 
         def banner() -> str:
             return _banner(args, host_cidr)
@@ -404,19 +410,21 @@ def cmd_journey(args: argparse.Namespace) -> int:
     require_root("journey")
     from stack import journey
 
-    code, lines, page = journey.run(args.lab or journey.default_lab(), args.out, args.url,
-                                    args.client, args.scenario)
+    ok, lines, page = journey.run(args.lab or journey.default_lab(), args.out, args.url,
+                                  args.client, args.scenario)
     for line in lines:
         print(line)
     print(f"the walkthrough: {page}; the facts: {os.path.join(args.out, 'journey.json')}")
     print(f"the lab stays up (a second run shows the caches): tapstack lab down "
           f"{args.lab or journey.default_lab()}")
-    if args.scenario and JOURNEY_SCENARIOS[args.scenario].breaks:
-        if code == 0:  # it is meant to fail; that it did not is the error
-            print(f"tapstack: scenario {args.scenario} did not stop the request",
-                  file=sys.stderr)
-        return 1 if code == 0 else 0
-    return 0 if code == 0 else 1
+    if not ok:
+        with open(os.path.join(args.out, "journey.json")) as f:
+            report = json.load(f)
+        why = (report.get("scenario") or {}).get("differs") or "some changes were not undone" \
+            if args.scenario else report["verdict"].get("text")
+        print(f"tapstack: {'scenario ' + args.scenario + ': ' if args.scenario else ''}{why}",
+              file=sys.stderr)
+    return 0 if ok else 1
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:

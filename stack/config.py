@@ -23,7 +23,8 @@
     metric = 0
 
     [services]
-    echo = true                  # echo 7, discard 9, source 19, UDP echo 7, stream 5004
+    echo = true                  # echo 7, discard 9, source 19, UDP echo 7
+    stream = 5004                # paced numbered chunks on UDP and TCP (or false)
     http = 80                    # port, or false
     dns_zones = ["bob.com.zone"] # authoritative DNS on UDP and TCP 53 (zone files)
     resolver = { root_hints = "root.hints" }   # or { forward = ["192.0.2.53"] }
@@ -83,6 +84,7 @@ class NodeSpec:
     dns_zones: list[str] = field(default_factory=list)  # served on port 53
     resolver: dict = field(default_factory=dict)  # root_hints or forward: resolve on 53
     https: dict | None = None  # {"port", "names"}: HTTPS from the lab CA (as --tls)
+    stream: int | None = None  # the paced stream service's port (UDP and TCP)
 
     @property
     def control_name(self) -> str:
@@ -239,7 +241,8 @@ def parse_node(data: dict, path: str) -> NodeSpec:
         metric = r.get(t, "metric", where, int, 0)
         routes.append(RouteConfig(to, gateway, dev, metric))
     services = r.get(data, "services", "", dict, {})
-    r.unknown(services, {"echo", "http", "https", "dns_zones", "resolver"}, "services")
+    r.unknown(services, {"echo", "http", "https", "dns_zones", "resolver", "stream"},
+              "services")
     resolver = r.get(services, "resolver", "services", dict, {})
     r.unknown(resolver, {"root_hints", "forward"}, "services.resolver")
     echo = r.get(services, "echo", "services", bool, True)
@@ -253,6 +256,10 @@ def parse_node(data: dict, path: str) -> NodeSpec:
         http_port = http
     else:
         raise r.fail("services.http", f"must be a port (1..65535) or false, not {http!r}")
+    stream = services.get("stream", False)
+    if stream is not False and (not isinstance(stream, int) or isinstance(stream, bool)
+                                or not 0 < stream < 65536):
+        raise r.fail("services.stream", f"must be a port (1..65535) or false, not {stream!r}")
     https = services.get("https", False)
     if https is True:
         https = {}
@@ -271,7 +278,8 @@ def parse_node(data: dict, path: str) -> NodeSpec:
                       tcp=TcpConfig(msl=float(msl), cc=cc))
     middlebox = parse_middlebox(data, interfaces, r.fail)
     return NodeSpec(node, links, netns, echo, http_port, path, middlebox=middlebox,
-                    dns_zones=dns_zones, resolver=resolver, https=https or None)
+                    dns_zones=dns_zones, resolver=resolver, https=https or None,
+                    stream=stream or None)
 
 
 def read_toml(path: str) -> dict:

@@ -362,8 +362,12 @@ class Runtime:
         op, to = request.get("op"), str(request.get("to"))
         try:
             if op == "del":
-                n = self.node.remove_route(to, request.get("metric"))
-                return {"done": f"deleted {n} route{'s' if n > 1 else ''} to {to}"}
+                via = request.get("via")
+                gone = self.node.remove_route(to, request.get("metric"),
+                                              ip_from_str(via) if via else None)
+                how = f"via {ip_to_str(gone.gateway)}" if gone.gateway else "on-link"
+                return {"done": f"deleted route {gone.prefix_str()} {how} metric "
+                                f"{gone.metric}"}
             if op == "add":
                 via = request.get("via")
                 route = self.node.add_route(RouteConfig(

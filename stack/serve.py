@@ -12,7 +12,6 @@ import ipaddress
 import os
 import ssl
 import sys
-from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -41,7 +40,7 @@ from stack.apps.services import (
     SourceProtocol,
     UdpEchoProtocol,
 )
-from stack.apps.stream import StreamTcpProtocol, StreamUdpProtocol
+from stack.apps.stream import Streams, StreamTcpProtocol, StreamUdpProtocol
 from stack.config import NodeSpec
 from stack.launch import UsageError
 from stack.names import Names
@@ -49,7 +48,6 @@ from stack.runtime import Runtime
 from stack.wire.ipv4 import ip_to_str
 
 SERVICES = {7: EchoProtocol, 9: DiscardProtocol, 19: SourceProtocol}
-STREAM_PORT = 5004  # paced numbered chunks, UDP and TCP (stack/apps/stream.py)
 
 
 def zone_names(paths: list[str]) -> list[str]:
@@ -225,16 +223,18 @@ def start_services(args: argparse.Namespace, app: Any, dns_server: DnsServer | N
             runtime.app_counters["dns"] = lambda: dict(dns_server.counters)
         if not args.no_services:
             counted = {"discard_bytes": 0}  # what the discard service was given
-            streams: Counter[str] = Counter()
-            runtime.app_counters["services"] = lambda: {**counted, **streams}
+            runtime.app_counters["services"] = lambda: dict(counted)
             for port, protocol in SERVICES.items():
                 factory = (lambda: DiscardProtocol(counted)) if protocol is DiscardProtocol \
                     else protocol
                 await stack.create_server(factory, port=port)
             await stack.create_datagram_endpoint(UdpEchoProtocol, local_addr=("", 7))
+        if getattr(args, "stream", None):
+            streams = Streams()
+            runtime.app_counters["stream"] = lambda: dict(streams.counters)
             await stack.create_datagram_endpoint(lambda: StreamUdpProtocol(streams),
-                                                 local_addr=("", STREAM_PORT))
-            await stack.create_server(lambda: StreamTcpProtocol(streams), port=STREAM_PORT)
+                                                 local_addr=("", args.stream))
+            await stack.create_server(lambda: StreamTcpProtocol(streams), port=args.stream)
         if args.no_http and tls is None:
             return None
         if getattr(args, "server", "builtin") == "uvicorn":

@@ -23,9 +23,10 @@ DEFAULT_LAB = Path(__file__).resolve().parents[2] / "labs" / "alice-bob.toml"
 
 
 def run(lab_path: str, out: str, url: str, client: str, scenario: str | None = None
-        ) -> tuple[int, list[str], Path]:
-    """Record, analyse and tell one journey. Returns curl's exit status, the summary's
-    lines and the page; with a scenario, its changes are made before and undone after."""
+        ) -> tuple[bool, list[str], Path]:
+    """Record, analyse and tell one journey. Returns whether it went as meant (curl
+    succeeded; with a scenario: it stopped where the scenario breaks, and every change
+    was undone after), the summary's lines and the page."""
     from stack.journey import scenarios  # here: the CLI imports this package for its names
     from stack.journey.facts import analyse
     from stack.journey.page import render, summary
@@ -38,7 +39,7 @@ def run(lab_path: str, out: str, url: str, client: str, scenario: str | None = N
     ca = subprocess.run([*_tapstack(), "ca"], capture_output=True, text=True,
                         check=True).stdout.strip()
     chosen = SCENARIOS[scenario] if scenario else None
-    made = scenarios.apply(lab, chosen) if chosen else []
+    made = scenarios.apply(lab, chosen, client) if chosen else []
     contrast = None
     try:
         rec = record(lab, Path(out), chosen.url or url if chosen else url, client, ca,
@@ -52,6 +53,8 @@ def run(lab_path: str, out: str, url: str, client: str, scenario: str | None = N
         report["contrast"] = contrast
     if chosen:
         report["scenario"] = {"name": chosen.name, "title": chosen.title,
+                              "as_meant": chosen.met(report) is None,
+                              "differs": chosen.met(report),
                               "lesson": chosen.lesson,
                               "changes": [{"node": c.node, "run": c.shown(),
                                            "undone_by": c.shown(c.undo)} for c in made],
@@ -64,7 +67,9 @@ def run(lab_path: str, out: str, url: str, client: str, scenario: str | None = N
     lines = summary(report)
     if failed:
         lines += [f"could not undo: {f}" for f in failed]
-    return rec.curl["exit"], lines, page
+    # with a scenario: the run did what it meant, and left the lab as it was
+    ok = report["scenario"]["as_meant"] and not failed if chosen else rec.curl["exit"] == 0
+    return ok, lines, page
 
 
 def _contrast(lab, client: str, out: Path, url: str) -> dict:

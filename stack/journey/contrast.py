@@ -29,6 +29,8 @@ from typing import Any
 import dpkt
 
 from stack.apps.stream import HEADER, read_header
+from stack.journey.record import expect, stop
+from stack.lab.build import LabError
 
 PORT = 5004
 COUNT, SIZE, INTERVAL_MS = 200, 1000, 10.0  # 2 s of a 0.8 Mbit/s stream
@@ -39,40 +41,58 @@ LOSS = 0.05
 
 
 def receive_udp(host: str, port: int, count: int, size: int, interval: float) -> dict:
-    arrivals = []
+    """Ask, then take datagrams until the last one or a silence; tell the server every
+    half second that we are still here (it stops a stream nobody reports on)."""
+    arrivals: list[tuple[int, float, float]] = []
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.connect((host, port))
         s.send(f"STREAM {count} {size} {interval * 1000:g}\n".encode())
+        s.settimeout(0.25)
+        last_heard = reported = time.monotonic()
         idle = max(1.0, 50 * interval)
-        s.settimeout(idle)
+        error = None
         while len(arrivals) < count:
+            now = time.monotonic()
+            if now - reported >= 0.5:
+                s.send(b"ALIVE\n")
+                reported = now
             try:
                 data = s.recv(65535)
-            except (TimeoutError, ConnectionRefusedError):
+            except TimeoutError:
+                if time.monotonic() - last_heard > idle:
+                    break
+                continue
+            except OSError as exc:  # an ICMP error: nobody serves the stream
+                error = str(exc)
                 break
-            now = time.monotonic()
+            now = last_heard = time.monotonic()
             if len(data) >= HEADER.size:
                 seq, sent, _ = read_header(data)
                 arrivals.append((seq, now - sent, now))
-    return {"arrivals": arrivals}
+    return {"arrivals": arrivals, **({"error": error} if error else {})}
 
 
 def receive_tcp(host: str, port: int, count: int, size: int, interval: float) -> dict:
-    arrivals = []
-    with socket.create_connection((host, port), timeout=10) as s:
-        s.sendall(f"STREAM {count} {size} {interval * 1000:g}\n".encode())
-        s.settimeout(max(10.0, count * interval + 10))
-        buffer = b""
-        while True:
-            data = s.recv(65536)
-            if not data:
-                break
-            now = time.monotonic()
-            buffer += data
-            while len(buffer) >= size:  # a chunk is here when its last byte is
-                seq, sent, _ = read_header(buffer)
-                arrivals.append((seq, now - sent, now))
-                buffer = buffer[size:]
+    """Ask, then read the stream to its end; each chunk arrives when its last byte does.
+    On an error, what arrived before it is kept."""
+    arrivals: list[tuple[int, float, float]] = []
+    try:
+        with socket.create_connection((host, port), timeout=10) as s:
+            s.sendall(f"STREAM {count} {size} {interval * 1000:g}\n".encode())
+            s.settimeout(max(10.0, count * interval + 10))
+            buffer = b""
+            while True:
+                data = s.recv(65536)
+                if not data:
+                    break
+                now = time.monotonic()
+                buffer += data
+                while len(buffer) >= size:
+                    seq, sent, _ = read_header(buffer)
+                    arrivals.append((seq, now - sent, now))
+                    buffer = buffer[size:]
+    except OSError as exc:
+        return {"arrivals": arrivals, "error": str(exc)}
     return {"arrivals": arrivals}
 
 
@@ -102,12 +122,14 @@ def measure(netns: str, switch_netns: str, bridge: str, host: str, out: Path) ->
     report plus the capture's path."""
     pcap = out / "captures" / "contrast.pcap"
     dump = subprocess.Popen(["ip", "netns", "exec", switch_netns, "tcpdump", "-i", bridge,
-                             "-U", "--immediate-mode", "-n", "-s", "200", "-w", str(pcap),
-                             "port", str(PORT)],
+                             "-U", "--immediate-mode", "-n", "-Z", "root", "-s", "200",
+                             "-w", str(pcap), "port", str(PORT)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        if "listening on" not in (dump.stderr.readline() if dump.stderr else ""):
-            return {"error": "tcpdump did not start"}
+        try:
+            expect(dump, "listening on", f"tcpdump on {bridge}")
+        except LabError as exc:
+            return {"error": str(exc)}
         limit = COUNT * INTERVAL_MS / 1000 + 30
         r = subprocess.run(["timeout", "-k", "2", str(limit), "ip", "netns", "exec", netns,
                             sys.executable, "-m", "stack.journey.contrast", host, str(PORT),
@@ -116,13 +138,12 @@ def measure(netns: str, switch_netns: str, bridge: str, host: str, out: Path) ->
         if r.returncode != 0:
             return {"error": r.stderr.strip().splitlines()[-1] if r.stderr.strip()
                     else f"exit {r.returncode}"}
-        result = json.loads(r.stdout)
-    finally:
-        dump.terminate()
         try:
-            dump.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            dump.kill()
+            result = json.loads(r.stdout)
+        except ValueError:
+            return {"error": f"the receiver wrote no result: {r.stdout[-200:]!r}"}
+    finally:
+        stop([dump])
     result["capture"] = str(pcap)
     return result
 
@@ -175,35 +196,44 @@ def analyse(result: dict, dropped: dict[str, int]) -> dict[str, Any]:
     return report
 
 
+def _frames(pcap: Path):
+    """(number, bytes) of each frame; a truncated file ends the list, not the run."""
+    try:
+        with open(pcap, "rb") as f:
+            for n, (_ts, buf) in enumerate(dpkt.pcap.Reader(f), start=1):
+                yield n, buf
+    except (OSError, ValueError, dpkt.Error):
+        return
+
+
 def _retransmissions(pcap: Path) -> dict[str, Any]:
     """Data segments from the stream's port that carry bytes sent before, on Alice's
     segment (seen before her kernel dropped anything: the capture mirrors the bridge)."""
     base: int | None = None
     highest = 0  # the end of the stream so far, relative to the first byte
     again, frames, udp_on_wire = 0, [], 0
-    with open(pcap, "rb") as f:
-        for n, (_ts, buf) in enumerate(dpkt.pcap.Reader(f), start=1):
-            try:
-                ip = dpkt.ethernet.Ethernet(buf).data
-            except (dpkt.UnpackError, dpkt.NeedData):
-                continue
-            if not isinstance(ip, dpkt.ip.IP):
-                continue
-            seg = ip.data
-            if isinstance(seg, dpkt.udp.UDP) and seg.sport == PORT:
-                udp_on_wire += 1
-            if not isinstance(seg, dpkt.tcp.TCP) or seg.sport != PORT:
-                continue
-            size = ip.len - ip.hl * 4 - seg.off * 4
-            if size <= 0:
-                continue
-            if base is None:
-                base = seg.seq
-            start = (seg.seq - base) % 2**32
-            if start < highest:
-                again += 1
-                frames.append(n)
-            highest = max(highest, start + size)
+    for n, buf in _frames(pcap):
+        try:
+            ip = dpkt.ethernet.Ethernet(buf).data
+        except (dpkt.UnpackError, dpkt.NeedData):
+            continue
+        if not isinstance(ip, dpkt.ip.IP):
+            continue
+        seg = ip.data
+        if isinstance(seg, dpkt.udp.UDP) and seg.sport == PORT:
+            udp_on_wire += 1
+        if not isinstance(seg, dpkt.tcp.TCP) or seg.sport != PORT:
+            continue
+        size = ip.len - ip.hl * 4 - seg.off * 4
+        if size <= 0:
+            continue
+        if base is None:
+            base = seg.seq
+        start = (seg.seq - base) % 2**32
+        if start < highest:
+            again += 1
+            frames.append(n)
+        highest = max(highest, start + size)
     return {"retransmitted": again, "retransmitted_frames": frames[:20],
             "udp_on_wire": udp_on_wire}
 

@@ -431,7 +431,8 @@ def sequence_svg(lanes: list[str], messages: list[dict]) -> str:
     """A ladder diagram: one lifeline per lane, one arrow per message, top to bottom in
     list order. m['from'], m['to'] name lanes (others are skipped); m['label'] is the
     text; optional: m['kind'] (dns, tcp, tls, http, icmp, drop) picks the colour,
-    m['dropped'] stops the arrow half way at a red cross (where the packet died),
+    m['dropped'] ends the arrow in a red cross on the receiving lane (the node that
+    dropped the packet),
     m['segment'] and m['frame'] make a tooltip pointing into that segment's capture, and
     m['t'] (seconds) shows the time since the first message at the left margin."""
     lanes = list(dict.fromkeys(lanes))
@@ -498,7 +499,7 @@ def _message(m: dict, y: float, x1: float, x2: float, width: float, left: float)
             lx, anchor = x1 - 6, "end"
     else:
         direction = 1 if x2 > x1 else -1
-        tip_x = (x1 + x2) / 2 if m.get("dropped") else x2
+        tip_x = x2  # a drop: the cross sits on the lifeline of the node that dropped it
         out.append(_line(x1, y, tip_x, y, colour, 1.6, ' class="arrow"'))
         out.append(_cross(tip_x, y) if m.get("dropped") else _arrow_head(x2, y, direction,
                                                                         colour))

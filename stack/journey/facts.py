@@ -25,17 +25,18 @@ def _events(path: Path) -> list[dict]:
 
 
 def _segments_packets(path: Path) -> list[tuple[int, float, Any]]:
-    rows = []
-    with open(path, "rb") as f:
-        try:
-            reader = dpkt.pcap.Reader(f)
-        except ValueError:
-            return rows
-        for number, (ts, buf) in enumerate(reader, start=1):
-            try:
-                rows.append((number, ts, dpkt.ethernet.Ethernet(buf)))
-            except (dpkt.UnpackError, dpkt.NeedData):
-                continue
+    """(frame number, time, Ethernet) for each frame; an empty or truncated capture
+    gives what it holds."""
+    rows: list[tuple[int, float, Any]] = []
+    try:
+        with open(path, "rb") as f:
+            for number, (ts, buf) in enumerate(dpkt.pcap.Reader(f), start=1):
+                try:
+                    rows.append((number, ts, dpkt.ethernet.Ethernet(buf)))
+                except (dpkt.UnpackError, dpkt.NeedData):
+                    continue
+    except (OSError, ValueError, dpkt.Error):
+        pass
     return rows
 
 
@@ -61,7 +62,7 @@ def analyse(lab: Lab, rec: Recording, client: str) -> dict[str, Any]:
     client_seg = lab.nodes[client].interfaces[0].segment
     syn = next(((n, ts, eth) for n, ts, eth in packets[client_seg]
                 if _tcp(eth) and _ip(eth.data.src) == client_addr
-                and eth.data.data.flags == dpkt.tcp.TH_SYN), None)
+                and _flags(eth) == dpkt.tcp.TH_SYN), None)
     report["hops"], report["return"] = [], []
     if syn is not None:
         seq = syn[2].data.data.seq
@@ -83,6 +84,15 @@ def analyse(lab: Lab, rec: Recording, client: str) -> dict[str, Any]:
 
 def _tcp(eth: Any) -> bool:
     return isinstance(eth.data, dpkt.ip.IP) and isinstance(eth.data.data, dpkt.tcp.TCP)
+
+
+_HANDSHAKE = dpkt.tcp.TH_SYN | dpkt.tcp.TH_ACK | dpkt.tcp.TH_FIN | dpkt.tcp.TH_RST
+
+
+def _flags(eth: Any) -> int:
+    """SYN, ACK, FIN, RST of a segment (not ECE, CWR, PSH, URG: an ECN-setup SYN is a
+    SYN)."""
+    return eth.data.data.flags & _HANDSHAKE
 
 
 def _curl_error(verbose: str) -> str | None:
@@ -166,12 +176,12 @@ def _http_facts(traces: dict[str, list[dict]]) -> dict[str, Any]:
 
 
 def _find_synack(packets: dict[str, list], syn_seq: int) -> int | None:
-    """The server's initial sequence number, from its SYN-ACK to this SYN (NATs rewrite
-    addresses and ports, never sequence numbers)."""
+    """The server's initial sequence number, from its SYN-ACK to this SYN (tapstack's
+    NATs, like most, rewrite addresses and ports, not sequence numbers)."""
     want = (syn_seq + 1) & 0xFFFFFFFF
     for rows in packets.values():
         for _n, _ts, eth in rows:
-            if _tcp(eth) and eth.data.data.flags == dpkt.tcp.TH_SYN | dpkt.tcp.TH_ACK \
+            if _tcp(eth) and _flags(eth) == dpkt.tcp.TH_SYN | dpkt.tcp.TH_ACK \
                     and eth.data.data.ack == want:
                 return eth.data.data.seq
     return None
@@ -182,14 +192,14 @@ _FLAGS = {"S": dpkt.tcp.TH_SYN, "S.": dpkt.tcp.TH_SYN | dpkt.tcp.TH_ACK}
 
 def _follow(lab: Lab, packets: dict[str, list], traces: dict[str, list[dict]],
             sender: str | None, seq: int, flags: str) -> list[dict]:
-    """One packet (the first with these flags and this sequence number, which no NAT
-    changes) on every segment it crossed, in time order. Each hop names the node that
+    """One packet (the first with these flags and this sequence number, which the lab's
+    NATs leave alone) on every segment it crossed, in time order. Each hop names the node that
     took it further and what that node decided; the last names the node that received it
     and either kept it (`arrived`) or dropped it (`dropped`, with the reason)."""
     seen = []
     for name, rows in packets.items():
         for n, ts, eth in rows:
-            if _tcp(eth) and eth.data.data.flags == _FLAGS[flags] and eth.data.data.seq == seq:
+            if _tcp(eth) and _flags(eth) == _FLAGS[flags] and eth.data.data.seq == seq:
                 ip = eth.data
                 seen.append({"segment": name, "frame": n, "time": ts,
                              "src": _ip(ip.src), "dst": _ip(ip.dst), "sport": ip.data.sport,
@@ -264,16 +274,39 @@ def _drop_reason(decisions: list[dict]) -> dict[str, Any]:
                            f"port {d.get('port')}", "rule": d.get("rule"), "filter": "sg",
                     "direction": d["direction"],
                     "counter": f"sg.denied_{'in' if d['direction'] == 'inbound' else 'out'}"}
-    counted = [d for d in decisions if d.get("event") == "count"]
+    counted = [d for d in decisions if d.get("event") == "count" and _is_drop(d)]
     if counted:  # the first: the decision; what follows are its consequences
         d = counted[0]
         words = {"fwd_no_route": "no route to the destination",
                  "fwd_ttl_exceeded": "its TTL ran out",
-                 "fwd_host_unreachable": "the next hop did not answer ARP"}
+                 "fwd_host_unreachable": "the next hop did not answer ARP",
+                 "fwd_frag_needed": "too big for the next link, and Don't Fragment set",
+                 "unsolicited": "the NAT has no mapping it may use for it",
+                 "filtered": "the NAT's filtering refuses its source"}
         return {"why": words.get(d["name"], f"counted as {d['layer']}.{d['name']}"),
                 "counter": f"{d['layer']}.{d['name']}"}
     return {"why": "no decision was recorded (the node was not traced, or the frame was "
                    "lost on the wire)"}
+
+
+# The counters that count a datagram not passed on (others count what a node did to one
+# it passed: a NAT mapping made, a checksum completed, a flow confirmed).
+DROPS = frozenset(
+    [f"ipv4.fwd_{x}" for x in ("bad_source", "frag_needed", "gso_unsupported",
+                               "hook_dropped", "host_unreachable", "link_broadcast",
+                               "martian_destination", "no_route", "ttl_exceeded")]
+    + [f"ipv4.rx_{x}" for x in ("bad_checksum", "bad_header_length", "bad_source",
+                                "bad_total_length", "bad_version", "hook_dropped",
+                                "not_for_us", "truncated", "ttl_zero", "unknown_protocol")]
+    + [f"conntrack.{x}" for x in ("invalid", "no_entry", "out_of_window", "table_full",
+                                  "clash")]
+    + [f"nat.{x}" for x in ("filtered", "unsolicited", "ports_exhausted",
+                            "subscriber_limit")]
+    + ["acl.denied_in", "acl.denied_out", "sg.denied_in", "sg.denied_out"])
+
+
+def _is_drop(d: dict) -> bool:
+    return f"{d.get('layer')}.{d.get('name')}" in DROPS
 
 
 def _icmp_to(rows: list, client: str) -> list[dict]:
@@ -410,8 +443,9 @@ def _sequence(lab: Lab, report: dict[str, Any], client: str) -> dict[str, Any]:
             sender = hop["next_node"]
     v = report["verdict"]
     for icmp in report["icmp_to_client"][:1]:
-        if v.get("where") and v.get("where") != client:
-            msgs.append({"t": icmp["time"], "from": v["where"], "to": client, "kind": "icmp",
+        source = owner.get(icmp["from"])
+        if source and source != client:
+            msgs.append({"t": icmp["time"], "from": source, "to": client, "kind": "icmp",
                          "label": f"ICMP type {icmp['type']} code {icmp['code']}",
                          "frame": icmp["frame"]})
     server = report["http"].get("server") or next(

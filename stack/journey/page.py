@@ -168,8 +168,8 @@ def _dns(report: dict[str, Any]) -> str:
 def _hops(report: dict[str, Any]) -> str:
     parts = ["<section id='hops'><h2>2. Hop by hop: the SYN and the SYN-ACK</h2>"
              "<p>The first segment of the TCP handshake, found on every segment of the lab "
-             "by its sequence number (NAT rewrites addresses and ports, never that), and "
-             "what each node it met decided; then Bob's answer on its way back.</p>"]
+             "by its sequence number (the lab's NATs rewrite addresses and ports, not that), "
+             "and what each node it met decided; then Bob's answer on its way back.</p>"]
     for title, hops, cls in (("Alice to Bob: the SYN", report["hops"], "hop"),
                              ("Bob to Alice: the SYN-ACK", report.get("return", []), "back")):
         if not hops:

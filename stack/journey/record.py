@@ -4,6 +4,7 @@ each) and every tapstack node traced, around one real curl in the client's names
 from __future__ import annotations
 
 import json
+import select
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from stack.lab.build import LabError, find_lab, running_labs, up
 from stack.lab.topology import Lab, load_lab
@@ -70,11 +72,13 @@ def record(lab: Lab, out: Path, url: str, client: str, ca: str,
             procs.append(p)
             ready.append((p, "tracing node", f"the trace of node {node.name}"))
         for p, prefix, what in ready:  # all started at once, then each waited for
-            _expect(p, prefix, what)
+            expect(p, prefix, what)
         keys = out / "tls-keys.log"
         body = out / "body.html"
+        for old in (keys, body):  # curl appends to a key log; a failed run writes no body
+            old.unlink(missing_ok=True)
         target = lab.nodes[client]
-        start = time.time()
+        start, began = time.time(), time.monotonic()
         r = subprocess.run(["timeout", "-k", "2", str(max_time + 10), "ip", "netns", "exec",
                             lab.netns(target), "env", f"SSLKEYLOGFILE={keys}", "curl", "-sS",
                             "-v", "--max-time", str(max_time), "--cacert", ca, "-o", str(body),
@@ -86,36 +90,58 @@ def record(lab: Lab, out: Path, url: str, client: str, ca: str,
         except ValueError:
             rec.curl["info"] = {}
         # a failed run has no close to wait for: only the frames still in flight
-        _settle(rec, 3.0 if r.returncode == 0 else 0.5)
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        _settle(rec, port, began, 3.0 if r.returncode == 0 else 0.5)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGINT if p.args[0] == "ip" else signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop(procs)
     return rec
 
 
-def _expect(p: subprocess.Popen, prefix: str, what: str) -> None:
-    """The child's first line on stderr says it is ready; anything else: why it is not
-    (it has exited, or printed its error)."""
+def stop(procs: list[subprocess.Popen]) -> None:
+    """Stop the recorders (tcpdump by SIGINT, so that it writes out what it holds), by
+    PID, and close their pipes."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGINT if p.args[0] == "ip" else signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+        if p.stderr is not None:
+            p.stderr.close()
+
+
+def expect(p: subprocess.Popen, prefix: str, what: str, timeout: float = 15.0) -> None:
+    """The child's first line on stderr says it is ready; anything else, or nothing
+    within `timeout`: why it is not (it has exited, printed its error, or hangs)."""
+    ready, _, _ = select.select([p.stderr], [], [], timeout)
+    if not ready:
+        raise LabError(f"{what} did not start within {timeout:g} s")
     line = p.stderr.readline()
     if prefix not in line:
         raise LabError(f"{what} did not start: {line.strip() or 'it exited'}")
 
 
-def _settle(rec: Recording, limit: float = 3.0) -> None:
-    """Until the server's side of the connection has closed (the last frames are in),
-    or `limit` seconds."""
+
+def _settle(rec: Recording, port: int, began: float, limit: float = 3.0) -> None:
+    """Until a server's connection on `port` that was open during the run has closed
+    (FIN exchanged: CLOSED or TIME-WAIT, not an older TIME-WAIT expiring), so that the
+    last frames are in; or `limit` seconds. Trace times are the monotonic clock."""
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         for path in rec.traces.values():
             with open(path) as f:
-                if any(('"new": "CLOSED"' in line and '"local_port": 443' in line)
-                       or ('"new": "TIME-WAIT"' in line and '"local_port": 443' in line)
-                       for line in f):
-                    return
+                for line in f:
+                    if '"state"' not in line or f'"local_port": {port}' not in line:
+                        continue
+                    try:
+                        e = json.loads(line)
+                    except ValueError:
+                        continue
+                    if e.get("new") in ("CLOSED", "TIME-WAIT") and \
+                            e.get("old") != "TIME-WAIT" and e.get("t", 0) >= began:
+                        return
         time.sleep(0.05)

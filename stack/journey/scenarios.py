@@ -57,10 +57,24 @@ class Scenario:
     title: str
     lesson: str  # what the run should show, one or two sentences
     url: str | None = None  # instead of the default
-    changes: Callable[[Lab], list[Change]] = field(default=lambda lab: [])
+    changes: Callable[[Lab, str], list[Change]] = field(default=lambda lab, client: [])
     max_time: float = 4.0  # curl's limit; a broken path fails by timeout
     breaks: bool = True  # the request is meant to fail
     contrast: bool = False  # stream over UDP and TCP after the request
+    expect: dict[str, Any] = field(default_factory=dict)  # what the verdict must say
+
+    def met(self, report: dict[str, Any]) -> str | None:
+        """None if the run ended as the scenario means it to; else what differs."""
+        verdict = report.get("verdict", {})
+        if bool(verdict.get("ok")) == self.breaks:
+            return ("the request went through" if self.breaks else
+                    f"the request failed: {verdict.get('text')}")
+        wrong = {k: verdict.get(k) for k, v in self.expect.items() if verdict.get(k) != v}
+        if wrong:
+            return f"it stopped elsewhere: {verdict.get('text')}"
+        if self.contrast and "udp" not in report.get("contrast", {}):
+            return f"the contrast was not measured: {report.get('contrast', {}).get('error')}"
+        return None
 
 
 def _run(lab: Lab, change: Change, args: list[str]) -> subprocess.CompletedProcess:
@@ -77,6 +91,8 @@ def _tapstack(lab: Lab, node: str, *args: str) -> subprocess.CompletedProcess:
 
 
 def _rules(lab: Lab, node: str) -> dict[str, Any]:
+    if node not in lab.nodes:
+        raise LabError(f"this scenario needs a node named {node} (the story's lab has one)")
     r = _tapstack(lab, node, "rules", "--json")
     if r.returncode != 0:
         raise LabError(f"cannot read the rules of {node}: {r.stderr.strip()}")
@@ -102,49 +118,70 @@ def _rule_args(kind: str, interface: str, direction: str, rule: dict) -> tuple[l
     return delete, add
 
 
-def _sg_without_https(lab: Lab) -> list[Change]:
+def _table(rules: dict, key: str, node: str, iface: str) -> dict:
+    try:
+        return rules[key][iface]
+    except KeyError:
+        raise LabError(f"{node} has no {key.replace('_', ' ')} on an interface {iface}") \
+            from None
+
+
+def _sg_without_https(lab: Lab, client: str) -> list[Change]:
     node, iface = "subnet", "bob"
-    group = _rules(lab, node)["security_groups"][iface]
+    group = _table(_rules(lab, node), "security_groups", node, iface)
     delete, add = _rule_args("sg", iface, "inbound", _find(group["inbound"], "tcp",
                                                              [443, 443]))
     return [Change(node, delete, add)]
 
 
-def _acl_without_return(lab: Lab) -> list[Change]:
+def _acl_without_return(lab: Lab, client: str) -> list[Change]:
     node, iface = "subnet", "bob"
-    acl = _rules(lab, node)["acl"][iface]
+    acl = _table(_rules(lab, node), "acl", node, iface)
     delete, add = _rule_args("acl", iface, "outbound", _find(acl["outbound"], "tcp",
                                                               [1024, 65535]))
     return [Change(node, delete, add)]
 
 
-def _isp_without_default(lab: Lab) -> list[Change]:
-    """Only the DNS servers' network stays reachable (so the name still resolves)."""
+def _isp_without_default(lab: Lab, client: str) -> list[Change]:
+    """Every default route goes (each restored as it was: gateway, metric, interface);
+    a route to the DNS servers' network comes, so the name still resolves."""
     node = "isp"
+    if node not in lab.nodes:
+        raise LabError("this scenario needs a node named isp (the story's lab has one)")
     r = _tapstack(lab, node, "route", "--json")
     if r.returncode != 0:
         raise LabError(f"cannot read the routes of {node}: {r.stderr.strip()}")
-    default = next((x for x in json.loads(r.stdout) if x["prefix"] == "default"), None)
-    if default is None or not default.get("gateway"):
+    routes = json.loads(r.stdout)
+    defaults = [x for x in routes if x["prefix"] == "default" and x.get("gateway")]
+    if not defaults:
         raise LabError(f"{node} has no default route to remove")
-    via = default["gateway"]
-    return [Change(node, ["route", "add", "192.0.2.0/24", "--via", via],
-                   ["route", "del", "192.0.2.0/24"]),
-            Change(node, ["route", "del", "default"],
-                   ["route", "add", "default", "--via", via])]
+    if any(x["prefix"] == DNS_NETWORK for x in routes):
+        raise LabError(f"{node} already has a route to {DNS_NETWORK}")
+    via = defaults[0]["gateway"]
+    changes = [Change(node, ["route", "add", DNS_NETWORK, "--via", via],
+                      ["route", "del", DNS_NETWORK, "--via", via])]
+    for d in defaults:
+        changes.append(Change(node, ["route", "del", "default", "--via", d["gateway"],
+                                     "--metric", str(d["metric"])],
+                              ["route", "add", "default", "--via", d["gateway"], "--metric",
+                               str(d["metric"]), "--dev", d["dev"]]))
+    return changes
 
 
-def _lossy_last_link(lab: Lab) -> list[Change]:
-    """The kernel in Alice's namespace drops a share of what arrives from the stream's
-    port, UDP and TCP alike (so only the contrast suffers, not the name lookups)."""
+DNS_NETWORK = "192.0.2.0/24"
+
+
+def _lossy_last_link(lab: Lab, client: str) -> list[Change]:
+    """The kernel in the client's namespace drops a share of what arrives from the
+    stream's port, UDP and TCP alike (so only the contrast suffers, not the lookups)."""
     from stack.journey.contrast import LOSS, PORT
 
-    netns = lab.netns(lab.nodes["alice"])
+    netns = lab.netns(lab.nodes[client])
     changes = []
     for proto in ("udp", "tcp"):
         rule = ["INPUT", "-p", proto, "--sport", str(PORT), "-m", "statistic", "--mode",
                 "random", "--probability", str(LOSS), "-j", "DROP"]
-        changes.append(Change("alice", ["iptables", "-I", *rule], ["iptables", "-D", *rule],
+        changes.append(Change(client, ["iptables", "-I", *rule], ["iptables", "-D", *rule],
                               netns))
     return changes
 
@@ -154,29 +191,33 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
              "A security group is stateful and allows only what a rule names: Alice's SYN "
              "is a new flow to port 443 that no rule allows, so it dies at the subnet "
              "router, and curl waits in vain (no error comes back).",
-             changes=_sg_without_https),
+             changes=_sg_without_https,
+             expect={"stage": "tcp", "way": "forward", "where": "subnet", "filter": "sg"}),
     Scenario("acl-no-return", "A network ACL without the rule for return traffic",
              "A network ACL is stateless: it does not know that Bob's SYN-ACK answers "
-             "Alice's SYN. Inbound, rule 100 lets the SYN in; outbound, no rule allows "
-             "the reply to Alice's ephemeral port, so the implicit deny (*) drops it.",
-             changes=_acl_without_return),
+             "Alice's SYN. Inbound, the rule for port 443 lets the SYN in; outbound, no rule "
+             "allows the reply to Alice's ephemeral port, so the implicit deny (*) drops it.",
+             changes=_acl_without_return,
+             expect={"stage": "tcp", "way": "return", "where": "subnet", "filter": "acl"}),
     Scenario("wrong-name", "A certificate for another name",
              "Every packet arrives, but Bob's server has no certificate naming bob.com: "
              "for a name it does not know (SNI) it presents its default one, which names "
              "only its own address. curl finishes the TLS handshake, checks the name, and "
              "refuses to send the request: authentication failed, not encryption.",
-             url="https://bob.com/"),
+             url="https://bob.com/", expect={"stage": "tls"}),
     Scenario("nxdomain", "A name that does not exist",
              "No packet is sent to any Bob: com.'s servers answer NXDOMAIN for "
              "www.bobb.com, with com.'s SOA record, whose minimum field says how long "
              "resolvers may remember that the name does not exist.",
-             url="https://www.bobb.com/"),
+             url="https://www.bobb.com/", expect={"stage": "dns"}),
     Scenario("no-route", "A router without a route",
              "The ISP's router has lost its default route: it cannot forward Alice's SYN, "
              "so it drops it and sends an ICMP destination unreachable (network) back; "
              "her home router's NAT translates the error like the flow it quotes, and "
              "curl fails at once instead of waiting.",
-             changes=_isp_without_default),
+             changes=_isp_without_default,
+             expect={"stage": "tcp", "way": "forward", "where": "isp",
+                     "counter": "ipv4.fwd_no_route"}),
     Scenario("udp-vs-tcp", "UDP and TCP on a lossy link",
              "The request itself goes through; then Bob streams the same numbered chunks "
              "over UDP and over TCP while Alice's last link loses 5 % of them: UDP "
@@ -186,11 +227,11 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
 )}
 
 
-def apply(lab: Lab, scenario: Scenario) -> list[Change]:
+def apply(lab: Lab, scenario: Scenario, client: str) -> list[Change]:
     """Make the scenario's changes; on a failure, undo what was made and raise."""
     made: list[Change] = []
     try:
-        for change in scenario.changes(lab):
+        for change in scenario.changes(lab, client):
             r = _run(lab, change, change.args)
             if r.returncode != 0:
                 raise LabError(f"scenario {scenario.name}: {change.shown()} failed: "
@@ -207,7 +248,11 @@ def undo(lab: Lab, made: list[Change]) -> list[str]:
     `lab down` and `up` then)."""
     failed = []
     for change in reversed(made):
-        r = _run(lab, change, change.undo)
+        try:
+            r = _run(lab, change, change.undo)
+        except (OSError, subprocess.SubprocessError) as exc:
+            failed.append(f"{change.shown(change.undo)}: {exc}")
+            continue
         if r.returncode != 0:
             failed.append(f"{change.shown(change.undo)}: {r.stderr.strip()}")
     return failed

@@ -204,13 +204,17 @@ def _hosts_file(lab: Lab) -> str:
     """Every node by name: `ip netns exec` puts this over /etc/hosts in a Linux node.
     The machine's own name too, as Debian's /etc/hosts has it (127.0.1.1): a namespace
     shares the machine's host name, and programs that look it up (curl -v does) would
-    otherwise ask the lab's DNS for it."""
-    lines = ["127.0.0.1 localhost", f"127.0.1.1 {socket.gethostname()}"]
+    otherwise ask the lab's DNS for it (unless a node has that name: the node wins)."""
+    lines = ["127.0.0.1 localhost"]
+    names = set()
     for node in lab.nodes.values():
         for k, (iface, address) in enumerate(
                 (i, a) for i in node.interfaces for a in i.addresses):
             name = node.name if k == 0 else f"{node.name}-{iface.name}"
+            names.add(name)
             lines.append(f"{address.split('/')[0]} {name}")
+    if socket.gethostname() not in names:
+        lines.append(f"127.0.1.1 {socket.gethostname()}")
     return "\n".join(lines) + "\n"
 
 

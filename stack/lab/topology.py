@@ -87,7 +87,7 @@ class LabNode:
     echo: bool = True
     http: int | None = None
     middlebox: dict = field(default_factory=dict)  # conntrack, nat, acl, security_group
-    dns: dict = field(default_factory=dict)  # services: dns_zones, resolver, https
+    dns: dict = field(default_factory=dict)  # services: dns_zones, resolver, https, stream
 
 
 @dataclass(slots=True)
@@ -223,14 +223,14 @@ def parse_lab(data: dict, path: str) -> Lab:
         services = t.get("services", {})
         if not isinstance(services, dict):
             raise ConfigError(f"{path}: {where}.services: must be a table")
-        _keys(path, services, {"echo", "http", "https", "dns_zones", "resolver"},
+        _keys(path, services, {"echo", "http", "https", "dns_zones", "resolver", "stream"},
               f"{where}.services")
         http = services.get("http", False)
         forwarding = t.get("forwarding", False)
         if not isinstance(forwarding, bool):
             raise ConfigError(f"{path}: {where}.forwarding: must be true or false")
         middlebox = {k: t[k] for k in MIDDLEBOX_KEYS if k in t}
-        dns_services = {k: services[k] for k in ("dns_zones", "resolver", "https")
+        dns_services = {k: services[k] for k in ("dns_zones", "resolver", "https", "stream")
                         if k in services}
         _files_beside(path, dns_services)
         if dns_services and kind != "tapstack":

@@ -131,6 +131,9 @@ class Node:
                              "(host bits must be zero)") from None
         if rc.interface is not None:
             iface = self.interface(rc.interface)
+            if rc.gateway is not None and not iface.on_link(rc.gateway):
+                raise ValueError(f"gateway {ip_to_str(rc.gateway)} is not on the subnet of "
+                                 f"{iface.name} (a next hop must be a neighbour)")
         elif rc.gateway is not None:
             found = [i for i in self.interfaces if i.on_link(rc.gateway)]
             if not found:
@@ -144,22 +147,28 @@ class Node:
         self.routes.add(route)
         return route
 
-    def remove_route(self, prefix: str, metric: int | None = None) -> int:
-        """Remove the static routes for `prefix` (of that metric, if given); connected
-        routes stay while their address does. Returns how many; ValueError if none."""
+    def remove_route(self, prefix: str, metric: int | None = None,
+                     gateway: bytes | None = None) -> Route:
+        """Remove one static route for `prefix` (of that metric, through that gateway,
+        if given; the lowest metric first), as `ip route del` does; connected routes
+        stay while their address does. ValueError if none matches."""
         try:
             network, prefixlen = parse_prefix(prefix)
         except ValueError:
             raise ValueError(f"{prefix!r} is not a prefix like 10.0.0.0/8 or 'default'") \
                 from None
-        doomed = [r for r in self.routes.routes
-                  if (r.network, r.prefixlen) == (network, prefixlen)
-                  and r.proto == PROTO_STATIC and metric in (None, r.metric)]
-        if not doomed:
-            raise ValueError(f"no static route to {prefix}")
-        self.routes.routes = [r for r in self.routes.routes if r not in doomed]
+        matching = sorted((r for r in self.routes.routes
+                           if (r.network, r.prefixlen) == (network, prefixlen)
+                           and r.proto == PROTO_STATIC and metric in (None, r.metric)
+                           and gateway in (None, r.gateway)), key=lambda r: r.metric)
+        if not matching:
+            raise ValueError(f"no static route to {prefix}"
+                             + (f" metric {metric}" if metric is not None else "")
+                             + (f" via {ip_to_str(gateway)}" if gateway else ""))
+        doomed = matching[0]
+        self.routes.routes = [r for r in self.routes.routes if r is not doomed]
         self.routes.rebuild()
-        return len(doomed)
+        return doomed
 
     # -- the frame path -------------------------------------------------------------------
 

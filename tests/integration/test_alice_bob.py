@@ -310,6 +310,14 @@ def test_a_missing_route_sends_an_icmp_unreachable_back_to_alice(lab, tmp_path):
     r = _tapstack(env, "route", "--netns", "alice-bob-sw", "--node", "isp", "--json")
     routes = {x["prefix"]: x["gateway"] for x in json.loads(r.stdout)}
     assert routes.get("default") == "192.0.2.2" and "192.0.2.0/24" not in routes
+    # the route command says what is wrong in one line, as ip route does
+    isp = ("--netns", "alice-bob-sw", "--node", "isp")
+    for args, said in ((("del", "10.99.0.0/16"), "no static route to 10.99.0.0/16"),
+                       (("add", "10.99.0.0/16", "--via", "192.0.2.2", "--dev", "acc"),
+                        "is not on the subnet of acc"),
+                       (("del", "203.0.113.0/28"), "no static route")):  # connected: stays
+        r = _tapstack(env, "route", *args, *isp)
+        assert r.returncode != 0 and said in r.stderr and r.stderr.count("\n") == 1, r.stderr
 
 
 def test_on_a_lossy_link_udp_loses_chunks_and_tcp_delivers_them_late(lab, tmp_path):

@@ -161,3 +161,26 @@ def test_bad_rules_are_refused_with_a_reason():
     table = acl((100, "allow", "tcp", "0.0.0.0/0", None))
     with pytest.raises(ValueError, match="exists already"):
         table.add(make_rule(100, "deny", "udp", "0.0.0.0/0", None))
+
+
+def test_a_security_group_rule_comes_back_under_its_old_number():
+    """`rules del` then `rules add --number N` (how a journey scenario undoes itself): the
+    rule returns as it was, a number in use is refused, and new rules number after it."""
+    group = SecurityGroup(inbound=[make_rule(1, "allow", "tcp", "0.0.0.0/0", (443, 443)),
+                                   make_rule(2, "allow", "tcp", "0.0.0.0/0", (80, 80))],
+                          next_number=3)
+    vpc = Vpc(group=group)
+    where = {"interface": "subnet", "kind": "sg", "direction": "inbound"}
+    vpc.box.change_rule({**where, "op": "del", "number": 1})
+    assert [r.number for r in group.inbound] == [2]
+    with pytest.raises(ValueError, match="already has a security-group rule 2"):
+        vpc.box.change_rule({**where, "op": "add", "number": 2, "protocol": "tcp"})
+    vpc.box.change_rule({**where, "op": "add", "number": 1, "protocol": "tcp",
+                         "ports": [443, 443]})
+    assert sorted((r.number, r.ports) for r in group.inbound) == [(1, (443, 443)),
+                                                                 (2, (80, 80))]
+    vpc.box.change_rule({**where, "op": "add", "number": 7, "protocol": "udp"})
+    vpc.box.change_rule({**where, "op": "add", "protocol": "icmp"})
+    assert [r.number for r in group.inbound][-2:] == [7, 8]
+    # outbound numbers are their own: its default rule 1 does not clash with inbound's 1
+    assert [r.number for r in group.outbound] == [1]
