@@ -39,7 +39,7 @@ from urllib.parse import urljoin, urlsplit
 
 from stack.video.hls import HlsError, parse_master, parse_media
 
-RULES = ("ewma", "bola")
+RULES = ("ewma", "bola", "fixed")
 
 
 @dataclass
@@ -176,6 +176,23 @@ class Throughput:
 
 
 @dataclass
+class Fixed:
+    """No adaptation: one rendition throughout (to compare transports, not rules)."""
+    index: int = 0
+    throughput: Throughput = field(default_factory=Throughput)  # logged, not used
+
+    def sample(self, seconds: float, bits: float) -> None:
+        self.throughput.sample(seconds, bits)
+
+    def estimate(self) -> float:
+        return self.throughput.estimate()
+
+    def choose(self, variants: list[Variant], current: int, buffer: float,
+               max_buffer: float, duration: float) -> int | None:
+        return None if buffer + duration > max_buffer else min(self.index, len(variants) - 1)
+
+
+@dataclass
 class Bola:
     """BOLA-BASIC over the buffer in segments; `gp` and `V` put the lowest rendition's
     threshold at one segment of buffer and the top of the buffer at `max_buffer`."""
@@ -270,15 +287,19 @@ def parse_schedule(text: str) -> list[tuple[int, float | None]]:
 
 class Player:
     def __init__(self, url: str, rule: str = "ewma", max_buffer: float = 8.0,
-                 segments: int | None = None, shaper: tuple[str, str, list] | None = None
-                 ) -> None:
+                 segments: int | None = None, shaper: tuple[str, str, list] | None = None,
+                 variant: str | None = None) -> None:
         if rule not in RULES:
             raise HlsError(f"rule {rule!r} must be one of {', '.join(RULES)}")
+        if (rule == "fixed") != (variant is not None):
+            raise HlsError("--variant NAME goes with --rule fixed, and only with it")
+        self.variant = variant
         if not 2 <= max_buffer <= 120:
             raise HlsError(f"--max-buffer {max_buffer:g} must be between 2 and 120 seconds")
         self.url, self.rule_name, self.max_buffer = url, rule, max_buffer
         self.limit = segments
-        self.rule: Throughput | Bola = Throughput() if rule == "ewma" else Bola()
+        self.rule: Throughput | Bola | Fixed = Throughput() if rule == "ewma" else \
+            Bola() if rule == "bola" else Fixed()
         self.http = Http(url)
         self.start = time.monotonic()
         self.shaper = Shaper(*shaper, self.now) if shaper else None
@@ -315,13 +336,18 @@ class Player:
 
     def run(self) -> dict[str, Any]:
         variants = load(self.url, self.http)
+        if isinstance(self.rule, Fixed):
+            names = [v.name for v in variants]
+            if self.variant not in names:
+                raise HlsError(f"no rendition {self.variant} (there are {', '.join(names)})")
+            self.rule.index = names.index(self.variant)
         count = len(variants[0].segments)
         if self.limit is not None:
             count = min(count, self.limit)
         if self.shaper is not None:
             self.shaper.start()
         try:
-            current = 0
+            current = self.rule.index if isinstance(self.rule, Fixed) else 0
             self.last = self.now()
             for seq in range(count):
                 current = self._fetch(variants, seq, current)
@@ -355,7 +381,7 @@ class Player:
             def progress(got: int, total: int, t0=t0, choice=choice,
                          deadline=deadline) -> bool:
                 elapsed = self.now() - t0
-                if choice == 0 or elapsed < 0.5 or not total:
+                if choice == 0 or elapsed < 0.5 or not total or isinstance(self.rule, Fixed):
                     return True
                 rate = got * 8 / elapsed
                 self._advance()

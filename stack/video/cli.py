@@ -10,7 +10,8 @@ from stack.video.abr import RULES, Player, parse_schedule, plot
 from stack.video.hls import LADDER, HlsError, check, make_ladder
 
 
-def add_hls_parser(sub: argparse._SubParsersAction) -> None:
+def add_hls_parser(sub: argparse._SubParsersAction,
+                   common: argparse.ArgumentParser | None = None) -> None:
     hls = sub.add_parser("hls", help="HTTP Live Streaming: make a bitrate ladder with ffmpeg "
                                      "(serve it with tapstack run --root DIR), check one")
     cmds = hls.add_subparsers(dest="hls_command", required=True)
@@ -30,8 +31,9 @@ def add_hls_parser(sub: argparse._SubParsersAction) -> None:
                                      "bitrate rule, one log line per segment")
     p.add_argument("url", help="the master playlist, e.g. http://10.77.0.2/master.m3u8")
     p.add_argument("--rule", choices=RULES, default="ewma",
-                   help="ewma: throughput (as hls.js); bola: buffer (BOLA-BASIC) "
-                        "(default: %(default)s)")
+                   help="ewma: throughput (as hls.js); bola: buffer (BOLA-BASIC); fixed: "
+                        "the --variant throughout (default: %(default)s)")
+    p.add_argument("--variant", metavar="NAME", help="with --rule fixed: e.g. 360p")
     p.add_argument("--max-buffer", type=float, default=8.0,
                    help="seconds of video to keep ahead (default: %(default)s)")
     p.add_argument("--segments", type=int, help="stop after this many segments")
@@ -41,6 +43,11 @@ def add_hls_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--schedule", default="5mbit:10,600kbit:16,5mbit",
                    help="rates and how long each lasts (default: %(default)s)")
     p.add_argument("--log", metavar="FILE", help="write the run (JSON) here")
+    p = cmds.add_parser("send", parents=[common] if common else [],
+                        help="send one rendition live as MPEG-TS over tapstack's UDP, at its "
+                             "own rate (receive with ffmpeg -i udp://@:PORT)")
+    p.add_argument("rendition", help="a rendition's directory, e.g. DIR/360p")
+    p.add_argument("target", help="udp://HOST:PORT")
     p = cmds.add_parser("plot", help="draw a run written by hls play --log (PNG)")
     p.add_argument("log")
     p.add_argument("--out", metavar="PNG", help="where to write (default: LOG.png)")
@@ -50,6 +57,8 @@ def cmd_hls(args: argparse.Namespace) -> int:
     try:
         if args.hls_command == "play":
             return _play(args)
+        if args.hls_command == "send":
+            return _send(args)
         if args.hls_command == "plot":
             with open(args.log) as f:
                 run = json.load(f)
@@ -81,7 +90,8 @@ def _play(args: argparse.Namespace) -> int:
         if not netns or not dev:
             raise HlsError(f"--shape {args.shape!r} must look like NETNS:DEV")
         shaper = (netns, dev, parse_schedule(args.schedule))
-    player = Player(args.url, args.rule, args.max_buffer, args.segments, shaper)
+    player = Player(args.url, args.rule, args.max_buffer, args.segments, shaper,
+                    args.variant)
     run = player.run()
     for s in run["segments"]:
         print(f"{s['t']:7.2f} s  #{s['seq']:<3} {s['name']:>5}  {s['bytes']:>8} B in "
@@ -97,4 +107,42 @@ def _play(args: argparse.Namespace) -> int:
     if args.log:
         with open(args.log, "w") as f:
             json.dump(run, f, indent=1)
+    return 0
+
+
+def _send(args: argparse.Namespace) -> int:
+    """A tapstack of its own (as `tapstack connect` runs one) sends the rendition."""
+    import asyncio
+
+    from stack.api import Stack
+    from stack.launch import build_config, build_runtime, host_spec, stack_environment
+    from stack.runtime import run
+    from stack.video.live import parse_target, rendition, send
+
+    data, duration = rendition(args.rendition)
+    host, port = parse_target(args.target)
+    config, host_cidr = build_config(args)
+    spec = host_spec(args, config, host_cidr)
+    result: dict = {}
+
+    async def session(runtime) -> None:
+        async def go() -> None:
+            try:
+                result.update(await send(Stack(runtime), data, duration, host, port))
+            except OSError as exc:
+                result["error"] = str(exc)
+            finally:
+                await asyncio.sleep(0.05)  # the last datagrams leave
+                runtime.stop()
+
+        asyncio.get_running_loop().create_task(go())
+
+    print(f"tapstack: sending {args.rendition} ({len(data)} bytes, {duration:g} s) to "
+          f"{host}:{port} over UDP", file=sys.stderr, flush=True)
+    with stack_environment(spec, args.command, args.pcap) as (links, control, pcap):
+        runtime = build_runtime(spec, links, pcap, args.impair)
+        run(runtime, control, None, use_uvloop=not args.asyncio, setup=session)
+    if "error" in result:
+        raise HlsError(f"send to {host}:{port}: {result['error']}")
+    print(json.dumps(result))
     return 0

@@ -10,7 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import REPO, STACK_IP, in_ns, require_tool, tapstack_cmd
+from stack.video.live import receiver_report
+from tests.integration.conftest import (
+    REPO,
+    STACK_IP,
+    in_ns,
+    listening,
+    require_tool,
+    tapstack_cmd,
+    wait_for,
+)
 
 URL = f"http://{STACK_IP}"
 
@@ -261,3 +270,64 @@ def test_the_python_player_adapts_to_a_shaping_schedule_with_each_rule(abr_ladde
                          capture_output=True, text=True, timeout=60)
     assert png.returncode == 0, png.stderr
     assert Path(png.stdout.strip()).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# -- live over UDP, next to the same rendition over TCP ---------------------------------------
+
+
+def _lossy_towards(ns: str, dev: str, probability: float) -> None:
+    """The kernel drops a share of what it forwards out of `dev` (towards the viewer):
+    loss on the last link, the same for UDP and TCP."""
+    in_ns(ns, "iptables", "-A", "FORWARD", "-o", dev, "-m", "statistic", "--mode", "random",
+          "--probability", str(probability), "-j", "DROP", check=True)
+
+
+def test_live_udp_keeps_decoding_through_loss_while_hls_delivers_every_frame(ladder,
+                                                                            start_stack,
+                                                                            netns):
+    """5 % loss towards the viewer. Live: a second tapstack in the namespace (tap1) sends
+    the 360p rendition as MPEG-TS over UDP at its own rate to ffmpeg one hop away, which
+    decodes what arrives and reports the damage (corrupt packets, concealed pictures).
+    HLS: ffmpeg reads the same rendition from tapstack over HTTP through the same loss and
+    decodes every frame without an error, while tapstack retransmits; the Python player
+    (fixed to 360p) says what the wait cost: startup and stalls."""
+    require_tool("ffmpeg")
+    st = start_stack("--root", str(ladder), "--no-access-log", ns=netns, pcap=False)
+    from tests.integration.conftest import add_routed_client
+
+    client = add_routed_client(netns)
+    try:
+        _lossy_towards(netns, "rt0", 0.05)
+        ff = subprocess.Popen(["ip", "netns", "exec", client, "timeout", "-k", "5", "60",
+                               "ffmpeg", "-hide_banner", "-nostdin", "-i",
+                               "udp://0.0.0.0:5006?timeout=3000000&fifo_size=100000",
+                               "-f", "null", "-"], stderr=subprocess.PIPE, text=True)
+        wait_for(lambda: listening(client, 5006, "u"), bool, 15)
+        sent = subprocess.run(tapstack_cmd("hls", "send", "--netns", netns, "--tap", "tap1",
+                                           "--address", "10.77.1.2/24", "--host-address",
+                                           "10.77.1.1/24", "--mac", "02:00:0a:4d:01:02",
+                                           str(ladder / "360p"), "udp://10.78.0.2:5006"),
+                              cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert sent.returncode == 0, sent.stderr
+        udp = receiver_report(ff.communicate(timeout=60)[1])
+        before = st.counter("tcp.retransmits")
+        hls = in_ns(client, "timeout", "-k", "5", "90", "ffmpeg", "-hide_banner", "-nostdin",
+                    "-i", f"{URL}/360p/index.m3u8", "-f", "null", "-", timeout=100)
+        tcp = receiver_report(hls.stderr)
+        retransmitted = st.counter("tcp.retransmits") - before
+        played = in_ns(client, *tapstack_cmd("hls", "play", f"{URL}/master.m3u8", "--rule",
+                                             "fixed", "--variant", "360p"), timeout=60)
+    finally:
+        subprocess.run(["ip", "netns", "delete", client], check=False)
+    datagrams = json.loads(sent.stdout)["datagrams"]
+    frames = 6 * 25
+    # UDP: it kept decoding, and said what the loss cost
+    assert 0 < udp["frames"] <= frames and datagrams > 500, (udp, datagrams)
+    assert udp["corrupt_packets"] + udp["corrupt_frames"] + udp["concealed_frames"] > 0, udp
+    # TCP: every frame, no damage, at the price of retransmissions
+    assert hls.returncode == 0 and tcp["frames"] >= frames - 1, tcp
+    assert tcp["corrupt_packets"] == tcp["corrupt_frames"] == tcp["concealed_frames"] == 0
+    assert retransmitted > 0
+    assert played.returncode == 0 and "stalls" in played.stdout, played.stderr
+    print(f"5 % loss: UDP {udp}; HLS {tcp}, {retransmitted} retransmissions; player: "
+          f"{played.stdout.splitlines()[-1]}")
