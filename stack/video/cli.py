@@ -23,6 +23,15 @@ def add_hls_parser(sub: argparse._SubParsersAction,
                    help="seconds of video (default: %(default)s)")
     p.add_argument("--segment", type=float, default=2.0,
                    help="seconds per segment (default: %(default)s)")
+    p = cmds.add_parser("live", help="the same ladder live, in real time: sliding playlists "
+                                     "(serve DIR with tapstack run --root DIR meanwhile)")
+    p.add_argument("dir")
+    p.add_argument("--duration", type=float, default=60.0,
+                   help="seconds the live event lasts (default: %(default)s)")
+    p.add_argument("--segment", type=float, default=2.0,
+                   help="seconds per segment (default: %(default)s)")
+    p.add_argument("--window", type=int, default=5,
+                   help="segments each playlist keeps (default: %(default)s)")
     p = cmds.add_parser("check", help="validate the playlists (RFC 8216) and read every "
                                       "segment with ffprobe")
     p.add_argument("dir")
@@ -64,7 +73,12 @@ def cmd_hls(args: argparse.Namespace) -> int:
                 run = json.load(f)
             print(plot(run, args.out or args.log.rsplit(".", 1)[0] + ".png"))
             return 0
-        if args.hls_command == "make":
+        if args.hls_command == "live":
+            print(f"tapstack: live for {args.duration:g} s into {args.dir}/master.m3u8 "
+                  f"(window {args.window} segments); serve it with tapstack run --root "
+                  f"{args.dir}", file=sys.stderr, flush=True)
+            summary = make_ladder(args.dir, args.duration, args.segment, args.window)
+        elif args.hls_command == "make":
             summary = make_ladder(args.dir, args.duration, args.segment)
         else:
             summary = check(args.dir)

@@ -54,14 +54,19 @@ CONTENT_TYPES = {  # RFC 8216 4: the playlist's type; the segments' (RFC 3555, R
 
 
 def ffmpeg_command(out: str, duration: float, segment: float,
-                   ladder: tuple[Rendition, ...] = LADDER) -> list[str]:
-    """The one ffmpeg run that encodes every rendition from one synthetic source."""
+                   ladder: tuple[Rendition, ...] = LADDER, window: int | None = None
+                   ) -> list[str]:
+    """The one ffmpeg run that encodes every rendition from one synthetic source. With
+    `window`, live: the source is read in real time (-re) and each media playlist keeps
+    the last `window` segments, EXT-X-MEDIA-SEQUENCE counting those that left (RFC 8216
+    6.2.2), the files of old segments deleted; EXT-X-ENDLIST comes when the event ends."""
+    live = ["-re"] if window else []
     gop = round(FPS * segment)
     split = f"[0:v]split={len(ladder)}" + "".join(f"[s{i}]" for i in range(len(ladder)))
     scales = [f"[s{i}]scale={r.width}:{r.height}[v{i}]" for i, r in enumerate(ladder)]
     cmd = ["ffmpeg", "-hide_banner", "-loglevel", "error", "-nostdin", "-y",
-           "-f", "lavfi", "-i", f"testsrc2=size=1280x720:rate={FPS}",
-           "-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000",
+           *live, "-f", "lavfi", "-i", f"testsrc2=size=1280x720:rate={FPS}",
+           *live, "-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000",
            "-t", f"{duration:g}", "-filter_complex", ";".join([split, *scales])]
     for i in range(len(ladder)):
         cmd += ["-map", f"[v{i}]", "-map", "1:a"]
@@ -74,7 +79,9 @@ def ffmpeg_command(out: str, duration: float, segment: float,
             "-g", str(gop), "-keyint_min", str(gop), "-sc_threshold", "0",
             "-force_key_frames", f"expr:gte(t,n_forced*{segment:g})",
             "-ar", "48000", "-ac", "2",
-            "-f", "hls", "-hls_time", f"{segment:g}", "-hls_playlist_type", "vod",
+            "-f", "hls", "-hls_time", f"{segment:g}",
+            *(["-hls_list_size", str(window), "-hls_flags", "delete_segments"] if window
+              else ["-hls_playlist_type", "vod"]),
             "-hls_segment_type", "mpegts",
             "-hls_segment_filename", os.path.join(out, "%v", "seg_%03d.ts"),
             "-master_pl_name", "master.m3u8",
@@ -84,8 +91,11 @@ def ffmpeg_command(out: str, duration: float, segment: float,
     return cmd
 
 
-def make_ladder(out: str, duration: float = 20.0, segment: float = 2.0) -> dict:
-    """Encode the ladder into `out` (made if missing); returns the checker's summary."""
+def make_ladder(out: str, duration: float = 20.0, segment: float = 2.0,
+                window: int | None = None) -> dict:
+    """Encode the ladder into `out` (made if missing); returns the checker's summary.
+    With `window`, live: this takes `duration` seconds, the playlists sliding as it goes
+    (serve `out` meanwhile)."""
     if shutil.which("ffmpeg") is None:
         raise HlsError("ffmpeg is not installed (apt-get install ffmpeg)")
     if not 1 <= duration <= 3600:
@@ -93,9 +103,11 @@ def make_ladder(out: str, duration: float = 20.0, segment: float = 2.0) -> dict:
     if not 1 <= segment <= 10 or segment > duration:
         raise HlsError(f"--segment {segment:g} must be between 1 and 10 seconds, and no "
                        "longer than the video")
+    if window is not None and not 2 <= window <= 100:
+        raise HlsError(f"--window {window} must be between 2 and 100 segments")
     os.makedirs(out, exist_ok=True)
-    r = subprocess.run(ffmpeg_command(out, duration, segment), capture_output=True,
-                       text=True, timeout=max(120, duration * 10))
+    r = subprocess.run(ffmpeg_command(out, duration, segment, window=window),
+                       capture_output=True, text=True, timeout=max(120, duration * 10))
     if r.returncode != 0:
         last = (r.stderr.strip().splitlines() or ["no message"])[-1]
         raise HlsError(f"ffmpeg failed: {last}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -331,3 +332,51 @@ def test_live_udp_keeps_decoding_through_loss_while_hls_delivers_every_frame(lad
     assert played.returncode == 0 and "stalls" in played.stdout, played.stderr
     print(f"5 % loss: UDP {udp}; HLS {tcp}, {retransmitted} retransmissions; player: "
           f"{played.stdout.splitlines()[-1]}")
+
+
+def test_a_live_ladder_slides_its_window_while_tapstack_serves_it(tmp_path, start_stack):
+    """`tapstack hls live` (ffmpeg in real time) writes into the directory tapstack
+    serves; read over HTTP while it runs, each media playlist holds at most its window,
+    has no EXT-X-ENDLIST yet, numbers its first segment with EXT-X-MEDIA-SEQUENCE (which
+    grows as segments leave, RFC 8216 6.2.2) and names segments that are there; ffmpeg
+    plays the live master; at the end the event closes with EXT-X-ENDLIST."""
+    require_tool("ffmpeg")
+    from stack.video.hls import parse_media
+
+    live = tmp_path / "live"
+    live.mkdir()
+    st = start_stack("--root", str(live), "--no-access-log", pcap=False)
+    maker = subprocess.Popen(tapstack_cmd("hls", "live", str(live), "--duration", "16",
+                                          "--segment", "2", "--window", "3"), cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen, played = [], None
+    try:
+        while maker.poll() is None:
+            r = in_ns(st.ns, "curl", "-sf", f"{URL}/360p/index.m3u8", timeout=10)
+            if r.returncode == 0 and r.stdout.startswith("#EXTM3U"):
+                pl = parse_media(r.stdout, "360p/index.m3u8")
+                if not pl.endlist and pl.segments:
+                    last = pl.segments[-1][1]
+                    got = in_ns(st.ns, "curl", "-sf", "-o", "/dev/null", "-w",
+                                "%{http_code}", f"{URL}/360p/{last}", timeout=10).stdout
+                    seen.append((pl.media_sequence, [u for _, u in pl.segments], got))
+                if played is None and len(pl.segments) >= 2 and not pl.endlist:
+                    played = in_ns(st.ns, "timeout", "-k", "5", "40", "ffmpeg",
+                                   "-hide_banner", "-nostdin", "-i", f"{URL}/master.m3u8",
+                                   "-map", "0:v:0", "-t", "3", "-f", "null", "-", timeout=50)
+            time.sleep(0.5)
+        out, err = maker.communicate(timeout=60)
+    finally:
+        if maker.poll() is None:
+            maker.kill()
+    assert maker.returncode == 0, err
+    assert seen, "no live playlist was read"
+    for sequence, segments, code in seen:
+        assert 1 <= len(segments) <= 3, segments
+        assert segments == [f"seg_{sequence + i:03d}.ts" for i in range(len(segments))]
+        assert code == "200", (sequence, segments, code)
+    assert max(s for s, _, _ in seen) >= 2, seen  # the window slid
+    assert played is not None and played.returncode == 0, played and played.stderr[-1500:]
+    assert receiver_report(played.stderr)["frames"] >= 70  # 3 s at 25 fps, live
+    final = parse_media((live / "360p" / "index.m3u8").read_text(), "360p/index.m3u8")
+    assert final.endlist and final.media_sequence >= 2 and len(final.segments) <= 3
