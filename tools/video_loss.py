@@ -100,6 +100,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seconds", type=float, default=20.0, help="video length")
     p.add_argument("--loss", default="0,1,5", help="loss rates in percent")
+    p.add_argument("--plot", metavar="PNG", help="also draw the comparison here")
+    p.add_argument("--json", metavar="FILE", help="also write the rows here")
     args = p.parse_args()
     if os.geteuid() != 0:
         print("tools/video_loss.py: run as root (namespaces, iptables)", file=sys.stderr)
@@ -134,7 +136,45 @@ def main() -> int:
         print(f"| {r['loss']:.0%} | {u['frames']} | {damage} | {t['frames']} "
               f"({t['corrupt_packets'] + t['concealed_frames']} damaged) | {r['retransmits']}"
               f" | {r['startup']} s, {len(r['stalls'])} stalls ({r['stall_total']} s) |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    if args.plot:
+        plot(rows, frames, args.plot)
     return 0
+
+
+def plot(rows: list[dict], frames: int, out: str) -> None:
+    """Per loss rate: what UDP cost in pictures (lost, concealed), what TCP cost in time
+    (startup, stalls) and in retransmissions."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['loss']:.0%}" for r in rows]
+    xs = range(len(rows))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    a.bar([x - 0.2 for x in xs], [frames - r["udp"]["frames"] for r in rows], 0.4,
+          label="frames never decoded", color="#c0392b")
+    a.bar([x + 0.2 for x in xs], [r["udp"]["concealed_frames"] for r in rows], 0.4,
+          label="pictures concealed", color="#e67e22")
+    a.set_title(f"live over UDP (of {frames} frames)")
+    b.bar([x - 0.2 for x in xs], [(r["startup"] or 0) + (r["stall_total"] or 0)
+                                  for r in rows], 0.4, label="startup + stalls (s)",
+          color="#1f77b4")
+    b2 = b.twinx()
+    b2.bar([x + 0.2 for x in xs], [r["retransmits"] for r in rows], 0.4,
+           label="TCP retransmissions", color="#7f7f7f")
+    b.set_title("HLS over TCP: every frame decoded")
+    for ax in (a, b):
+        ax.set_xticks(list(xs), labels)
+        ax.set_xlabel("loss towards the viewer")
+    a.legend(fontsize=8)
+    b.legend(loc="upper left", fontsize=8)
+    b2.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -91,6 +91,25 @@ def ffmpeg_command(out: str, duration: float, segment: float,
     return cmd
 
 
+# The page `tapstack run --root DIR` serves at /: the browser's own HLS player (Chromium
+# and Safari have one) plays the master playlist; the line below it says what is shown.
+PLAYER_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>tapstack HLS</title>
+</head><body style="font-family:sans-serif">
+<video id="v" src="master.m3u8" controls autoplay muted width="640"></video>
+<p id="o">waiting for video</p>
+<script>
+var v = document.getElementById("v"), o = document.getElementById("o");
+function note() {
+  o.textContent = v.error ? "error: " + v.error.message :
+    v.videoWidth + "x" + v.videoHeight + " at " + v.currentTime.toFixed(1) + " s";
+}
+["loadedmetadata", "resize", "timeupdate", "error"].forEach(function (n) {
+  v.addEventListener(n, note);
+});
+</script></body></html>
+"""
+
+
 def make_ladder(out: str, duration: float = 20.0, segment: float = 2.0,
                 window: int | None = None) -> dict:
     """Encode the ladder into `out` (made if missing); returns the checker's summary.
@@ -106,6 +125,8 @@ def make_ladder(out: str, duration: float = 20.0, segment: float = 2.0,
     if window is not None and not 2 <= window <= 100:
         raise HlsError(f"--window {window} must be between 2 and 100 segments")
     os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "index.html"), "w") as f:
+        f.write(PLAYER_PAGE)
     r = subprocess.run(ffmpeg_command(out, duration, segment, window=window),
                        capture_output=True, text=True, timeout=max(120, duration * 10))
     if r.returncode != 0:

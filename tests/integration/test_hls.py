@@ -102,6 +102,9 @@ def test_tapstack_serves_it_with_the_right_types_ranges_and_caching(ladder, star
     streams = json.loads(r.stdout)["streams"]
     assert {"h264", "aac"} <= {s["codec_name"] for s in streams}
     assert any(s.get("width") == 1280 for s in streams)
+    # / is the ladder's player page: the browser's own HLS player on the master
+    page = in_ns(st.ns, "curl", "-sS", f"{URL}/", timeout=30).stdout
+    assert '<video id="v" src="master.m3u8"' in page
 
 
 def test_ffmpeg_plays_the_master_playlist_from_tapstack(ladder, start_stack):
