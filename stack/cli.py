@@ -239,7 +239,7 @@ def _parser() -> argparse.ArgumentParser:
     from stack.video.cli import add_hls_parser
 
     add_lab_parser(sub)
-    add_hls_parser(sub)
+    add_hls_parser(sub, common)
     return p
 
 
