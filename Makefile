@@ -37,6 +37,7 @@ fuzz:
 # `make bench ARGS=--quick` is the smoke run.
 bench:
 	@tools/bootstrap.sh test
+	$(VENV)/bin/python tools/segcost.py --json bench/results/segcost$(if $(ARGS),-quick).json $(ARGS)
 	$(VENV)/bin/python tools/bench.py $(ARGS)
 	$(VENV)/bin/python tools/bench_forward.py $(ARGS)
 	$(VENV)/bin/python tools/bench_dns.py $(ARGS)

@@ -137,7 +137,8 @@ class Connection(InputMixin, OutputMixin, RecoveryMixin, TimerMixin):
         "_ack_now", "_closed_notified", "_eof_pending", "_dupacks", "_fin_queued", "_in_recovery",
         "_keepalive_probes", "_last_ack_sent", "_persist_backoff", "_quickack",
         "_rcv_buffer", "_recover", "_retries", "_rtt_seq", "_rtt_time", "_segs_unacked",
-        "_ts_offset", "_user_closed", "cc", "config", "eff_mss", "iss", "irs", "env",
+        "_ts_offset", "_user_closed", "cc", "config", "eff_mss", "frame_template", "iss",
+        "irs", "env",
         "local_ip", "local_port", "max_snd_wnd", "ooo", "passive", "peer_mss",
         "rcv_adv", "rcv_nxt", "rcv_wscale", "reading_paused", "remote_ip", "remote_port",
         "rto", "sack_ok", "segs_in", "segs_out", "retransmits", "snd_buf", "snd_max",
@@ -153,6 +154,7 @@ class Connection(InputMixin, OutputMixin, RecoveryMixin, TimerMixin):
     def __init__(self, env: TcpEnv, local_ip: bytes, local_port: int, remote_ip: bytes,
                  remote_port: int, iss: int, config: TcpConfig, ts_offset: int) -> None:
         self.env = env
+        self.frame_template = None  # built at the first send (template.py)
         self.config = config
         self.local_ip, self.local_port = local_ip, local_port
         self.remote_ip, self.remote_port = remote_ip, remote_port

@@ -29,6 +29,7 @@ from stack.net.tcp.connection import (
 )
 from stack.net.tcp.seq import MASK, seq_add, seq_ge, seq_lt
 from stack.net.tcp.syncookie import check_cookie, decode_options, encode_options, make_cookie
+from stack.net.tcp.template import make_template
 from stack.net.tcp.timewait import TimeWait, TimeWaitTable
 from stack.trace import OFF, Trace
 from stack.wire.errors import MalformedError
@@ -529,10 +530,19 @@ class TcpLayer:
             self.ipv4.send(conn.remote_ip, PROTO_TCP, segment, self.now,
                            flags_fragment=FLAG_DF, offload=header, src=conn.local_ip)
             return
+        tpl = conn.frame_template
+        ipv4 = self.ipv4
+        if tpl is None or not tpl.still_valid(ipv4, self.now):
+            tpl = conn.frame_template = make_template(ipv4, conn, self.now)
+        if tpl is not None and 40 + len(options) + len(payload) <= tpl.mtu:
+            ipv4._ident = ident = (ipv4._ident + 1) & 0xFFFF
+            ipv4.counters["ipv4.tx_packets"] += 1
+            tpl.iface.tx.append(tpl.frame(seq, ack, flags, window, options, payload, ident))
+            return
         segment = build_tcp(conn.local_ip, conn.remote_ip, conn.local_port, conn.remote_port,
                             seq, ack, flags, window, options, payload)
-        self.ipv4.send(conn.remote_ip, PROTO_TCP, segment, self.now, flags_fragment=FLAG_DF,
-                       src=conn.local_ip)
+        ipv4.send(conn.remote_ip, PROTO_TCP, segment, self.now, flags_fragment=FLAG_DF,
+                  src=conn.local_ip)
 
     def send_rst(self, local_ip: bytes, local_port: int, remote_ip: bytes, remote_port: int,
                  seq: int, ack: int, with_ack: bool) -> None:
