@@ -41,6 +41,7 @@ VOLUME = frozenset({
     "link.rx_frames", "link.rx_bytes", "link.tx_frames", "link.tx_bytes",
     "ipv4.rx_packets", "ipv4.tx_packets", "ipv4.rx_delivered", "ipv4.rx_bytes",
     "ipv4.tx_bytes", "tcp.rx_segments", "tcp.tx_segments", "tcp.predicted_acks",
+    "tcp.predicted_data",
     "tcp.rx_bytes", "tcp.tx_bytes", "udp.rx_datagrams", "udp.tx_datagrams",
     "tcp.tso_frames", "arp.rx_requests", "arp.rx_replies", "arp.tx_requests",
     "arp.tx_replies", "icmp.rx_messages", "icmp.tx_messages", "ipv4.fwd_packets",

@@ -64,7 +64,8 @@ COUNTERS = (
     "tcp.icmp_errors", "tcp.icmp_bad_seq", "tcp.sack_retransmits", "tcp.tlp_probes",
     "tcp.syncookies_sent", "tcp.syncookies_ok", "tcp.syncookies_failed",
     "tcp.connection_limit", "tcp.per_source_limit", "tcp.lost_retransmits",
-    "tcp.tso_frames", "tcp.predicted_acks", "tcp.spurious_rtos", "tcp.dsacks_received",
+    "tcp.tso_frames", "tcp.predicted_acks", "tcp.predicted_data", "tcp.spurious_rtos",
+    "tcp.dsacks_received",
     "tcp.reorder_timeouts", "tcp.rx_syn_fin", "tcp.window_probe_timeouts",
     "tcp.time_wait_recycled", "tcp.aborted_on_error", "tcp.spurious_recoveries",
 )

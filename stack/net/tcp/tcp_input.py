@@ -24,6 +24,8 @@ from stack.net.tcp.states import (
 )
 from stack.wire.tcp import ACK, FIN, RST, SYN, Segment
 
+PREDICT = True  # header prediction on (the tests turn it off to compare the two paths)
+
 
 class InputMixin:
     """Methods of Connection; the state is Connection's (__slots__ there)."""
@@ -41,7 +43,8 @@ class InputMixin:
             before = (self.cc.cwnd, self.cc.ssthresh)
         if self.state == SYN_SENT:
             self._arrive_syn_sent(seg, now)
-        elif not self._predicted_ack(seg, now):
+        elif not (self._predicted_data(seg, now) if seg.payload else
+                  self._predicted_ack(seg, now)):
             self._arrive_synchronized(seg, now)
         if tracing and (self.cc.cwnd, self.cc.ssthresh) != before and self.state != CLOSED:
             self._trace_cc(now, "recovery" if self._in_recovery else "ack")
@@ -53,7 +56,8 @@ class InputMixin:
         ESTABLISHED, a pure ACK at RCV.NXT that acknowledges new data, leaves the window
         as it was, carries no SACK and passes PAWS changes nothing but SND.UNA. Every
         check of the full path would pass; take the short way. False: take the long way."""
-        if self.state != ESTABLISHED or seg.flags & 0x37 != ACK or seg.payload \
+        if not PREDICT or self.state != ESTABLISHED or seg.flags & 0x37 != ACK \
+                or seg.payload \
                 or seg.seq != self.rcv_nxt or self._in_recovery or self._sack \
                 or self._dupacks:
             return False
@@ -76,6 +80,40 @@ class InputMixin:
         self.snd_wl1, self.snd_wl2 = seg.seq, ack
         self._cc_ack(acked, rtt, now, flight)
         self.env.counters["tcp.predicted_acks"] += 1
+        return True
+
+    def _predicted_data(self, seg: Segment, now: float) -> bool:
+        """Header prediction for data (the receiver's half of the fast path): in
+        ESTABLISHED with nothing of ours in flight, the next in-order segment, within
+        the window we offered, acknowledging what was already acknowledged, the window
+        unchanged, no SACK blocks, passing PAWS. The full path would take only its text
+        and move SND.WL1; do just that (the same state either way:
+        tests/unit/test_tcp_fastpath.py). False: take the long way."""
+        if not PREDICT or self.state != ESTABLISHED or seg.flags & 0x37 != ACK \
+                or seg.seq != self.rcv_nxt or seg.ack != self.snd_una \
+                or self.snd_una != self.snd_max or self._in_recovery or self._sack \
+                or self.ooo.blocks or (seg.window << self.snd_wscale) != self.snd_wnd \
+                or len(seg.payload) > seq_diff(self.rcv_adv, self.rcv_nxt):
+            return False
+        opts = seg.options
+        if opts.sack_blocks:
+            return False
+        if self.ts_ok:
+            ts = opts.ts_val
+            if ts is None or seq_lt(ts, self.ts_recent):
+                return False
+            if seq_le(seg.seq, self._last_ack_sent):
+                self.ts_recent = ts
+                self.ts_recent_time = now
+        # what the fifth check does with an ACK of SND.UNA on a data segment
+        self._probes_unanswered = 0
+        self._dupacks = 0
+        self._cc_ack(0, None, now, 0)
+        if seq_lt(self.snd_wl1, seg.seq) or (
+                self.snd_wl1 == seg.seq and seq_le(self.snd_wl2, seg.ack)):
+            self.snd_wl1, self.snd_wl2 = seg.seq, seg.ack
+        self.env.counters["tcp.predicted_data"] += 1
+        self._receive_data(seg, now)
         return True
 
     def _arrive_syn_sent(self, seg: Segment, now: float) -> None:
