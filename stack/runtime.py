@@ -288,11 +288,14 @@ class Runtime:
         for imp in self._impaired:
             if (d := imp.next_deadline()) is not None:
                 deadline = d if deadline is None else min(deadline, d)
-        if deadline != self._timer_at:
+        # The loop's timer moves only when the deadline comes earlier: a later one (an
+        # RTO pushed back by every ACK) lets the armed timer fire early, find nothing
+        # due, and arm the next; that costs one wakeup per timer period instead of a
+        # cancel and a new timer per batch.
+        if deadline is not None and (self._timer_at is None or deadline < self._timer_at):
             if self._timer is not None:
                 self._timer.cancel()
-            self._timer = (self.loop.call_at(deadline, self._on_timer)
-                           if deadline is not None else None)
+            self._timer = self.loop.call_at(deadline, self._on_timer)
             self._timer_at = deadline
 
     # -- control socket ------------------------------------------------------------------
