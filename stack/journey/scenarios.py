@@ -126,20 +126,22 @@ def _table(rules: dict, key: str, node: str, iface: str) -> dict:
             from None
 
 
-def _sg_without_https(lab: Lab, client: str) -> list[Change]:
-    node, iface = "subnet", "bob"
-    group = _table(_rules(lab, node), "security_groups", node, iface)
-    delete, add = _rule_args("sg", iface, "inbound", _find(group["inbound"], "tcp",
-                                                             [443, 443]))
-    return [Change(node, delete, add)]
+def _without_rule(kind: str, direction: str, ports: list[int]
+                  ) -> Callable[[Lab, str], list[Change]]:
+    """The change that removes the subnet router's TCP rule for `ports` on Bob's side
+    (and puts it back after)."""
+    def changes(lab: Lab, client: str) -> list[Change]:
+        node, iface = "subnet", "bob"
+        table = _table(_rules(lab, node), "acl" if kind == "acl" else "security_groups",
+                       node, iface)
+        delete, add = _rule_args(kind, iface, direction, _find(table[direction], "tcp",
+                                                               ports))
+        return [Change(node, delete, add)]
+    return changes
 
 
-def _acl_without_return(lab: Lab, client: str) -> list[Change]:
-    node, iface = "subnet", "bob"
-    acl = _table(_rules(lab, node), "acl", node, iface)
-    delete, add = _rule_args("acl", iface, "outbound", _find(acl["outbound"], "tcp",
-                                                              [1024, 65535]))
-    return [Change(node, delete, add)]
+_sg_without_https = _without_rule("sg", "inbound", [443, 443])
+_acl_without_return = _without_rule("acl", "outbound", [1024, 65535])
 
 
 def _isp_without_default(lab: Lab, client: str) -> list[Change]:

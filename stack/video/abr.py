@@ -176,16 +176,21 @@ class Throughput:
 
 
 @dataclass
-class Fixed:
-    """No adaptation: one rendition throughout (to compare transports, not rules)."""
-    index: int = 0
-    throughput: Throughput = field(default_factory=Throughput)  # logged, not used
+class _Logged:
+    """A rule that does not use throughput still logs hls.js's estimate of it."""
+    throughput: Throughput = field(default_factory=Throughput)
 
     def sample(self, seconds: float, bits: float) -> None:
         self.throughput.sample(seconds, bits)
 
     def estimate(self) -> float:
         return self.throughput.estimate()
+
+
+@dataclass
+class Fixed(_Logged):
+    """No adaptation: one rendition throughout (to compare transports, not rules)."""
+    index: int = 0
 
     def choose(self, variants: list[Variant], current: int, buffer: float,
                max_buffer: float, duration: float) -> int | None:
@@ -193,16 +198,9 @@ class Fixed:
 
 
 @dataclass
-class Bola:
+class Bola(_Logged):
     """BOLA-BASIC over the buffer in segments; `gp` and `V` put the lowest rendition's
     threshold at one segment of buffer and the top of the buffer at `max_buffer`."""
-    throughput: Throughput = field(default_factory=Throughput)  # logged, not used
-
-    def sample(self, seconds: float, bits: float) -> None:
-        self.throughput.sample(seconds, bits)
-
-    def estimate(self) -> float:
-        return self.throughput.estimate()
 
     def choose(self, variants: list[Variant], current: int, buffer: float,
                max_buffer: float, duration: float) -> int | None:

@@ -167,3 +167,20 @@ class Peer:
         self.send(ACK, iss + 1, synack.seq + 1, window=window, dport=port)
         assert self.out() == []
         return self.accepted[-1], iss + 1, synack.seq + 1
+
+
+def open_pair(wire, a, b, port: int = 80, timeout: float = 60):
+    """A connection from host `a` to a listener on host `b` over `wire` (started), with
+    a User on each end; returns (client, server) once both are established."""
+    accepted = []
+
+    def accept(conn):
+        conn.user = User()
+        accepted.append(conn)
+
+    b.tcp.listen(port, accept)
+    client = a.tcp.connect(b.ipv4.interfaces[0].addresses[0][0], port, wire.now)
+    client.user = User()
+    wire.run(until=lambda: client.user.established and accepted, timeout=timeout)
+    assert client.user.established and accepted
+    return client, accepted[0]

@@ -11,7 +11,7 @@ import stack.net.tcp.tcp_input as tcp_input
 from stack.link.impair import Impairment
 from stack.link.memory import MemoryWire
 from stack.net.host import Host, HostConfig
-from tests.unit.tcp_peer import User
+from tests.unit.tcp_peer import open_pair
 
 A_IP, B_IP = bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2])
 STATE = ("rcv_nxt", "rcv_adv", "snd_una", "snd_nxt", "snd_max", "snd_wnd", "snd_wl1",
@@ -46,19 +46,9 @@ def transfer(seed: int, faults: str, size: int, predict: bool):
         ba = Impairment.parse(f"{faults},seed={seed + 7}", prefix="ba") if faults else None
         wire = MemoryWire(a, b, ab, ba)
         wire.start()
-        accepted = []
-
-        def accept(conn):
-            conn.user = User()
-            accepted.append(conn)
-
-        b.tcp.listen(80, accept)
-        client = a.tcp.connect(B_IP, 80, wire.now)
-        client.user = User()
-        wire.run(until=lambda: client.user.established and accepted, timeout=60)
+        client, server = open_pair(wire, a, b)
         data = random.Random(seed).randbytes(size)
         client.send(data)
-        server = accepted[0]
         wire.run(until=lambda: len(server.user.data) == size, timeout=600)
         return {"data": bytes(server.user.data) == data,
                 "a_sent": a.sent, "b_sent": b.sent,

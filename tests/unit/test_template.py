@@ -16,7 +16,7 @@ from stack.wire.checksum import checksum_ok, pseudo_header_sum
 from stack.wire.ethernet import build_ethernet
 from stack.wire.ipv4 import FLAG_DF, build_ipv4
 from stack.wire.tcp import build_options, build_tcp
-from tests.unit.tcp_peer import User
+from tests.unit.tcp_peer import open_pair
 
 A_IP, B_IP = bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2])
 
@@ -26,16 +26,7 @@ def connected():
     b = Host(HostConfig(mac=bytes.fromhex("020000000002"), address=B_IP), random.Random(2))
     wire = MemoryWire(a, b)
     wire.start()
-    accepted = []
-
-    def accept(conn):
-        conn.user = User()
-        accepted.append(conn)
-
-    b.tcp.listen(80, accept)
-    conn = a.tcp.connect(B_IP, 80, wire.now)
-    conn.user = User()
-    wire.run(until=lambda: conn.user.established and accepted, timeout=60)
+    conn, _ = open_pair(wire, a, b)
     return wire, a, b, conn
 
 

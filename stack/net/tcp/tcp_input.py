@@ -65,16 +65,8 @@ class InputMixin:
         if not (seq_gt(ack, self.snd_una) and seq_le(ack, self.snd_max)) \
                 or (seg.window << self.snd_wscale) != self.snd_wnd:
             return False
-        opts = seg.options
-        if opts.sack_blocks:
+        if not self._predicted_options(seg, now):
             return False
-        if self.ts_ok:
-            ts = opts.ts_val
-            if ts is None or seq_lt(ts, self.ts_recent):
-                return False
-            if seq_le(seg.seq, self._last_ack_sent):
-                self.ts_recent = ts
-                self.ts_recent_time = now
         flight = seq_diff(self.snd_max, self.snd_una)
         acked, rtt = self._ack_advanced(seg, now)
         self.snd_wl1, self.snd_wl2 = seg.seq, ack
@@ -95,6 +87,22 @@ class InputMixin:
                 or self.ooo.blocks or (seg.window << self.snd_wscale) != self.snd_wnd \
                 or len(seg.payload) > seq_diff(self.rcv_adv, self.rcv_nxt):
             return False
+        if not self._predicted_options(seg, now):
+            return False
+        # what the fifth check does with an ACK of SND.UNA on a data segment
+        self._probes_unanswered = 0
+        self._dupacks = 0
+        self._cc_ack(0, None, now, 0)
+        if seq_lt(self.snd_wl1, seg.seq) or (
+                self.snd_wl1 == seg.seq and seq_le(self.snd_wl2, seg.ack)):
+            self.snd_wl1, self.snd_wl2 = seg.seq, seg.ack
+        self.env.counters["tcp.predicted_data"] += 1
+        self._receive_data(seg, now)
+        return True
+
+    def _predicted_options(self, seg: Segment, now: float) -> bool:
+        """For both predictions: no SACK blocks, and PAWS passed (RFC 7323 5.3), the
+        timestamp remembered if the segment holds RCV.NXT (4.3). False: the long way."""
         opts = seg.options
         if opts.sack_blocks:
             return False
@@ -105,15 +113,6 @@ class InputMixin:
             if seq_le(seg.seq, self._last_ack_sent):
                 self.ts_recent = ts
                 self.ts_recent_time = now
-        # what the fifth check does with an ACK of SND.UNA on a data segment
-        self._probes_unanswered = 0
-        self._dupacks = 0
-        self._cc_ack(0, None, now, 0)
-        if seq_lt(self.snd_wl1, seg.seq) or (
-                self.snd_wl1 == seg.seq and seq_le(self.snd_wl2, seg.ack)):
-            self.snd_wl1, self.snd_wl2 = seg.seq, seg.ack
-        self.env.counters["tcp.predicted_data"] += 1
-        self._receive_data(seg, now)
         return True
 
     def _arrive_syn_sent(self, seg: Segment, now: float) -> None:
