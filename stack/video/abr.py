@@ -190,7 +190,7 @@ class _Logged:
 @dataclass
 class Fixed(_Logged):
     """No adaptation: one rendition throughout (to compare transports, not rules)."""
-    index: int = 0
+    index: int = field(default=0, kw_only=True)
 
     def choose(self, variants: list[Variant], current: int, buffer: float,
                max_buffer: float, duration: float) -> int | None:

@@ -16,7 +16,9 @@ from tests.unit.tcp_peer import open_pair
 A_IP, B_IP = bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2])
 STATE = ("rcv_nxt", "rcv_adv", "snd_una", "snd_nxt", "snd_max", "snd_wnd", "snd_wl1",
          "snd_wl2", "max_snd_wnd", "ts_recent", "ts_recent_time", "_dupacks",
-         "_segs_unacked", "_ack_now", "t_delack", "_probes_unanswered", "state")
+         "_segs_unacked", "_ack_now", "t_delack", "_probes_unanswered", "state",
+         "_last_ack_sent", "_quickack", "_retries", "_in_recovery", "_recover",
+         "_persist_backoff", "t_persist", "timer_at")
 
 
 class Tapped:
@@ -33,6 +35,17 @@ class Tapped:
 
     def __getattr__(self, name):
         return getattr(self.host, name)
+
+
+def _fields(obj) -> dict:
+    """Every plain field of an object (its slots or its dict), for comparison."""
+    names = getattr(obj, "__slots__", None) or vars(obj)
+    out = {}
+    for name in names:
+        value = getattr(obj, name, None)
+        if isinstance(value, (int, float, str, bool, type(None), tuple)):
+            out[name] = value
+    return out
 
 
 def transfer(seed: int, faults: str, size: int, predict: bool):
@@ -56,8 +69,13 @@ def transfer(seed: int, faults: str, size: int, predict: bool):
                 "server": {k: getattr(server, k) for k in STATE},
                 "cc": (client.cc.cwnd, client.cc.ssthresh, server.cc.cwnd,
                        server.cc.ssthresh),
-                "predicted": a.counters["tcp.predicted_acks"]
-                + b.counters["tcp.predicted_data"]}
+                "rto": (vars(client.rto) if hasattr(client.rto, "__dict__") else
+                        {k: getattr(client.rto, k) for k in client.rto.__slots__},
+                        vars(server.rto) if hasattr(server.rto, "__dict__") else
+                        {k: getattr(server.rto, k) for k in server.rto.__slots__}),
+                "cc_all": (_fields(client.cc), _fields(server.cc)),
+                "predicted_acks": a.counters["tcp.predicted_acks"],
+                "predicted_data": b.counters["tcp.predicted_data"]}
     finally:
         tcp_input.PREDICT = True
 
@@ -72,8 +90,8 @@ def test_the_fast_paths_send_the_same_frames_and_leave_the_same_state(seed, faul
     slow = transfer(seed, faults, size, False)
     assert fast["data"] and slow["data"]
     assert fast["a_sent"] == slow["a_sent"] and fast["b_sent"] == slow["b_sent"]
-    for side in ("client", "server", "cc"):
+    for side in ("client", "server", "cc", "rto", "cc_all"):
         assert fast[side] == slow[side], side
-    assert slow["predicted"] == 0
+    assert slow["predicted_acks"] == slow["predicted_data"] == 0
     if not faults and size > 20_000:
-        assert fast["predicted"] > 0  # it was taken
+        assert fast["predicted_data"] > 0  # the receiver's fast path was taken

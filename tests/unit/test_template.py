@@ -100,6 +100,17 @@ def test_it_gives_way_when_the_route_the_neighbour_or_the_mtu_changes():
     A.ipv4.update_pmtu(B_IP, 1200, now)
     assert not tpl.still_valid(A.ipv4, now)
     assert make_template(A.ipv4, CONN, now).mtu == 1200
+    # a hook that comes later (a filter on the host) sees every later segment
+    tpl = make_template(A.ipv4, CONN, now)
+    seen = []
+    A.ipv4.hooks.output.append(lambda pkt, info, t: seen.append(len(pkt)) or pkt)
+    try:
+        assert not tpl.still_valid(A.ipv4, now)
+        CONN.send(b"x" * 3000)  # full segments (Nagle holds a small one back)
+        A.node.poll(now)
+        assert seen, "the hook was bypassed"
+    finally:
+        A.ipv4.hooks.output.clear()
     # while tracing, the general path (it tells each ARP lookup)
     A.node.trace.on = True
     try:

@@ -19,11 +19,11 @@ checksum summed over header and payload separately (the header is a multiple of 
 bytes long, so the payload's sum lines up), and one concatenation. The frame is byte for
 byte what the general path makes (tests/unit/test_template.py).
 
-It stays valid while the routing table, the neighbour's ARP entry, the path MTU entry
-and the interface's MTU are the very ones it was made from (identity checks, no
-lookups); otherwise the connection makes a new one. It is not used while hooks (NAT,
-filters on the host itself) or a trace are on, for broadcasts, or with offload: those
-take the general path.
+It stays valid while no hook or trace has been switched on and the routing table, the
+neighbour's ARP entry, the path MTU entry and the interface's MTU are the very ones it
+was made from (identity checks, no lookups); otherwise the connection makes a new one.
+It is not used while hooks (NAT, filters on the host itself) or a trace are on, for
+broadcasts, or with offload: those take the general path.
 """
 
 from __future__ import annotations
@@ -87,10 +87,13 @@ class FrameTemplate:
         return header
 
     def still_valid(self, ipv4: Any, now: float) -> bool:
-        """The routing table, the neighbour's entry, the path MTU entry and the
-        interface's MTU are still the ones it was made from."""
+        """No hooks or trace came since, and the routing table, the neighbour's entry,
+        the path MTU entry and the interface's MTU are still the ones it was made
+        from."""
         entry = self.arp_entry
-        return (ipv4.routes.generation == self.route_generation
+        hooks = ipv4.hooks
+        return (not (hooks.output or hooks.postrouting or ipv4.trace.on)
+                and ipv4.routes.generation == self.route_generation
                 and self.iface.arp.cache.get(self.hop) is entry and entry[1] >= now
                 and ipv4.pmtu.get(self.dst) is self.mtu_entry
                 and (self.mtu_entry is None or self.mtu_entry[1] > now)
