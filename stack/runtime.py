@@ -102,7 +102,8 @@ class Runtime:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
-        self._kick_pending = False
+        self._kick_pending = False  # the application wrote since the last flush
+        self._kick_scheduled = False  # an _on_kick is waiting in the loop
         self._had_connections = False  # since the last memory trim
         self._trim_handle: asyncio.TimerHandle | None = None
         self._started = time.time()
@@ -235,16 +236,22 @@ class Runtime:
             _malloc_trim(0)
 
     def kick(self) -> None:
-        """The application wrote or closed: flush once, after the current callback."""
+        """The application wrote or closed: flush once, after the current callback.
+        A flush that happens first (the application wrote while taking in a batch,
+        which is flushed at its end) clears the kick: one flush per wakeup."""
         if not self._kick_pending:
             self._kick_pending = True
-            self.loop.call_soon(self._on_kick)
+            if not self._kick_scheduled:
+                self._kick_scheduled = True
+                self.loop.call_soon(self._on_kick)
 
     def _on_kick(self) -> None:
-        self._kick_pending = False
-        self._flush(self.loop.time())
+        self._kick_scheduled = False
+        if self._kick_pending:
+            self._flush(self.loop.time())
 
     def _flush(self, now: float) -> None:
+        self._kick_pending = False  # what the application wrote goes out now
         trace = self.node.trace
         for iface, out in self.node.poll(now):
             index = iface.index
