@@ -165,10 +165,8 @@ class Node:
             raise ValueError(f"no static route to {prefix}"
                              + (f" metric {metric}" if metric is not None else "")
                              + (f" via {ip_to_str(gateway)}" if gateway else ""))
-        doomed = matching[0]
-        self.routes.routes = [r for r in self.routes.routes if r is not doomed]
-        self.routes.rebuild()
-        return doomed
+        self.routes.discard(matching[0])
+        return matching[0]
 
     # -- the frame path -------------------------------------------------------------------
 

@@ -68,7 +68,7 @@ class RouteTable:
                 raise ValueError(f"route {route.prefix_str()} metric {route.metric} "
                                  "already exists")
         self.routes.append(route)
-        self.rebuild()
+        self._rebuild()
 
     def remove(self, network: int, prefixlen: int, ifindex: int | None = None) -> int:
         """Remove matching routes (on `ifindex` only, if given); returns how many."""
@@ -77,10 +77,15 @@ class RouteTable:
                         and (ifindex is None or r.ifindex == ifindex))]
         removed = len(self.routes) - len(keep)
         self.routes = keep
-        self.rebuild()
+        self._rebuild()
         return removed
 
-    def rebuild(self) -> None:
+    def discard(self, route: Route) -> None:
+        """Remove this very route (`ip route del` removes one of several alike)."""
+        self.routes = [r for r in self.routes if r is not route]
+        self._rebuild()
+
+    def _rebuild(self) -> None:
         by_len: dict[int, dict[int, Route]] = {}
         for r in self.routes:
             slot = by_len.setdefault(r.prefixlen, {})

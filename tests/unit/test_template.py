@@ -13,8 +13,7 @@ from stack.net.host import Host, HostConfig
 from stack.net.node import RouteConfig
 from stack.net.tcp.template import make_template
 from stack.wire.checksum import checksum_ok, pseudo_header_sum
-from stack.wire.ethernet import build_ethernet
-from stack.wire.ipv4 import FLAG_DF, build_ipv4
+from stack.wire.ipv4 import FLAG_DF
 from stack.wire.tcp import build_options, build_tcp
 from tests.unit.tcp_peer import open_pair
 
@@ -33,11 +32,14 @@ def connected():
 WIRE, A, B, CONN = connected()
 
 
-def general(conn, eth_dst, eth_src, seq, ack, flags, window, options, payload, ident):
+def general(conn, seq, ack, flags, window, options, payload, ident):
+    """The frame the general path (ipv4.send, then the interface) puts in the queue."""
     segment = build_tcp(conn.local_ip, conn.remote_ip, conn.local_port, conn.remote_port,
                         seq, ack, flags, window, options, payload)
-    return build_ethernet(eth_dst, eth_src, 0x0800) + build_ipv4(
-        conn.local_ip, conn.remote_ip, 6, len(segment), ident, 64, 0, FLAG_DF) + segment
+    A.ipv4._ident = (ident - 1) & 0xFFFF  # it takes the next identification
+    assert A.ipv4.send(conn.remote_ip, 6, segment, WIRE.now, flags_fragment=FLAG_DF,
+                       src=conn.local_ip)
+    return bytes(A.node.interfaces[0].tx.pop())
 
 
 OPTION_SETS = [b"", build_options(ts=(1, 2)), build_options(mss=1460, wscale=7,
@@ -58,8 +60,7 @@ def test_the_template_frame_is_the_general_paths_frame(seq, ack, flags, window, 
     assert tpl is not None
     payload = bytes((fill + i * 7) & 0xFF for i in range(size))  # odd and even sizes
     got = tpl.frame(seq, ack, flags, window, options, payload, ident)
-    want = general(CONN, B.node.interfaces[0].mac, A.node.interfaces[0].mac, seq, ack,
-                   flags, window, options, payload, ident)
+    want = general(CONN, seq, ack, flags, window, options, payload, ident)
     assert bytes(got) == want
 
 

@@ -69,9 +69,11 @@ class FrameTemplate:
                              0x45, 0, total, ident, FLAG_DF, TTL, 6, ip_csum, self.src,
                              self.dst, self.sport, self.dport, seq, ack, off_flags, flags,
                              window, 0, 0)
-        # the TCP checksum: pseudo-header, TCP header and options, payload (even offset)
-        head = bytes(header[34:]) + options
-        total_sum = self.pseudo + tcp_len + int.from_bytes(head, "big")
+        # the TCP checksum: pseudo-header, header, options, payload, each summed on its
+        # own (each starts at an even offset: the header and options are whole words)
+        total_sum = self.pseudo + tcp_len + int.from_bytes(header[34:], "big")
+        if options:
+            total_sum += int.from_bytes(options, "big")
         if payload:
             if len(payload) & 1:
                 total_sum += int.from_bytes(payload, "big") << 8
