@@ -53,7 +53,7 @@ async def open_stack(*, netns: str | None = "tapstack", tap: str = "tap0",
                      address: str = "10.77.0.2/24", host_address: str | None = "10.77.0.1/24",
                      gateway: str | None = None, mac: str = "02:00:0a:4d:00:02",
                      mtu: int = 1500, pcap: str | None = None, impair: str | None = None,
-                     offload: bool = False, msl: float = 30.0, cc: str = "cubic",
+                     offload: bool | str = False, msl: float = 30.0, cc: str = "cubic",
                      hosts: dict[str, str] | None = None, nameserver: str | None = None
                      ) -> AsyncIterator[Stack]:
     """A tapstack on a TAP, as `tapstack run` would start it (same defaults, same

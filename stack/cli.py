@@ -86,9 +86,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="faults on the link in both directions, e.g. "
                         "'loss=1%%,delay=5ms,jitter=2ms,reorder=5%%,duplicate=1%%,"
                         "corrupt=0.5%%,seed=7'")
-    r.add_argument("--offload", action="store_true",
-                   help="open the TAP with virtio-net headers: checksum offload, TSO out, "
-                        "GSO super-frames in")
+    r.add_argument("--offload", nargs="?", const="tso", choices=["csum", "tso"],
+                   help="open the TAP with virtio-net headers: 'csum' lets the kernel "
+                        "finish and check TCP checksums (frames stay MTU-sized); 'tso' (the "
+                        "default with no value) adds TSO out and GSO super-frames in; "
+                        "without it, TAPSTACK_OFFLOAD=csum|tso sets the mode (not with "
+                        "--impair)")
     r.add_argument("--msl", type=float, default=30.0,
                    help="maximum segment lifetime in seconds; TIME-WAIT lasts 2*MSL "
                         "(default: %(default)s)")

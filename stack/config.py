@@ -15,7 +15,8 @@
     mtu = 1500
     addresses = ["10.0.1.1/24"]
     host_address = "10.0.1.254/24"   # give the kernel's side of the TAP an address
-    offload = false              # virtio-net headers: checksum offload, TSO, GSO
+    offload = false              # virtio-net headers: "csum" (checksum offload), or
+                                 # "tso" / true (checksums, TSO out, GSO super-frames in)
 
     [[route]]
     to = "default"               # or a prefix, "10.2.0.0/16"
@@ -52,6 +53,7 @@ from stack.net.tcp.congestion import CONTROLLERS
 from stack.net.tcp.congestion import DEFAULT as DEFAULT_CC
 from stack.net.tcp.connection import TcpConfig
 from stack.wire.ethernet import is_multicast_mac, mac_from_str
+from stack.wire.virtio import offload_mode
 
 IFNAMSIZ = 15  # Linux device names: at most 15 characters
 
@@ -68,7 +70,7 @@ class LinkSpec:
     netns: str | None = None  # None: the current namespace
     bridge: str | None = None
     host_cidr: str | None = None
-    offload: bool = False
+    offload: str = ""  # '' (plain frames), 'csum' or 'tso' (stack.wire.virtio)
 
 
 @dataclass(slots=True)
@@ -209,7 +211,10 @@ def parse_node(data: dict, path: str) -> NodeSpec:
             cidr = _cidr(r, host, f"{where}.host_address")
             if any(cidr.ip.packed == a for a, _ in addresses):
                 raise r.fail(f"{where}.host_address", f"{host} is tapstack's own address")
-        offload = r.get(t, "offload", where, bool, False)
+        try:
+            offload = offload_mode(r.get(t, "offload", where, (bool, str), False))
+        except ValueError as exc:
+            raise r.fail(f"{where}.offload", str(exc)) from None
         interfaces.append(InterfaceConfig(ifname, mac, addresses, mtu, offload=offload))
         links.append(LinkSpec(tap, tap_ns, r.get(t, "bridge", where, str, None), host,
                               offload))

@@ -30,6 +30,7 @@ from stack.net.tcp.connection import TcpConfig
 from stack.runtime import Runtime, bind_control_socket, control_request, running_instances
 from stack.wire.ethernet import is_multicast_mac, mac_from_str
 from stack.wire.ipv4 import ip_to_str
+from stack.wire.virtio import offload_mode
 
 log = logging.getLogger("tapstack")
 
@@ -115,17 +116,24 @@ def build_config(args: argparse.Namespace) -> tuple[HostConfig, str | None]:
     cc = getattr(args, "cc", DEFAULT_CC)
     if cc not in CONTROLLERS:
         raise UsageError(f"--cc {cc} is not one of {', '.join(CONTROLLERS)}")
+    offload_arg = getattr(args, "offload", None)
+    if offload_arg is None and not args.impair:  # e.g. a whole test run with offload on
+        offload_arg = os.environ.get("TAPSTACK_OFFLOAD") or None
+    try:
+        offload = offload_mode(offload_arg)
+    except ValueError as exc:
+        raise UsageError(f"--offload: {exc}") from None
     if args.impair:
         try:
             Impairment.parse(args.impair)
         except ImpairSpecError as exc:
             raise UsageError(f"--impair: {exc}") from None
-        if args.offload:
+        if offload:
             raise UsageError("--impair works on plain frames; drop --offload to use it")
     config = HostConfig(mac=mac, address=address.ip.packed,
                         prefixlen=address.network.prefixlen, gateway=gateway,
                         mtu=args.mtu, tcp=TcpConfig(msl=args.msl, cc=cc),
-                        offload=args.offload)
+                        offload=offload)
     return config, host_cidr
 
 
@@ -135,7 +143,7 @@ def host_spec(args: argparse.Namespace, config: HostConfig, host_cidr: str | Non
     netns = None if args.no_netns else args.netns
     node = config.node_config()
     node.name = args.tap
-    return NodeSpec(node, [LinkSpec(args.tap, netns, None, host_cidr, args.offload)], netns,
+    return NodeSpec(node, [LinkSpec(args.tap, netns, None, host_cidr, config.offload)], netns,
                     control=args.tap)
 
 
@@ -203,7 +211,7 @@ def stack_environment(spec: NodeSpec, command: str, pcap_path: str | None = None
         for link_spec, iface in zip(spec.links, spec.node.interfaces, strict=True):
             if link_spec.netns is not None:
                 ns.enter_netns(link_spec.netns)
-            link = TapLink(link_spec.tap, vnet_hdr=link_spec.offload)
+            link = TapLink(link_spec.tap, link_spec.offload)
             link.open(netns_text(link_spec.netns))
             links.append(link)
             ns.configure_host_side(link_spec.tap, link_spec.host_cidr, iface.mtu)

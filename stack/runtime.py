@@ -28,6 +28,7 @@ from stack.net.node import Node, RouteConfig
 from stack.net.tcp.info import tcp_info
 from stack.trace import TraceBuffer, describe_frame, matches
 from stack.wire.ipv4 import ip_from_str, ip_to_str
+from stack.wire.virtio import as_captured
 
 log = logging.getLogger("tapstack")
 
@@ -164,7 +165,7 @@ class Runtime:
         ts = time.time()
         for i, frame in enumerate(frames):
             if pcap is not None:
-                pcap.write(bytes(frame), ts)
+                pcap.write(bytes(as_captured(frame, vnets[i] if vnets else None)), ts)
                 trace.frame = pcap.count
             trace.emit("link", "rx", now, iface=name, **describe_frame(frame))
             self.node.receive(index, frame, now, trusted[i] if trusted else False,
@@ -187,8 +188,8 @@ class Runtime:
             return
         for raw in frames:
             vnet, frame, trusted = split(raw)
-            if pcap is not None:
-                pcap.write(bytes(frame), ts)
+            if pcap is not None:  # with the checksum the kernel left partial finished
+                pcap.write(bytes(as_captured(frame, vnet)), ts)
             receive(index, frame, now, trusted, vnet)
         self._flush(now)
 
@@ -275,8 +276,8 @@ class Runtime:
                     write(frame)
             if pcap is not None:
                 ts = time.time()
-                for frame in out:
-                    pcap.write(frame[0] if type(frame) is tuple else frame, ts)
+                for frame in out:  # offloaded: as the kernel will finish it
+                    pcap.write(as_captured(*frame) if type(frame) is tuple else frame, ts)
         for index, tx in enumerate(self.tx_impair):
             if tx is not None:
                 write = self.links[index].write

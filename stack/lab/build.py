@@ -70,7 +70,7 @@ def _node_toml(lab: Lab, node: LabNode, log_dir: str) -> str:
                   f"tap = {json.dumps(lab.port(node, iface))}",
                   f"bridge = {json.dumps(lab.segments[iface.segment].bridge)}",
                   f"mtu = {iface.mtu}", f"addresses = {json.dumps(iface.addresses)}",
-                  f"offload = {'true' if node.offload else 'false'}"]
+                  f"offload = {json.dumps(node.offload) if node.offload else 'false'}"]
         if iface.mac:
             lines.append(f"mac = {json.dumps(iface.mac)}")
         lines.append("")

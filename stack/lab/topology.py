@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from stack.config import ConfigError, read_toml
 from stack.config_middlebox import parse_middlebox
 from stack.net.interface import InterfaceConfig
+from stack.wire.virtio import offload_mode
 
 KINDS = ("tapstack", "linux")
 
@@ -83,7 +84,7 @@ class LabNode:
     routes: list[LabRoute] = field(default_factory=list)
     forwarding: bool = False
     commands: list[str] = field(default_factory=list)
-    offload: bool = False
+    offload: str = ""  # "", "csum" or "tso" (stack.wire.virtio)
     echo: bool = True
     http: int | None = None
     middlebox: dict = field(default_factory=dict)  # conntrack, nat, acl, security_group
@@ -241,8 +242,12 @@ def parse_lab(data: dict, path: str) -> Lab:
                               "take NAT and filter settings (give a Linux node commands)")
         if middlebox:
             _check_middlebox(path, where, middlebox, ifaces)
+        try:
+            offload = offload_mode(t.get("offload", False))
+        except ValueError as exc:
+            raise ConfigError(f"{path}: {where}.offload: {exc}") from None
         nodes[node_name] = LabNode(node_name, kind, ifaces, routes, forwarding, commands,
-                                   bool(t.get("offload", False)),
+                                   offload,
                                    bool(services.get("echo", True)),
                                    None if http is False else http, middlebox,
                                    dns_services)

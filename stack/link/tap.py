@@ -16,20 +16,23 @@ import pytun
 from stack.link import LinkError
 from stack.wire.virtio import (
     NO_OFFLOAD,
-    TUN_F_CSUM,
-    TUN_F_TSO4,
     TUNSETOFFLOAD,
     VNET_HDR_LEN,
     checksum_trusted,
+    offload_flags,
 )
 
 READ_SIZE = 65550  # a 64 KB GSO frame plus headers fits (docs/architecture.md, "Offloads")
 
 
 class TapLink:
-    def __init__(self, name: str, vnet_hdr: bool = False) -> None:
+    def __init__(self, name: str, offload: str = "", multi_queue: bool = False) -> None:
+        """`offload`: '' (plain frames), 'csum' or 'tso' (stack.wire.virtio); with
+        `multi_queue` each TapLink of one name is a queue of one multi-queue TAP."""
         self.name = name
-        self.vnet_hdr = vnet_hdr
+        self.offload = offload
+        self.vnet_hdr = bool(offload)
+        self.multi_queue = multi_queue
         self._dev: pytun.TunTapDevice | None = None
         self.fd = -1
         self.tx_errors = 0
@@ -39,6 +42,8 @@ class TapLink:
         flags = pytun.IFF_TAP | pytun.IFF_NO_PI
         if self.vnet_hdr:
             flags |= pytun.IFF_VNET_HDR
+        if self.multi_queue:
+            flags |= pytun.IFF_MULTI_QUEUE
         try:
             self._dev = pytun.TunTapDevice(name=self.name, flags=flags)
         except pytun.Error as exc:
@@ -54,7 +59,7 @@ class TapLink:
         self.fd = self._dev.fileno()
         if self.vnet_hdr:
             try:
-                fcntl.ioctl(self.fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4)
+                fcntl.ioctl(self.fd, TUNSETOFFLOAD, offload_flags(self.offload))
             except OSError as exc:
                 raise LinkError(f"TAP device {self.name} refused offloads: "
                                 f"{exc.strerror}") from None

@@ -29,7 +29,7 @@ class HostConfig:
     arp: ArpConfig = field(default_factory=ArpConfig)
     tcp: TcpConfig = field(default_factory=TcpConfig)
     reassembly: ReassemblyConfig = field(default_factory=ReassemblyConfig)
-    offload: bool = False  # the link takes virtio-net headers: checksum offload and TSO
+    offload: str = ""  # virtio-net headers: "csum" (checksum offload) or "tso" (and TSO/GSO)
     name: str = "eth0"
 
     def node_config(self) -> NodeConfig:

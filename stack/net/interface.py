@@ -24,6 +24,7 @@ from stack.wire.ethernet import (
     mac_to_str,
 )
 from stack.wire.ipv4 import ip_to_str
+from stack.wire.virtio import offload_mode
 
 COUNTERS = (
     "link.rx_frames", "link.rx_bytes", "link.tx_frames", "link.tx_bytes",
@@ -48,7 +49,7 @@ class InterfaceConfig:
     addresses: list[tuple[bytes, int]] = field(default_factory=list)  # (address, prefix)
     mtu: int = 1500
     arp: ArpConfig = field(default_factory=ArpConfig)
-    offload: bool = False  # the link takes virtio-net headers: checksum offload and TSO
+    offload: str = ""  # virtio-net headers: "csum" (checksum offload) or "tso" (and TSO/GSO)
 
 
 class Interface:
@@ -60,7 +61,7 @@ class Interface:
         self.name = config.name
         self.mac = config.mac
         self.mtu = config.mtu
-        self.offload = config.offload
+        self.offload = offload_mode(config.offload)  # True (older callers) means "tso"
         self.counters = Counters()
         self.counters.declare(*COUNTERS)
         self.tx: list[Frame] = []

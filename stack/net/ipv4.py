@@ -358,16 +358,18 @@ class IPv4Layer:
             return None
         return route.source or self.interfaces[route.ifindex].source_for(dst)
 
-    def can_offload(self, dst: bytes, now: float) -> bool:
+    def can_offload(self, dst: bytes, now: float, tso: bool = False) -> bool:
         """Unicast leaving by an offloading interface with a resolved next hop: a frame
-        may go with a virtio-net header."""
+        may go with a virtio-net header (with `tso`: one that asks for segmentation)."""
         route = self.routes.lookup(dst)
         if route is None:
             return False
         out = self.interfaces[route.ifindex]
         if self.hooks.output or self.hooks.postrouting:
             return False  # the hooks see (and may rewrite) whole, checksummed datagrams
-        return out.offload and out.arp.lookup(route.gateway or dst, now) is not None
+        if not out.offload or (tso and out.offload != "tso"):
+            return False
+        return out.arp.lookup(route.gateway or dst, now) is not None
 
     def _broadcast_route(self, src: bytes | None) -> Route | None:
         """The limited broadcast leaves by the interface that owns `src`, else the first

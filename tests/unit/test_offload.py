@@ -6,12 +6,16 @@ import struct
 import dpkt
 
 from stack.net.host import Host, HostConfig
+from stack.wire.checksum import checksum_ok, pseudo_header_sum
+from stack.wire.tcp import build_tcp_offloaded
 from stack.wire.virtio import (
     F_DATA_VALID,
     F_NEEDS_CSUM,
     GSO_TCPV4,
     VNET_HDR,
+    as_captured,
     checksum_trusted,
+    offload_mode,
     tcp_offload_header,
 )
 from tests.helpers import HOST_IP, HOST_MAC, STACK_IP, STACK_MAC, arp_frame
@@ -38,9 +42,9 @@ def tcp_frame(flags, seq, ack, data=b"", options=b"", corrupt_checksum=False) ->
     return bytes(dpkt.ethernet.Ethernet(dst=STACK_MAC, src=HOST_MAC, type=0x0800)) + raw
 
 
-def offloaded_stack():
+def offloaded_stack(mode="tso"):
     iface = Host(HostConfig(mac=STACK_MAC, address=STACK_IP, gateway=HOST_IP,
-                                      offload=True), random.Random(5))
+                            offload=mode), random.Random(5))
     iface.receive(arp_frame(), 0.0)
     iface.poll(0.0)
     users = []
@@ -104,3 +108,55 @@ def test_gso_super_frames_are_accepted_when_the_kernel_owns_the_checksum():
     iface.receive(tcp_frame(ACK, 1001 + len(big), snd, b"tail", corrupt_checksum=True), 0.2)
     assert bytes(conn.user.data) == big  # not trusted: verified, and this one is bad
     assert iface.counters["tcp.rx_bad_checksum"] == 1
+
+
+def test_offload_modes_from_flags_and_files():
+    assert [offload_mode(v) for v in (None, False, True, "csum", "tso")] == \
+        ["", "", "tso", "csum", "tso"]
+    for bad in ("yes", "gso", 1):
+        try:
+            offload_mode(bad)
+        except ValueError as exc:
+            assert "not an offload mode" in str(exc)
+        else:
+            raise AssertionError(f"{bad!r} was taken")
+
+
+def test_checksum_offload_sends_mtu_sized_frames_the_kernel_finishes():
+    """--offload csum: every segment is one MSS at most, leaves with NEEDS_CSUM and no
+    GSO, carries the pseudo-header sum the general offload path would put there, and
+    is, once the kernel (here: as_captured) finishes the sum, a correct TCP segment."""
+    iface, conn, snd = offloaded_stack("csum")
+    data = bytes(random.Random(3).randrange(256) for _ in range(20000))
+    conn.send(data)
+    out = iface.poll(0.1)
+    assert len(out) == 10 and all(type(f) is tuple for f in out)  # the initial window
+    assert conn.frame_template is not None and conn.frame_template.vnet is not None
+    for frame, header in out:
+        assert header == VNET_HDR.pack(F_NEEDS_CSUM, 0, 0, 0, 34, 16)
+        ip = dpkt.ethernet.Ethernet(bytes(frame)).data
+        tcp = ip.data
+        assert len(tcp.data) == conn.eff_mss and len(frame) <= 14 + 1500
+        want = build_tcp_offloaded(STACK_IP, HOST_IP, 80, 40000, tcp.seq, tcp.ack, tcp.flags,
+                                   tcp.win, bytes(frame[54:34 + tcp.off * 4]), tcp.data)
+        assert bytes(frame[34:]) == want  # what the general offload path would send
+        segment = bytes(frame[34:])
+        assert not checksum_ok(segment, pseudo_header_sum(STACK_IP, HOST_IP, 6, len(segment)))
+        finished = bytes(as_captured(frame, header))[34:]
+        assert checksum_ok(finished, pseudo_header_sum(STACK_IP, HOST_IP, 6, len(finished)))
+        assert finished[:16] == segment[:16] and finished[18:] == segment[18:]
+
+
+def test_as_captured_finishes_udp_and_leaves_plain_frames_alone():
+    udp = dpkt.udp.UDP(sport=53, dport=40000, data=b"x" * 33)
+    udp.ulen = len(udp)
+    ip = dpkt.ip.IP(src=STACK_IP, dst=HOST_IP, p=17, ttl=64, data=udp)
+    raw = bytearray(bytes(dpkt.ethernet.Ethernet(dst=HOST_MAC, src=STACK_MAC, type=0x0800,
+                                                 data=ip)))
+    seed = pseudo_header_sum(STACK_IP, HOST_IP, 17, len(udp)) % 0xFFFF
+    raw[40:42] = seed.to_bytes(2, "big")
+    header = VNET_HDR.pack(F_NEEDS_CSUM, 0, 0, 0, 34, 6)
+    done = bytes(as_captured(raw, header))
+    assert checksum_ok(done[34:], pseudo_header_sum(STACK_IP, HOST_IP, 17, len(udp)))
+    assert dpkt.ethernet.Ethernet(done).data.data.data == b"x" * 33
+    assert as_captured(raw, None) is raw and as_captured(raw, bytes(10)) is raw

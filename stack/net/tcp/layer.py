@@ -513,7 +513,7 @@ class TcpLayer:
     def tso_limit(self, conn: Connection) -> int:
         """The most payload one segment may carry: one MSS, or with TSO as many MSS as fit
         a 64 KB IPv4 datagram (the kernel cuts them)."""
-        if not self.offload or not self.ipv4.can_offload(conn.remote_ip, self.now):
+        if not self.offload or not self.ipv4.can_offload(conn.remote_ip, self.now, tso=True):
             return conn.eff_mss
         mss = conn.eff_mss
         return max((65535 - 20 - 60) // mss, 1) * mss
@@ -521,6 +521,15 @@ class TcpLayer:
     def emit(self, conn: Connection, seq: int, ack: int, flags: int, window: int,
              options: bytes, payload: bytes) -> None:
         self.counters["tcp.tx_segments"] += 1
+        tpl = conn.frame_template
+        ipv4 = self.ipv4
+        if tpl is None or not tpl.still_valid(ipv4, self.now):
+            tpl = conn.frame_template = make_template(ipv4, conn, self.now)
+        if tpl is not None and 40 + len(options) + len(payload) <= tpl.mtu:
+            ipv4._ident = ident = (ipv4._ident + 1) & 0xFFFF
+            ipv4.counters["ipv4.tx_packets"] += 1
+            tpl.iface.tx.append(tpl.frame(seq, ack, flags, window, options, payload, ident))
+            return
         if self.offload and self.ipv4.can_offload(conn.remote_ip, self.now):
             segment = build_tcp_offloaded(conn.local_ip, conn.remote_ip, conn.local_port,
                                           conn.remote_port, seq, ack, flags, window, options,
@@ -530,15 +539,6 @@ class TcpLayer:
                 self.counters["tcp.tso_frames"] += 1
             self.ipv4.send(conn.remote_ip, PROTO_TCP, segment, self.now,
                            flags_fragment=FLAG_DF, offload=header, src=conn.local_ip)
-            return
-        tpl = conn.frame_template
-        ipv4 = self.ipv4
-        if tpl is None or not tpl.still_valid(ipv4, self.now):
-            tpl = conn.frame_template = make_template(ipv4, conn, self.now)
-        if tpl is not None and 40 + len(options) + len(payload) <= tpl.mtu:
-            ipv4._ident = ident = (ipv4._ident + 1) & 0xFFFF
-            ipv4.counters["ipv4.tx_packets"] += 1
-            tpl.iface.tx.append(tpl.frame(seq, ack, flags, window, options, payload, ident))
             return
         segment = build_tcp(conn.local_ip, conn.remote_ip, conn.local_port, conn.remote_port,
                             seq, ack, flags, window, options, payload)

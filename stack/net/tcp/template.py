@@ -22,8 +22,11 @@ byte what the general path makes (tests/unit/test_template.py).
 It stays valid while no hook or trace has been switched on and the routing table, the
 neighbour's ARP entry, the path MTU entry and the interface's MTU are the very ones it
 was made from (identity checks, no lookups); otherwise the connection makes a new one.
-It is not used while hooks (NAT, filters on the host itself) or a trace are on, for
-broadcasts, or with offload: those take the general path.
+It is not used while hooks (NAT, filters on the host itself) or a trace are on, or for
+broadcasts: those take the general path. On a link with checksum offload (`--offload`)
+the frame leaves with a virtio-net header that asks the kernel to finish the TCP
+checksum: the field holds the pseudo-header sum and the payload is never summed here.
+TSO super-frames (more than one MSS) take the general path.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import struct
 from typing import Any
 
 from stack.wire.ipv4 import FLAG_DF
+from stack.wire.virtio import CSUM_TCPV4
 
 ETH_IP_TCP = struct.Struct("!6s6sH" "BBHHHBBH4s4s" "HHIIBBHHH")
 HEADERS = ETH_IP_TCP.size  # 14 + 20 + 20
@@ -41,7 +45,7 @@ TTL = 64
 class FrameTemplate:
     __slots__ = ("arp_entry", "dport", "dst", "eth_dst", "eth_src", "hop", "iface",
                  "iface_mtu", "ip_base", "mtu", "mtu_entry", "pseudo", "route_generation",
-                 "sport", "src")
+                 "sport", "src", "vnet")
 
     def __init__(self, iface: Any, eth_dst: bytes, src: bytes, dst: bytes, sport: int,
                  dport: int, hop: bytes, arp_entry: tuple, mtu: int, mtu_entry: Any,
@@ -55,9 +59,12 @@ class FrameTemplate:
         # IPv4 words that never change: 0x4500 (tos 0), DF, TTL and protocol, addresses
         self.ip_base = (0x4500 + FLAG_DF + (TTL << 8 | 6) + addresses) % 0xFFFF
         self.pseudo = (addresses + 6) % 0xFFFF
+        # checksum offload: frames go as (frame, virtio-net header), the kernel sums
+        self.vnet = CSUM_TCPV4 if iface.offload else None
 
     def frame(self, seq: int, ack: int, flags: int, window: int, options: bytes,
-              payload: bytes | bytearray | memoryview, ident: int) -> bytearray:
+              payload: bytes | bytearray | memoryview, ident: int
+              ) -> bytearray | tuple[bytearray, bytes]:
         hlen = 20 + len(options)
         tcp_len = hlen + len(payload)
         total = 20 + tcp_len
@@ -69,6 +76,16 @@ class FrameTemplate:
                              0x45, 0, total, ident, FLAG_DF, TTL, 6, ip_csum, self.src,
                              self.dst, self.sport, self.dport, seq, ack, off_flags, flags,
                              window, 0, 0)
+        if self.vnet is not None:
+            # the kernel finishes the sum: the field holds the pseudo-header's, folded
+            # and not inverted (0 is written as 0xFFFF, as build_tcp_offloaded does)
+            seed = (self.pseudo + tcp_len) % 0xFFFF or 0xFFFF
+            header[50] = seed >> 8
+            header[51] = seed & 0xFF
+            if options:
+                header += options
+            header += payload
+            return header, self.vnet
         # the TCP checksum: pseudo-header, header, options, payload, each summed on its
         # own (each starts at an even offset: the header and options are whole words)
         total_sum = self.pseudo + tcp_len + int.from_bytes(header[34:], "big")
@@ -111,8 +128,7 @@ def make_template(ipv4: Any, conn: Any, now: float) -> FrameTemplate | None:
     if route is None:
         return None
     out = ipv4.interfaces[route.ifindex]
-    if getattr(out, "offload", False) or dst in out.directed_broadcasts or \
-            dst == b"\xff\xff\xff\xff":
+    if dst in out.directed_broadcasts or dst == b"\xff\xff\xff\xff":
         return None
     hop = route.gateway or dst
     entry = out.arp.cache.get(hop)
