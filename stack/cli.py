@@ -12,6 +12,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from stack.aio import new_event_loop
@@ -107,6 +108,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--config", metavar="FILE",
                    help="run the node this TOML file describes (interfaces, routes, "
                         "forwarding, services) instead of the one-interface flags")
+    r.add_argument("--workers", default="1", metavar="N",
+                   help="worker processes on a multi-queue TAP, one per queue; 'auto': one "
+                        "per core (default: %(default)s; a host made by flags only, see "
+                        "docs/architecture.md)")
     r.add_argument("--no-services", action="store_true",
                    help="do not start the echo (TCP and UDP 7), discard (9) and source (19) "
                         "services")
@@ -372,6 +377,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.server == "uvicorn" and (tls is not None or args.no_http):
         raise UsageError("--server uvicorn serves plain HTTP on --http-port; use the "
                          "built-in server for --tls")
+    workers = _workers(args)
+    if workers > 1:
+        return _run_workers(args, spec, workers, banner, stats_source,
+                            start_services(args, app, dns_server, resolving, tls))
     with stack_environment(spec, args.command, args.pcap) as (links, control, pcap):
         runtime = build_runtime(spec, links, pcap, args.impair)
         stats_source.append(runtime)
@@ -387,6 +396,76 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         run(runtime, control, ready, setup=start_services(args, app, dns_server, resolving, tls),
             loop_factory=lambda: new_event_loop(not args.asyncio))
+    return 0
+
+
+def _workers(args: argparse.Namespace) -> int:
+    """--workers as a number; UsageError when it cannot be one here."""
+    text = str(args.workers)
+    if text == "auto":
+        count = os.cpu_count() or 1
+    elif text.isdigit() and 1 <= int(text) <= 64:
+        count = int(text)
+    else:
+        raise UsageError(f"--workers {text} is not a number of workers (1..64) or 'auto'")
+    if count > 1:
+        if args.config:
+            raise UsageError("--workers runs a host made by flags; a node from a file "
+                             "(router, NAT, filters) runs as one process")
+        if args.pcap or args.trace:
+            raise UsageError("--pcap and --trace record one process; with --workers, "
+                             "capture on the TAP (tcpdump -i tap0 in the namespace) or "
+                             "follow `tapstack trace`")
+    return count
+
+
+def _run_workers(args: argparse.Namespace, spec: Any, count: int,
+                 banner: Callable[[], str], stats_source: list,
+                 setup: Callable[[Runtime], Any]) -> int:
+    """`run --workers N`: the supervisor here, the stack in N forked workers."""
+    from stack.link.steering import attach
+    from stack.net.tcp.layer import EPHEMERAL_HIGH, EPHEMERAL_LOW
+    from stack.workers import Steering, Supervisor, bind_worker_socket, make_inboxes
+
+    with stack_environment(spec, args.command, queues=count) as (links, control, _):
+        refused = "TAPSTACK_STEERING=software" if os.environ.get(
+            "TAPSTACK_STEERING") == "software" else \
+            attach(links[0].fileno(), count, EPHEMERAL_LOW, EPHEMERAL_HIGH)
+        if refused:
+            logging.getLogger("tapstack").warning("%s; flows that reach the wrong worker "
+                                                  "are handed over in software", refused)
+        inboxes = make_inboxes(count)
+        senders = [tx for _, tx in inboxes]
+
+        def start_worker(index: int, ready: Callable[[], None]) -> None:
+            runtime = build_runtime(spec, [links[index]], None, args.impair)
+            runtime.info.update(worker=index, pid=os.getpid())
+            stats_source.append(runtime)
+            steering = Steering(runtime.node, index, count, inboxes[index][0], senders)
+            steering.install()
+            own = bind_worker_socket(spec.control_name, index)
+
+            async def worker_setup(rt: Runtime) -> Any:
+                def take() -> None:
+                    steering.take_inbox(rt.loop.time())
+                    rt.flush_now()
+
+                rt.loop.add_reader(inboxes[index][0].fileno(), take)
+                return await setup(rt)
+
+            run(runtime, own, ready, setup=worker_setup,
+                loop_factory=lambda: new_event_loop(not args.asyncio))
+
+        def ready() -> None:
+            print(banner() + f"\n{count} workers on a multi-queue {spec.links[0].tap}: "
+                  "`tapstack stats` sums them, `tapstack conns` names each "
+                  "connection's worker", flush=True)
+
+        info = {"node": spec.node.name, "tap": spec.links[0].tap, "netns": spec.netns,
+                "steering": "software: " + refused if refused else "ebpf"}
+        failed = Supervisor(spec.control_name, count, control, start_worker, info).run(ready)
+    if failed:
+        raise UsageError(failed)
     return 0
 
 

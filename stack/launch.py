@@ -169,9 +169,12 @@ def _refuse_duplicate_address(spec: NodeSpec) -> None:
 
 
 @contextlib.contextmanager
-def stack_environment(spec: NodeSpec, command: str, pcap_path: str | None = None
+def stack_environment(spec: NodeSpec, command: str, pcap_path: str | None = None,
+                      queues: int = 1
                       ) -> Iterator[tuple[list[TapLink], socket.socket, PcapTee | None]]:
     """Namespaces, TAPs, control socket and pcap for one node; all undone on exit.
+    With `queues` > 1 (one interface only), the TAP is a multi-queue one and the links
+    are its queues, one per worker (stack/workers.py).
 
     Each TAP is created in its interface's namespace (made if missing, and then removed
     at the end); the process settles in the node's namespace, where its control socket
@@ -211,9 +214,10 @@ def stack_environment(spec: NodeSpec, command: str, pcap_path: str | None = None
         for link_spec, iface in zip(spec.links, spec.node.interfaces, strict=True):
             if link_spec.netns is not None:
                 ns.enter_netns(link_spec.netns)
-            link = TapLink(link_spec.tap, link_spec.offload)
-            link.open(netns_text(link_spec.netns))
-            links.append(link)
+            for _ in range(queues):
+                link = TapLink(link_spec.tap, link_spec.offload, multi_queue=queues > 1)
+                link.open(netns_text(link_spec.netns))
+                links.append(link)
             ns.configure_host_side(link_spec.tap, link_spec.host_cidr, iface.mtu)
             if link_spec.bridge:
                 ns.attach_to_bridge(link_spec.tap, link_spec.bridge)

@@ -251,6 +251,11 @@ class Runtime:
         if self._kick_pending:
             self._flush(self.loop.time())
 
+    def flush_now(self) -> None:
+        """Send what the node has to send (after input that came another way: a worker's
+        hand-over, stack/workers.py)."""
+        self._flush(self.loop.time())
+
     def _flush(self, now: float) -> None:
         self._kick_pending = False  # what the application wrote goes out now
         trace = self.node.trace

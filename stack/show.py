@@ -27,6 +27,12 @@ def format_stats(snapshot: dict[str, Any], nonzero: bool = False,
     else:
         title = f"tapstack {info.get('address')} on {info.get('tap')}"
     lines = [f"{title} in {where}, pid {info.get('pid')}, up {info.get('uptime_s', 0):.0f} s"]
+    if info.get("workers"):  # run --workers N: the counters are the sum of them all
+        lines.append(f"{len(info['workers'])} workers (steering: {info.get('steering')}), "
+                     "counters summed: " + ", ".join(
+                         f"worker {w['index']} pid {w['pid']}"
+                         + (f" restarted {w['restarts']}x" if w["restarts"] else "")
+                         for w in info["workers"]))
 
     def table(groups: dict[str, dict[str, int]], before: dict[str, dict[str, int]],
               indent: str) -> None:
@@ -140,10 +146,12 @@ def format_conns(answer: dict[str, Any], previous: dict[str, int] | None = None)
     for c in sorted(rows, key=lambda c: (c["state"], c["local"], c["remote"])):
         if "cwnd" not in c:  # a TIME-WAIT record: addresses and time left, nothing else
             lines.append(f"{c['state']:<13}{0:>7}{0:>9}  {c['local']:<22}{c['remote']:<22}"
-                         f"timer:({c['expires_in_s']:g}s)")
+                         f"timer:({c['expires_in_s']:g}s)"
+                         + (f" worker {c['worker']}" if "worker" in c else ""))
             continue
         lines.append(f"{c['state']:<13}{c['recv_queue']:>7}{c['send_queue']:>9}  "
-                     f"{c['local']:<22}{c['remote']:<22}")
+                     f"{c['local']:<22}{c['remote']:<22}"
+                     + (f"worker {c['worker']}" if "worker" in c else ""))
         srtt = "-" if c["srtt_ms"] is None else f"{c['srtt_ms']:g}"
         ssthresh = "-" if c["ssthresh"] is None else c["ssthresh"]
         detail = (f"\t {c['congestion_control']} rtt:{srtt}/{c['rttvar_ms']:g} "

@@ -93,6 +93,8 @@ class ArpEngine:
         # ip -> (mac, expires); dict order is insertion order, oldest first.
         self.cache: dict[bytes, tuple[bytes, float]] = {}
         self.pending: dict[bytes, _Pending] = {}
+        # with several workers: hands every ARP packet taken in to the others (learn())
+        self.share: Callable[[bytes], None] | None = None
         self._announce_left = 0
         self._next_announce: float | None = None
         counters.declare(*COUNTERS)
@@ -120,6 +122,8 @@ class ArpEngine:
             return
         op, sha, spa, _tha, tpa = pkt
         c["arp.rx_requests" if op == OP_REQUEST else "arp.rx_replies"] += 1
+        if self.share is not None:
+            self.share(bytes(data))  # the other workers learn from it too
         if sha[0] & 1 or sha == ZERO_MAC:
             c["arp.rx_bad_sender"] += 1  # broadcast/multicast/zero hardware address
             return
@@ -146,6 +150,21 @@ class ArpEngine:
                 OP_REPLY, self.mac, tpa, sha, spa)
             self._transmit(frame)
             c["arp.tx_replies"] += 1
+
+    def learn(self, data: bytes | memoryview, now: float) -> None:
+        """An ARP packet another worker took in (stack/workers.py): learn from it by the
+        same rule as `receive`, without counting it again or answering it (that
+        worker did)."""
+        try:
+            op, sha, spa, _tha, tpa = parse_arp(data)
+        except MalformedError:
+            return
+        local = self.owner.local
+        if sha[0] & 1 or sha == ZERO_MAC or spa in local or spa == UNSPECIFIED:
+            return
+        if spa in self.cache or (op == OP_REPLY and spa in self.pending) or \
+                (tpa in local and op == OP_REQUEST):
+            self._store(spa, sha, now)
 
     def _store(self, ip: bytes, mac: bytes, now: float) -> None:
         cache = self.cache

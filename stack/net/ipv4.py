@@ -96,6 +96,10 @@ class IPv4Layer:
         # transport header of every datagram, as Linux's nf_defrag does); a forwarded
         # datagram is cut again for its egress link if it must be.
         self.defrag = False
+        # With several workers (stack/workers.py): steer(ip, header, payload, info)
+        # hands a datagram whose flow another worker owns to that worker (True) or
+        # lets it in here (False).
+        self.steer: Callable[..., bool] | None = None
         counters.declare(*COUNTERS)
 
     def addresses_changed(self) -> None:
@@ -133,7 +137,7 @@ class IPv4Layer:
             if len(whole[0]) + len(whole[1]) > 65535:
                 c["ipv4.reasm_too_big"] += 1  # the first header's options made it too big
                 return
-            packet = memoryview(_rebuild(whole[0], whole[1], ip.flags_fragment & FLAG_DF))
+            packet = memoryview(rebuild_datagram(whole[0], whole[1], ip.flags_fragment & FLAG_DF))
             ip = parse_ipv4(packet, verify_checksum=False)
             if self.trace.on:
                 self.trace.emit("ipv4", "reassembled", now, src=ip_to_str(ip.src),
@@ -182,6 +186,8 @@ class IPv4Layer:
         else:
             info.header = packet[:hlen]
             payload = packet[hlen:ip.total_length]
+        if self.steer is not None and self.steer(ip, info.header, payload, info):
+            return  # another worker's flow, handed over whole
         if self.hooks.input:
             result = run_hooks(self.hooks.input, bytearray(info.header) + payload, info, now)
             if result is None:
@@ -488,7 +494,7 @@ class IPv4Layer:
         return out
 
 
-def _rebuild(header: bytes, payload: bytes, df: int) -> bytes:
+def rebuild_datagram(header: bytes, payload: bytes, df: int) -> bytes:
     """A reassembled datagram as one: the first fragment's header with the whole length,
     no fragment offset or MF, and a fresh checksum."""
     hdr = bytearray(header)

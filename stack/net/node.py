@@ -186,6 +186,18 @@ class Node:
         except Exception as exc:
             self._internal_error(exc)
 
+    def receive_ipv4(self, ifindex: int, packet: bytes | memoryview, now: float,
+                     checksum_trusted: bool = False) -> None:
+        """An IPv4 datagram that came in on interface `ifindex` through another worker
+        (stack/workers.py), without its Ethernet header. Never raises."""
+        if self.trace.on:
+            self.trace.now = now
+        try:
+            self.ipv4.receive(self.interfaces[ifindex], memoryview(packet), now,
+                              checksum_trusted)
+        except Exception as exc:
+            self._internal_error(exc)
+
     def _internal_error(self, exc: Exception) -> None:
         self.counters["stack.internal_errors"] += 1
         self.last_internal_error = f"{type(exc).__name__}: {exc}"
