@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -108,10 +109,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--config", metavar="FILE",
                    help="run the node this TOML file describes (interfaces, routes, "
                         "forwarding, services) instead of the one-interface flags")
-    r.add_argument("--workers", default="1", metavar="N",
+    r.add_argument("--workers", metavar="N",
                    help="worker processes on a multi-queue TAP, one per queue; 'auto': one "
-                        "per core (default: %(default)s; a host made by flags only, see "
-                        "docs/architecture.md)")
+                        "per core (default: 1, or TAPSTACK_WORKERS where --config, --pcap "
+                        "and --trace are not given; see docs/architecture.md)")
     r.add_argument("--no-services", action="store_true",
                    help="do not start the echo (TCP and UDP 7), discard (9) and source (19) "
                         "services")
@@ -151,6 +152,8 @@ def _parser() -> argparse.ArgumentParser:
                             "side-by-side comparisons")
     k.add_argument("--address", default="0.0.0.0", help="address to bind (default: %(default)s)")
     k.add_argument("--port", type=int, default=8080, help="port (default: %(default)s)")
+    k.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="processes sharing the port with SO_REUSEPORT (default: %(default)s)")
     k.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"])
     _http_options(k)
@@ -401,7 +404,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _workers(args: argparse.Namespace) -> int:
     """--workers as a number; UsageError when it cannot be one here."""
-    text = str(args.workers)
+    text = args.workers
+    if text is None:  # e.g. a whole test run with workers; never where they cannot be
+        text = "1" if args.config or args.pcap or args.trace else \
+            os.environ.get("TAPSTACK_WORKERS") or "1"
     if text == "auto":
         count = os.cpu_count() or 1
     elif text.isdigit() and 1 <= int(text) <= 64:
@@ -548,21 +554,43 @@ def cmd_serve_kernel(args: argparse.Namespace) -> int:
         try:
             server = await loop.create_server(
                 lambda: HttpServerProtocol(app, access_log=not args.no_access_log),
-                args.address, args.port, backlog=1024, reuse_address=True)
+                args.address, args.port, backlog=1024, reuse_address=True,
+                reuse_port=args.workers > 1)
         except OSError as exc:
             raise UsageError(f"cannot listen on {args.address}:{args.port}: "
                              f"{exc.strerror}") from None
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        print(f"serve-kernel ready: http://{args.address}:{args.port}/ on kernel sockets",
-              flush=True)
+        if first:
+            print(f"serve-kernel ready: http://{args.address}:{args.port}/ on kernel "
+                  f"sockets ({args.workers} process{'es' if args.workers > 1 else ''})",
+                  flush=True)
         await stop.wait()
         server.close()
 
     import uvloop
 
-    uvloop.run(main())
+    if not 1 <= args.workers <= 64:
+        raise UsageError(f"--workers {args.workers} is outside 1..64")
+    children = []
+    first = True
+    for _ in range(args.workers - 1):  # before any loop exists: plain forks
+        pid = os.fork()
+        if pid == 0:
+            first, children = False, []
+            import ctypes
+
+            ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # go when the first one goes
+            break
+        children.append(pid)
+    try:
+        uvloop.run(main())
+    finally:
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            os.waitpid(pid, 0)
     return 0
 
 

@@ -1,10 +1,13 @@
-"""make bench: tapstack (plain and --offload) against the kernel, same app, same clients.
+"""make bench: tapstack (plain, --offload csum, --offload, --workers 2) against the kernel
+(one process, and two with SO_REUSEPORT), same app, same clients.
 
     python tools/bench.py           three runs per figure, medians (a few minutes)
     python tools/bench.py --quick   one short run per figure (under a minute), a smoke test
 
 tapstack runs on a TAP in its own namespace; the kernel runs the very same HTTP server
-(`tapstack serve-kernel`) in a namespace joined to the client's by a veth pair. Every
+(`tapstack serve-kernel`) in a namespace joined to the client's by a veth pair.
+`tapstack --workers 2` is compared with `serve-kernel --workers 2`: the same number of
+processes on each side; every other tapstack with the one-process kernel. Every
 client (curl, wrk, ab, ping, a Python socket client) runs in a namespace of this run;
 everything is removed at the end. Writes bench/results/latest.{md,json} and ratios.png.
 """
@@ -47,15 +50,27 @@ def sh(ns: str, *cmd: str, timeout: float = 120, **kw) -> subprocess.CompletedPr
                           timeout=timeout, **kw)
 
 
+def family(pid: int) -> list[int]:
+    """The process and its children (workers)."""
+    r = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+    return [pid] + [int(p) for p in r.stdout.split()]
+
+
 def proc_cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for p in family(pid):
+        with open(f"/proc/{p}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(ln.split()[1]) for ln in f if ln.startswith("VmRSS:"))
+    total = 0
+    for p in family(pid):
+        with open(f"/proc/{p}/status") as f:
+            total += next(int(ln.split()[1]) for ln in f if ln.startswith("VmRSS:"))
+    return total
 
 
 class Target:
@@ -66,10 +81,10 @@ class Target:
         self.cleanup = cleanup
 
 
-def start_tapstack(offload: bool) -> Target:
+def start_tapstack(*extra: str) -> Target:
     ns = f"bench-{uuid.uuid4().hex[:6]}"
     args = [sys.executable, "-m", "stack.cli", "run", "--netns", ns, "--log-level",
-            "warning"] + (["--offload"] if offload else [])
+            "warning", *extra]
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, text=True)
     if not proc.stdout.readline().startswith("tapstack ready"):
         raise SystemExit("bench: tapstack did not start")
@@ -79,8 +94,7 @@ def start_tapstack(offload: bool) -> Target:
         proc.wait(timeout=15)
         subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
 
-    return Target("tapstack" + (" --offload" if offload else ""), ns, TAP_IP, proc.pid,
-                  cleanup)
+    return Target(" ".join(["tapstack", *extra]), ns, TAP_IP, proc.pid, cleanup)
 
 
 def veth_namespaces(prefix: str) -> tuple[str, str]:
@@ -99,10 +113,11 @@ def veth_namespaces(prefix: str) -> tuple[str, str]:
     return srv, cli
 
 
-def start_kernel() -> Target:
+def start_kernel(workers: int = 1) -> Target:
     srv, cli = veth_namespaces("bench-k")
     proc = subprocess.Popen(["ip", "netns", "exec", srv, sys.executable, "-m", "stack.cli",
-                             "serve-kernel", "--port", "80", "--log-level", "warning"],
+                             "serve-kernel", "--port", "80", "--log-level", "warning",
+                             "--workers", str(workers)],
                             cwd=REPO, stdout=subprocess.PIPE, text=True)
     if "ready" not in proc.stdout.readline():
         raise SystemExit("bench: serve-kernel did not start")
@@ -113,7 +128,13 @@ def start_kernel() -> Target:
         for ns in (srv, cli):
             subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
 
-    return Target("kernel", cli, VETH_SERVER, proc.pid, cleanup)
+    return Target("kernel" + (f" --workers {workers}" if workers > 1 else ""), cli,
+                  VETH_SERVER, proc.pid, cleanup)
+
+
+def baseline(name: str) -> str:
+    """The kernel figure a tapstack figure is compared with: same number of processes."""
+    return "kernel --workers 2" if "--workers 2" in name else "kernel"
 
 
 def run_targets(starts, measure_one) -> dict[str, dict[str, float]]:
@@ -247,14 +268,14 @@ def measure(t: Target, quick: bool, upfile: str) -> dict[str, float]:
 
 def table(results: dict[str, dict[str, float]]) -> str:
     names = list(results)
-    kernel = results["kernel"]
+    ours = [n for n in names if not n.startswith("kernel")]
     head = "| figure | " + " | ".join(names) + " | " + " | ".join(
-        f"{n} / kernel" for n in names if n != "kernel") + " |"
-    lines = [head, "|" + "---|" * (1 + len(names) * 2 - 1)]
+        f"{n} / {baseline(n)}" for n in ours) + " |"
+    lines = [head, "|" + "---|" * (1 + len(names) + len(ours))]
     for key, label, _ in FIGURES:
         vals = [results[n][key] for n in names]
-        ratios = [f"{results[n][key] / kernel[key]:.2f}" if kernel[key] else "-"
-                  for n in names if n != "kernel"]
+        ratios = [f"{results[n][key] / results[baseline(n)][key]:.2f}"
+                  if results[baseline(n)][key] else "-" for n in ours]
         lines.append(f"| {label} | " + " | ".join(f"{v:,.3g}" if v < 100 else f"{v:,.0f}"
                                                    for v in vals)
                      + " | " + " | ".join(ratios) + " |")
@@ -269,15 +290,16 @@ def chart(results: dict[str, dict[str, float]], path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    kernel = results["kernel"]
     keys = [k for k, _, higher in FIGURES if higher]
-    fig, ax = plt.subplots(figsize=(8, 4))
-    width = 0.38
-    for i, name in enumerate(n for n in results if n != "kernel"):
+    fig, ax = plt.subplots(figsize=(9, 4))
+    ours = [n for n in results if not n.startswith("kernel")]
+    width = 0.8 / len(ours)
+    for i, name in enumerate(ours):
+        kernel = results[baseline(name)]
         ratios = [results[name][k] / kernel[k] if kernel[k] else 0 for k in keys]
         ax.bar([x + i * width for x in range(len(keys))], ratios, width, label=name)
     ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.set_xticks([x + width / 2 for x in range(len(keys))], keys)
+    ax.set_xticks([x + width * (len(ours) - 1) / 2 for x in range(len(keys))], keys)
     ax.set_ylabel("tapstack / kernel (higher is better)")
     ax.legend()
     fig.tight_layout()
@@ -299,8 +321,11 @@ def main() -> int:
             time.sleep(0.5)
             return measure(target, args.quick, up.name)
 
-        results = run_targets((lambda: start_tapstack(False), lambda: start_tapstack(True),
-                               start_kernel), measure_one)
+        results = run_targets((start_tapstack,
+                               lambda: start_tapstack("--offload", "csum"),
+                               lambda: start_tapstack("--offload"),
+                               lambda: start_tapstack("--workers", "2"),
+                               start_kernel, lambda: start_kernel(2)), measure_one)
     name = "quick" if args.quick else "latest"
     save(out, name, args.quick, table(results), results)
     chart(results, out / f"{name}.png")

@@ -13,10 +13,11 @@ def test_bench_quick_produces_every_figure(tmp_path):
     for tool in ("wrk", "ab", "curl", "ping"):
         require_tool(tool)
     r = subprocess.run([sys.executable, "tools/bench.py", "--quick", "--out", str(tmp_path)],
-                       cwd=REPO, capture_output=True, text=True, timeout=240)
+                       cwd=REPO, capture_output=True, text=True, timeout=480)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     results = json.loads((tmp_path / "quick.json").read_text())
-    assert set(results) == {"tapstack", "tapstack --offload", "kernel"}
+    assert set(results) == {"tapstack", "tapstack --offload csum", "tapstack --offload",
+                            "tapstack --workers 2", "kernel", "kernel --workers 2"}
     keys = {"download", "upload", "wrk1", "wrk1_p99", "wrk50", "wrk50_p99", "wrk10_2k",
             "wrk10_2k_p99", "ab", "ping_p50", "ping_p99", "idle_kb", "idle_cpu"}
     for name, figures in results.items():
