@@ -123,6 +123,9 @@ def main() -> int:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--json", metavar="FILE")
     p.add_argument("--quick", action="store_true", help="2 MB, one run (a smoke test)")
+    p.add_argument("--profile", type=int, metavar="N", default=0,
+                   help="then one more transfer under cProfile: the N functions with the "
+                        "most time of their own, in us per data segment")
     args = p.parse_args()
     if args.quick:
         args.mb, args.runs = 2, 1
@@ -134,7 +137,29 @@ def main() -> int:
           f"{args.runs}): sender {best['sender_us']} us, receiver {best['receiver_us']} us")
     if args.json:
         Path(args.json).write_text(json.dumps(best, indent=1))
+    if args.profile:
+        profile(args.mb, args.profile)
     return 0
+
+
+def profile(megabytes: int, top: int) -> None:
+    """Where the time goes (both hosts in one profile; cProfile's own overhead
+    inflates every figure, the proportions are what to read)."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    result = one(megabytes)
+    prof.disable()
+    stats = pstats.Stats(prof)
+    rows = sorted(stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)[:top]
+    segments = result["segments"]
+    print(f"profile, us per data segment ({segments} segments), own time:")
+    for (path, line, name), (_, calls, own, cumulative, _) in rows:
+        where = f"{Path(path).parent.name}/{Path(path).name}:{line}" if line else path
+        print(f"  {own / segments * 1e6:7.2f} own {cumulative / segments * 1e6:7.2f} cum "
+              f"{calls / segments:6.2f} calls  {name}  {where}")
 
 
 if __name__ == "__main__":
