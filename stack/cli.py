@@ -469,7 +469,8 @@ def _run_workers(args: argparse.Namespace, spec: Any, count: int,
 
         info = {"node": spec.node.name, "tap": spec.links[0].tap, "netns": spec.netns,
                 "steering": "software: " + refused if refused else "ebpf"}
-        failed = Supervisor(spec.control_name, count, control, start_worker, info).run(ready)
+        failed = Supervisor(spec.control_name, count, control, start_worker, info,
+                            (UsageError, LinkError)).run(ready)
     if failed:
         raise UsageError(failed)
     return 0

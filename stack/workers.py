@@ -237,9 +237,13 @@ class Supervisor:
 
     def __init__(self, name: str, count: int, control: socket.socket,
                  start_worker: Callable[[int, Callable[[], None]], None],
-                 info: dict[str, Any]) -> None:
+                 info: dict[str, Any],
+                 usage_errors: tuple[type[Exception], ...] = ()) -> None:
+        """`usage_errors`: what a worker raises to say, in one sentence, why it cannot
+        start (the supervisor reports that sentence, once)."""
         self.name, self.count, self.control = name, count, control
         self.start_worker = start_worker
+        self.usage_errors = usage_errors
         self.info = info
         self.pids: list[int | None] = [None] * count
         self.restarts = [0] * count
@@ -273,6 +277,10 @@ class Supervisor:
 
                 self.start_worker(index, ready)
                 code = 0
+            except self.usage_errors as exc:  # told to the supervisor, not printed here
+                with contextlib.suppress(OSError):
+                    os.write(w, b"e" + str(exc).encode()[:4000])
+                code = 2
             except SystemExit as exc:
                 code = exc.code if isinstance(exc.code, int) else 1
             except BaseException:
@@ -293,12 +301,18 @@ class Supervisor:
         if fd is None:
             return
         try:
-            got = os.read(fd, 1)
+            os.set_blocking(fd, False)
+            got = os.read(fd, 4096)
         except OSError:
             got = b""
         self.loop.remove_reader(fd)
         os.close(fd)
         self.ready_fds[index] = None
+        if got.startswith(b"e"):  # it could not start: why, in its words
+            if self.failed is None:
+                self.failed = got[1:].decode(errors="replace")
+            self._stopped.set()
+            return
         if got:
             self._ready[index] = True
             log.info("worker %d ready (pid %d)", index, self.pids[index])
@@ -318,15 +332,14 @@ class Supervisor:
             index = self.pids.index(pid)
             self.pids[index] = None
             if self.ready_fds[index] is not None:
-                self.loop.remove_reader(self.ready_fds[index])
-                os.close(self.ready_fds[index])
-                self.ready_fds[index] = None
+                self._on_ready(index)  # what it wrote before it ended: why it could not
             if self.stopping:
                 continue
             how = f"signal {-os.waitstatus_to_exitcode(status)}" if os.WIFSIGNALED(status) \
                 else f"exit code {os.waitstatus_to_exitcode(status)}"
             if not self._all_ready.is_set():
-                self.failed = f"worker {index} did not start ({how})"
+                if self.failed is None:
+                    self.failed = f"worker {index} did not start ({how})"
                 self._stopped.set()
                 continue
             now = time.monotonic()

@@ -48,7 +48,8 @@ class TapLink:
             self._dev = pytun.TunTapDevice(name=self.name, flags=flags)
         except pytun.Error as exc:
             code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
-            if code == errno.EBUSY:
+            if code == errno.EBUSY or (code == errno.EINVAL and self.multi_queue):
+                # a multi-queue open of a TAP someone holds as a single queue: EINVAL
                 raise LinkError(f"TAP device {self.name} in {where} is already in use "
                                 "(is another tapstack running there?)") from None
             if code in (errno.EPERM, errno.EACCES):
