@@ -58,6 +58,7 @@ def test_the_template_frame_is_the_general_paths_frame(seq, ack, flags, window, 
                                                        size, ident, fill):
     tpl = make_template(A.ipv4, CONN, WIRE.now)
     assert tpl is not None
+    size = min(size, 1500 - 40 - len(options))  # the general path refuses more (DF)
     payload = bytes((fill + i * 7) & 0xFF for i in range(size))  # odd and even sizes
     got = tpl.frame(seq, ack, flags, window, options, payload, ident)
     want = general(CONN, seq, ack, flags, window, options, payload, ident)
