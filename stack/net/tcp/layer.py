@@ -119,6 +119,7 @@ class TcpLayer:
         self._challenge_count = 0
         counters.declare(*COUNTERS)
         ipv4.handlers[PROTO_TCP] = self.receive
+        ipv4.fused_tcp = self.receive_fused  # the same input, parsed by IPv4's fast path
         ipv4.error_handlers[PROTO_TCP] = self.receive_error
 
     # == the application side ==============================================================
@@ -219,7 +220,19 @@ class TcpLayer:
         except MalformedError as exc:
             c["tcp.rx_" + exc.reason] += 1
             return
-        key = (ip.src, seg.src_port, ip.dst, seg.dst_port)
+        self._segment_arrives(ip.src, ip.dst, seg, now)
+
+    def receive_fused(self, src: bytes, dst: bytes, seg: Segment, now: float) -> None:
+        """A segment the IPv4 layer's fused path parsed and checked (unicast, checksum
+        good): what receive() does once it has parsed one."""
+        self.now = now
+        self.counters["tcp.rx_segments"] += 1
+        self._segment_arrives(src, dst, seg, now)
+
+    def _segment_arrives(self, src: bytes, dst: bytes, seg: Segment, now: float) -> None:
+        """To its connection, its TIME-WAIT record, a listener, or the closed port."""
+        c = self.counters
+        key = (src, seg.src_port, dst, seg.dst_port)
         conn = self.connections.get(key)
         if conn is not None:
             try:
@@ -239,13 +252,13 @@ class TcpLayer:
                     return
         listener = None
         if self.bound_listeners:
-            listener = self.bound_listeners.get((ip.dst, seg.dst_port))
+            listener = self.bound_listeners.get((dst, seg.dst_port))
         if listener is None:
             listener = self.listeners.get(seg.dst_port)
         if listener is not None:
-            self._listen_input(listener, ip.dst, ip.src, seg, now)
+            self._listen_input(listener, dst, src, seg, now)
         else:
-            self._closed_input(ip.dst, ip.src, seg)
+            self._closed_input(dst, src, seg)
 
     def receive_error(self, icmp_type: int, code: int, mtu: int, header: IPv4Header,
                       data: memoryview, now: float) -> None:
