@@ -95,6 +95,7 @@ class IPv4Layer:
         self.interfaces = interfaces  # by index; the node's list, shared
         self.routes = routes
         self.counters = counters
+        self.hot = counters.hot  # the per-packet counters (counters.py)
         self.forwarding = forwarding
         self.hooks = Hooks()
         self.handlers: dict[int, ProtocolHandler] = {}
@@ -138,7 +139,7 @@ class IPv4Layer:
         if self.fused_tcp is not None and self._receive_fused(packet, now, checksum_trusted):
             return
         c = self.counters
-        c["ipv4.rx_packets"] += 1
+        self.hot.ipv4_rx_packets += 1
         try:
             ip = parse_ipv4(packet)
         except MalformedError as exc:
@@ -216,7 +217,7 @@ class IPv4Layer:
             if not info.broadcast:
                 self.errors.send(3, 2, info.quote(payload), now)  # protocol unreachable
             return
-        c["ipv4.rx_delivered"] += 1
+        self.hot.ipv4_rx_delivered += 1
         if self.trace.on:
             self.trace.emit("ipv4", "deliver", now, src=ip_to_str(ip.src),
                             dst=ip_to_str(ip.dst), proto=PROTOCOL_NAMES.get(ip.protocol,
@@ -271,9 +272,9 @@ class IPv4Layer:
                 body <<= 8  # padded with a zero byte (ones_sum)
             if (body + addresses + PROTO_TCP + tcp_len) % 0xFFFF:
                 return False
-        c = self.counters
-        c["ipv4.rx_packets"] += 1
-        c["ipv4.rx_delivered"] += 1
+        hot = self.hot
+        hot.ipv4_rx_packets += 1
+        hot.ipv4_rx_delivered += 1
         self.fused_tcp(src, dst, Segment(sport, dport, seq, ack, flags, window, urgent,
                                          options, segment[tcp_hlen:]), now)
         return True
@@ -472,7 +473,7 @@ class IPv4Layer:
         hop = route.gateway or dst
         self._ident = ident = (self._ident + 1) & 0xFFFF
         if offload is not None:
-            c["ipv4.tx_packets"] += 1
+            self.hot.ipv4_tx_packets += 1
             out.send_ipv4(build_ipv4(src, dst, protocol, len(payload), ident, ttl, tos,
                                      flags_fragment) + payload, hop, now, vnet=offload)
             return True
@@ -489,7 +490,7 @@ class IPv4Layer:
             return False
         else:
             packets = self._fragment(src, dst, protocol, payload, ident, ttl, tos, mtu)
-        c["ipv4.tx_packets"] += 1
+        self.hot.ipv4_tx_packets += 1
         if dst == LIMITED_BROADCAST or dst in out.directed_broadcasts:
             for packet in packets:
                 out.send_ipv4_broadcast(packet)
@@ -530,7 +531,7 @@ class IPv4Layer:
             packets = fragment_datagram(packet, mtu)
             c["ipv4.tx_fragmented"] += 1
             c["ipv4.tx_fragments"] += len(packets)
-        c["ipv4.tx_packets"] += 1
+        self.hot.ipv4_tx_packets += 1
         broadcast = dst == LIMITED_BROADCAST or dst in out.directed_broadcasts
         for piece in packets:
             if broadcast:

@@ -93,6 +93,7 @@ class TcpLayer:
                  rng: random.Random, challenge_ack_limit: int = 1000) -> None:
         self.ipv4 = ipv4
         self.counters = counters
+        self.hot = counters.hot  # the per-segment counters (counters.py)
         self.config = config
         self.rng = rng
         self.offload = False  # some interface takes TSO and checksum offload (--offload)
@@ -211,7 +212,7 @@ class TcpLayer:
                 info: PacketInfo) -> None:
         self.now = now
         c = self.counters
-        c["tcp.rx_segments"] += 1
+        self.hot.tcp_rx_segments += 1
         if info.broadcast:
             c["tcp.rx_to_broadcast"] += 1  # RFC 1122 4.2.3.10: TCP is unicast only
             return
@@ -226,7 +227,7 @@ class TcpLayer:
         """A segment the IPv4 layer's fused path parsed and checked (unicast, checksum
         good): what receive() does once it has parsed one."""
         self.now = now
-        self.counters["tcp.rx_segments"] += 1
+        self.hot.tcp_rx_segments += 1
         self._segment_arrives(src, dst, seg, now)
 
     def _segment_arrives(self, src: bytes, dst: bytes, seg: Segment, now: float) -> None:
@@ -322,7 +323,7 @@ class TcpLayer:
             return
         segment = build_tcp(tw.local_ip, tw.remote_ip, tw.local_port, tw.remote_port,
                             tw.snd_nxt, tw.rcv_nxt, ACK, tw.window, tw.ack_options(now))
-        self.counters["tcp.tx_segments"] += 1
+        self.hot.tcp_tx_segments += 1
         self.ipv4.send(tw.remote_ip, PROTO_TCP, segment, now, flags_fragment=FLAG_DF,
                        src=tw.local_ip)
 
@@ -422,7 +423,7 @@ class TcpLayer:
                                 ts=ts)
         segment = build_tcp(local, src, seg.dst_port, seg.src_port, cookie,
                             seq_add(seg.seq, 1), SYN | ACK, 0xFFFF, options)
-        self.counters["tcp.tx_segments"] += 1
+        self.hot.tcp_tx_segments += 1
         self.counters["tcp.syncookies_sent"] += 1
         self._cookies_until = now + COOKIE_LIFE
         self.ipv4.send(src, PROTO_TCP, segment, now, flags_fragment=FLAG_DF, src=local)
@@ -533,7 +534,7 @@ class TcpLayer:
 
     def emit(self, conn: Connection, seq: int, ack: int, flags: int, window: int,
              options: bytes, payload: bytes) -> None:
-        self.counters["tcp.tx_segments"] += 1
+        self.hot.tcp_tx_segments += 1
         if self.offload and self.ipv4.can_offload(conn.remote_ip, self.now):
             segment = build_tcp_offloaded(conn.local_ip, conn.remote_ip, conn.local_port,
                                           conn.remote_port, seq, ack, flags, window, options,
@@ -550,7 +551,7 @@ class TcpLayer:
             tpl = conn.frame_template = make_template(ipv4, conn, self.now)
         if tpl is not None and 40 + len(options) + len(payload) <= tpl.mtu:
             ipv4._ident = ident = (ipv4._ident + 1) & 0xFFFF
-            ipv4.counters["ipv4.tx_packets"] += 1
+            ipv4.hot.ipv4_tx_packets += 1
             tpl.iface.tx.append(tpl.frame(seq, ack, flags, window, options, payload, ident))
             return
         segment = build_tcp(conn.local_ip, conn.remote_ip, conn.local_port, conn.remote_port,
@@ -562,7 +563,7 @@ class TcpLayer:
                  seq: int, ack: int, with_ack: bool) -> None:
         flags = RST | (ACK if with_ack else 0)
         segment = build_tcp(local_ip, remote_ip, local_port, remote_port, seq, ack, flags, 0)
-        self.counters["tcp.tx_segments"] += 1
+        self.hot.tcp_tx_segments += 1
         self.ipv4.send(remote_ip, PROTO_TCP, segment, self.now, flags_fragment=FLAG_DF,
                        src=local_ip)
 
