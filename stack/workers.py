@@ -95,9 +95,13 @@ class Steering:
     def install(self) -> None:
         node = self.node
         node.ipv4.steer = self.steer
+        node.ipv4.owns = self.owns
         for iface in node.interfaces:
             iface.arp.share = (lambda data, i=iface.index: self._share_arp(i, data))
         node.tcp.reserved = node.udp.reserved = self._not_ours
+
+    def owns(self, remote_ip: bytes, remote_port: int, local_port: int) -> bool:
+        return owner_of(remote_ip, remote_port, local_port, self.count) == self.index
 
     def _not_ours(self, _protocol: int, _address: bytes, port: int) -> bool:
         """Ephemeral ports of the other workers: never picked here."""

@@ -64,6 +64,7 @@ class Interface:
         self.offload = offload_mode(config.offload)  # True (older callers) means "tso"
         self.counters = Counters()
         self.counters.declare(*COUNTERS)
+        self.hot = self.counters.hot  # link.rx_frames and link.rx_bytes (counters.py)
         self.tx: list[Frame] = []
         self._deliver = deliver
         self.addresses: list[tuple[bytes, int]] = []
@@ -113,8 +114,9 @@ class Interface:
                 vnet: bytes | memoryview | None = None) -> None:
         """One Ethernet frame (without FCS). Exceptions are the node's to catch."""
         c = self.counters
-        c["link.rx_frames"] += 1
-        c["link.rx_bytes"] += len(frame)
+        hot = self.hot
+        hot.link_rx_frames += 1
+        hot.link_rx_bytes += len(frame)
         if len(frame) < ETH_HLEN:
             c["eth.rx_runt"] += 1
             return

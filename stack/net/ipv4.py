@@ -27,6 +27,8 @@ from stack.wire.ipv4 import (
     FLAG_MF,
     IPV4_HLEN,
     LIMITED_BROADCAST,
+    OFFSET_MASK,
+    PROTO_TCP,
     IPv4Header,
     build_ipv4,
     decrement_ttl,
@@ -34,10 +36,22 @@ from stack.wire.ipv4 import (
     ip_to_str,
     parse_ipv4,
 )
+from stack.wire.tcp import (
+    IPV4_TCP,
+    IPV4_TCP_TS,
+    NO_OPTIONS,
+    TS_ALIGNED_WORD,
+    Segment,
+    timestamp_options,
+)
 from stack.wire.virtio import F_NEEDS_CSUM, GSO_NONE, VNET_HDR
 
 # (header, payload, now, info) -> None. The payload is trimmed to the datagram's length.
 ProtocolHandler = Callable[[IPv4Header, memoryview, float, PacketInfo], None]
+# (source, destination, segment, now) -> None: TCP's input after its own checks
+FusedTcpHandler = Callable[[bytes, bytes, Segment, float], None]
+
+FUSED = True  # the fused IPv4+TCP parse on (the tests turn it off to compare the two paths)
 # (icmp type, code, next-hop MTU, quoted header, quoted payload, now) -> None
 ErrorHandler = Callable[[int, int, int, IPv4Header, memoryview, float], None]
 
@@ -81,6 +95,7 @@ class IPv4Layer:
         self.interfaces = interfaces  # by index; the node's list, shared
         self.routes = routes
         self.counters = counters
+        self.hot = counters.hot  # the per-packet counters (counters.py)
         self.forwarding = forwarding
         self.hooks = Hooks()
         self.handlers: dict[int, ProtocolHandler] = {}
@@ -100,6 +115,12 @@ class IPv4Layer:
         # hands a datagram whose flow another worker owns to that worker (True) or
         # lets it in here (False).
         self.steer: Callable[..., bool] | None = None
+        # and owns(remote address, remote port, local port): whether this worker owns a
+        # TCP flow, for the fused path (one it does not own takes the general path)
+        self.owns: Callable[[bytes, int, int], bool] | None = None
+        # TCP's input for a segment the fused path parsed (set by the TCP layer, with
+        # handlers[PROTO_TCP]); None: every datagram takes the general path
+        self.fused_tcp: FusedTcpHandler | None = None
         counters.declare(*COUNTERS)
 
     def addresses_changed(self) -> None:
@@ -122,8 +143,10 @@ class IPv4Layer:
     def receive(self, iface: Interface, packet: memoryview, now: float,
                 checksum_trusted: bool = False, link_broadcast: bool = False,
                 vnet: bytes | memoryview | None = None) -> None:
+        if self.fused_tcp is not None and self._receive_fused(packet, now, checksum_trusted):
+            return
         c = self.counters
-        c["ipv4.rx_packets"] += 1
+        self.hot.ipv4_rx_packets += 1
         try:
             ip = parse_ipv4(packet)
         except MalformedError as exc:
@@ -203,13 +226,69 @@ class IPv4Layer:
             if not info.broadcast:
                 self.errors.send(3, 2, info.quote(payload), now)  # protocol unreachable
             return
-        c["ipv4.rx_delivered"] += 1
+        self.hot.ipv4_rx_delivered += 1
         if self.trace.on:
             self.trace.emit("ipv4", "deliver", now, src=ip_to_str(ip.src),
                             dst=ip_to_str(ip.dst), proto=PROTOCOL_NAMES.get(ip.protocol,
                                                                              ip.protocol),
                             iface=iface.name, ttl=ip.ttl)
         handler(ip, payload, now, info)
+
+    def _receive_fused(self, packet: memoryview, now: float, checksum_trusted: bool) -> bool:
+        """The common case in one pass: a TCP segment to one of our addresses, IPv4
+        without options, not a fragment, no hook and no trace, its TCP options none or
+        NOP NOP TS(10) alone. One unpack reads both headers (and the timestamps); the
+        checks are the general path's, and both checksums are verified as it verifies
+        them. Anything else, a bad checksum included, returns False before anything is
+        counted or changed, and the general path takes the datagram from the start (the
+        same frames and counters either way: tests/unit/test_fused_receive.py)."""
+        if not FUSED or self.hooks.prerouting or self.hooks.input or self.trace.on:
+            return False
+        n = len(packet)
+        if n >= 52:
+            (ver_ihl, tos, total, ident, frag, ttl, proto, csum, src, dst, sport, dport,
+             seq, ack, off, flags, window, _, urgent, word, ts_val, ts_ecr
+             ) = IPV4_TCP_TS.unpack_from(packet, 0)
+        elif n >= 40:
+            (ver_ihl, tos, total, ident, frag, ttl, proto, csum, src, dst, sport, dport,
+             seq, ack, off, flags, window, _, urgent) = IPV4_TCP.unpack_from(packet, 0)
+            word = ts_val = ts_ecr = 0
+        else:
+            return False
+        tcp_hlen = (off >> 4) << 2
+        if ver_ihl != 0x45 or proto != PROTO_TCP or frag & (FLAG_MF | OFFSET_MASK) \
+                or ttl == 0 or total > n or total < 20 + tcp_hlen:
+            return False
+        if tcp_hlen == 20:
+            options = NO_OPTIONS
+        elif tcp_hlen == 32 and word == TS_ALIGNED_WORD:
+            options = timestamp_options(ts_val, ts_ecr)
+        else:
+            return False  # other options (SYN, SACK) or a bad data offset
+        if dst not in self.local or self.is_martian_source(src):
+            return False
+        if self.owns is not None and not self.owns(src, sport, dport):
+            return False  # another worker's: the general path hands it over
+        # RFC 1071: the header's 16-bit words sum to ones' complement zero; the addresses
+        # are read once, for it and for TCP's pseudo-header
+        addresses = int.from_bytes(packet[12:20], "big")
+        if ((ver_ihl << 8 | tos) + total + ident + frag + (ttl << 8 | proto) + csum
+                + addresses) % 0xFFFF:
+            return False
+        segment = packet[20:total]
+        if not checksum_trusted:
+            tcp_len = total - 20
+            body = int.from_bytes(segment, "big")
+            if tcp_len & 1:
+                body <<= 8  # padded with a zero byte (ones_sum)
+            if (body + addresses + PROTO_TCP + tcp_len) % 0xFFFF:
+                return False
+        hot = self.hot
+        hot.ipv4_rx_packets += 1
+        hot.ipv4_rx_delivered += 1
+        self.fused_tcp(src, dst, Segment(sport, dport, seq, ack, flags, window, urgent,
+                                         options, segment[tcp_hlen:]), now)
+        return True
 
     def poll(self, now: float) -> None:
         for quote in self.reassembler.expire(now):
@@ -407,7 +486,7 @@ class IPv4Layer:
         hop = route.gateway or dst
         self._ident = ident = (self._ident + 1) & 0xFFFF
         if offload is not None:
-            c["ipv4.tx_packets"] += 1
+            self.hot.ipv4_tx_packets += 1
             out.send_ipv4(build_ipv4(src, dst, protocol, len(payload), ident, ttl, tos,
                                      flags_fragment) + payload, hop, now, vnet=offload)
             return True
@@ -424,7 +503,7 @@ class IPv4Layer:
             return False
         else:
             packets = self._fragment(src, dst, protocol, payload, ident, ttl, tos, mtu)
-        c["ipv4.tx_packets"] += 1
+        self.hot.ipv4_tx_packets += 1
         if dst == LIMITED_BROADCAST or dst in out.directed_broadcasts:
             for packet in packets:
                 out.send_ipv4_broadcast(packet)
@@ -465,7 +544,7 @@ class IPv4Layer:
             packets = fragment_datagram(packet, mtu)
             c["ipv4.tx_fragmented"] += 1
             c["ipv4.tx_fragments"] += len(packets)
-        c["ipv4.tx_packets"] += 1
+        self.hot.ipv4_tx_packets += 1
         broadcast = dst == LIMITED_BROADCAST or dst in out.directed_broadcasts
         for piece in packets:
             if broadcast:

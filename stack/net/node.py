@@ -251,9 +251,9 @@ class Node:
     def all_counters(self) -> Counters:
         """The node's counters with every interface's link, Ethernet and ARP counters
         summed in."""
-        total = Counters(self.counters)
+        total = self.counters.snapshot()
         for iface in self.interfaces:
-            total.update(iface.counters)
+            total.update(iface.counters.snapshot())
         return total
 
     def stats(self) -> dict[str, dict[str, int]]:
@@ -264,7 +264,7 @@ class Node:
     def interface_stats(self) -> dict[str, dict[str, dict[str, int]]]:
         out = {}
         for iface in self.interfaces:
-            snapshot = Counters(iface.counters)
+            snapshot = iface.counters.snapshot()
             snapshot.update(iface.gauges())
             out[iface.name] = snapshot.grouped()
         return out

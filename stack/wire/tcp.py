@@ -31,6 +31,13 @@ _TS = struct.Struct("!II")
 _MSS = struct.Struct("!H")
 # NOP NOP TS(10): the layout every stack uses, so the header stays 32-bit aligned.
 _TS_ALIGNED = struct.Struct("!BBBBII")
+TS_ALIGNED_WORD = 0x0101080A  # its first four bytes read as one word
+
+# An IPv4 header without options and the TCP header behind it, in one unpack (the fused
+# receive path of stack/net/ipv4.py); the second form reads on through the first option
+# word and the two timestamps, where NOP NOP TS(10) puts them.
+IPV4_TCP = struct.Struct("!BBHHHBBH4s4sHHIIBBHHH")
+IPV4_TCP_TS = struct.Struct("!BBHHHBBH4s4sHHIIBBHHHIII")
 
 
 class TcpOptions:
@@ -48,6 +55,14 @@ class TcpOptions:
 
 
 NO_OPTIONS = TcpOptions()
+
+
+def timestamp_options(ts_val: int, ts_ecr: int) -> TcpOptions:
+    """What parse_options makes of NOP NOP TS(10) and nothing else."""
+    opts = TcpOptions()
+    opts.ts_val = ts_val
+    opts.ts_ecr = ts_ecr
+    return opts
 
 
 class Segment:

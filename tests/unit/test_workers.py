@@ -74,6 +74,14 @@ def test_a_syn_for_the_other_worker_is_answered_by_it_and_arp_is_shared(workers)
     (synack,) = tcp_out(w1.poll(0.0))  # no ARP needed: it learnt the MAC
     assert synack.dport == rport and synack.flags == dpkt.tcp.TH_SYN | dpkt.tcp.TH_ACK
     assert w1.stats()["worker"]["handoffs_in"] == 1
+    # the handshake's last ACK, plain (the fused receive path would take it): worker 0
+    # neither takes it nor resets it, worker 1 gets it and the connection is up
+    ack = dpkt.tcp.TCP(sport=rport, dport=80, seq=1001, ack=synack.seq + 1,
+                       flags=dpkt.tcp.TH_ACK, win=65535)
+    w0.receive(eth(dpkt.ip.IP(src=HOST_IP, dst=STACK_IP, p=6, ttl=64, data=ack)), 0.0)
+    assert tcp_out(w0.poll(0.0)) == [] and w0.stats()["worker"]["handoffs_out"] == 2
+    s1.take_inbox(0.0)
+    assert w1.stats()["tcp"]["passive_opens"] == 1
     own = port_owned_by(0)
     w0.receive(syn(own), 0.0)
     assert [s.dport for s in tcp_out(w0.poll(0.0))] == [own]  # its own: answered here

@@ -94,13 +94,21 @@ class OutOfOrderQueue:
         last_e = seq_diff(blocks[j - 1][0], base) + len(last_buf)
         old = sum(len(b) for _, b in blocks[i:j])
         start = min(first_s, s_new)
-        new = bytearray(blocks[i][1][: s_new - first_s]) if first_s < s_new else bytearray()
-        new += data
-        # the blocks wholly inside the new data are replaced by it; keep what sticks out
-        if last_e > e_new:
-            new += last_buf[e_new - (last_e - len(last_buf)):]
-        if self.bytes - old + len(new) > self.limit:
+        if self.bytes - old + max(last_e, e_new) - start > self.limit:
             return False
+        # the blocks wholly inside the new data are replaced by it; keep what sticks out
+        # of the last one (copied out first: it may be the first block, cut below)
+        tail = bytes(memoryview(last_buf)[e_new - (last_e - len(last_buf)):]) \
+            if last_e > e_new else b""
+        if first_s < s_new:
+            # the first block grows in place: segments that arrive in order behind a
+            # hole append to it instead of copying all it holds each time
+            new = blocks[i][1]
+            del new[s_new - first_s:]
+        else:
+            new = bytearray()
+        new += data
+        new += tail
         # blocks between the first and the last lie inside [s_new, e_new]: the new data
         # covers them
         blocks[i:j] = [[seq_add(base, start), new]]
@@ -119,7 +127,10 @@ class OutOfOrderQueue:
         self.blocks.pop(0)
         self.bytes -= len(buf)
         skip = -rel
-        return bytes(buf[skip:]) if skip < len(buf) else b""
+        if skip >= len(buf):
+            return b""
+        # one copy into the bytes the application gets (buf[skip:] would copy first)
+        return bytes(buf) if not skip else bytes(memoryview(buf)[skip:])
 
     def sack_blocks(self, limit: int) -> list[tuple[int, int]]:
         """Up to `limit` blocks, the most recently changed first (RFC 2018 4), then the

@@ -105,11 +105,12 @@ class ConnectionUser(Protocol):
 
 class TcpEnv(Protocol):
     """What a connection needs from the stack around it, passed in (the TCP layer is
-    one): it never imports the layer. Times are the event loop's; `counters` and `trace`
-    are the node's."""
+    one): it never imports the layer. Times are the event loop's; `counters` (with its
+    `hot` slots) and `trace` are the node's."""
 
     now: float
     counters: Any
+    hot: Any  # counters.hot: the per-segment counters as slots (stack/counters.py)
     trace: Any
 
     def emit(self, conn: Connection, seq: int, ack: int, flags: int, window: int,

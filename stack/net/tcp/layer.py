@@ -93,6 +93,7 @@ class TcpLayer:
                  rng: random.Random, challenge_ack_limit: int = 1000) -> None:
         self.ipv4 = ipv4
         self.counters = counters
+        self.hot = counters.hot  # the per-segment counters (counters.py)
         self.config = config
         self.rng = rng
         self.offload = False  # some interface takes TSO and checksum offload (--offload)
@@ -119,6 +120,7 @@ class TcpLayer:
         self._challenge_count = 0
         counters.declare(*COUNTERS)
         ipv4.handlers[PROTO_TCP] = self.receive
+        ipv4.fused_tcp = self.receive_fused  # the same input, parsed by IPv4's fast path
         ipv4.error_handlers[PROTO_TCP] = self.receive_error
 
     # == the application side ==============================================================
@@ -210,7 +212,7 @@ class TcpLayer:
                 info: PacketInfo) -> None:
         self.now = now
         c = self.counters
-        c["tcp.rx_segments"] += 1
+        self.hot.tcp_rx_segments += 1
         if info.broadcast:
             c["tcp.rx_to_broadcast"] += 1  # RFC 1122 4.2.3.10: TCP is unicast only
             return
@@ -219,7 +221,19 @@ class TcpLayer:
         except MalformedError as exc:
             c["tcp.rx_" + exc.reason] += 1
             return
-        key = (ip.src, seg.src_port, ip.dst, seg.dst_port)
+        self._segment_arrives(ip.src, ip.dst, seg, now)
+
+    def receive_fused(self, src: bytes, dst: bytes, seg: Segment, now: float) -> None:
+        """A segment the IPv4 layer's fused path parsed and checked (unicast, checksum
+        good): what receive() does once it has parsed one."""
+        self.now = now
+        self.hot.tcp_rx_segments += 1
+        self._segment_arrives(src, dst, seg, now)
+
+    def _segment_arrives(self, src: bytes, dst: bytes, seg: Segment, now: float) -> None:
+        """To its connection, its TIME-WAIT record, a listener, or the closed port."""
+        c = self.counters
+        key = (src, seg.src_port, dst, seg.dst_port)
         conn = self.connections.get(key)
         if conn is not None:
             try:
@@ -239,13 +253,13 @@ class TcpLayer:
                     return
         listener = None
         if self.bound_listeners:
-            listener = self.bound_listeners.get((ip.dst, seg.dst_port))
+            listener = self.bound_listeners.get((dst, seg.dst_port))
         if listener is None:
             listener = self.listeners.get(seg.dst_port)
         if listener is not None:
-            self._listen_input(listener, ip.dst, ip.src, seg, now)
+            self._listen_input(listener, dst, src, seg, now)
         else:
-            self._closed_input(ip.dst, ip.src, seg)
+            self._closed_input(dst, src, seg)
 
     def receive_error(self, icmp_type: int, code: int, mtu: int, header: IPv4Header,
                       data: memoryview, now: float) -> None:
@@ -309,7 +323,7 @@ class TcpLayer:
             return
         segment = build_tcp(tw.local_ip, tw.remote_ip, tw.local_port, tw.remote_port,
                             tw.snd_nxt, tw.rcv_nxt, ACK, tw.window, tw.ack_options(now))
-        self.counters["tcp.tx_segments"] += 1
+        self.hot.tcp_tx_segments += 1
         self.ipv4.send(tw.remote_ip, PROTO_TCP, segment, now, flags_fragment=FLAG_DF,
                        src=tw.local_ip)
 
@@ -409,7 +423,7 @@ class TcpLayer:
                                 ts=ts)
         segment = build_tcp(local, src, seg.dst_port, seg.src_port, cookie,
                             seq_add(seg.seq, 1), SYN | ACK, 0xFFFF, options)
-        self.counters["tcp.tx_segments"] += 1
+        self.hot.tcp_tx_segments += 1
         self.counters["tcp.syncookies_sent"] += 1
         self._cookies_until = now + COOKIE_LIFE
         self.ipv4.send(src, PROTO_TCP, segment, now, flags_fragment=FLAG_DF, src=local)
@@ -520,14 +534,14 @@ class TcpLayer:
 
     def emit(self, conn: Connection, seq: int, ack: int, flags: int, window: int,
              options: bytes, payload: bytes) -> None:
-        self.counters["tcp.tx_segments"] += 1
+        self.hot.tcp_tx_segments += 1
         tpl = conn.frame_template
         ipv4 = self.ipv4
         if tpl is None or not tpl.still_valid(ipv4, self.now):
             tpl = conn.frame_template = make_template(ipv4, conn, self.now)
         if tpl is not None and 40 + len(options) + len(payload) <= tpl.mtu:
             ipv4._ident = ident = (ipv4._ident + 1) & 0xFFFF
-            ipv4.counters["ipv4.tx_packets"] += 1
+            ipv4.hot.ipv4_tx_packets += 1
             tpl.iface.tx.append(tpl.frame(seq, ack, flags, window, options, payload, ident))
             return
         if self.offload and self.ipv4.can_offload(conn.remote_ip, self.now):
@@ -549,7 +563,7 @@ class TcpLayer:
                  seq: int, ack: int, with_ack: bool) -> None:
         flags = RST | (ACK if with_ack else 0)
         segment = build_tcp(local_ip, remote_ip, local_port, remote_port, seq, ack, flags, 0)
-        self.counters["tcp.tx_segments"] += 1
+        self.hot.tcp_tx_segments += 1
         self.ipv4.send(remote_ip, PROTO_TCP, segment, self.now, flags_fragment=FLAG_DF,
                        src=local_ip)
 

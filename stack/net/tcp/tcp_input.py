@@ -71,7 +71,7 @@ class InputMixin:
         acked, rtt = self._ack_advanced(seg, now)
         self.snd_wl1, self.snd_wl2 = seg.seq, ack
         self._cc_ack(acked, rtt, now, flight)
-        self.env.counters["tcp.predicted_acks"] += 1
+        self.env.hot.tcp_predicted_acks += 1
         return True
 
     def _predicted_data(self, seg: Segment, now: float) -> bool:
@@ -96,7 +96,7 @@ class InputMixin:
         if seq_lt(self.snd_wl1, seg.seq) or (
                 self.snd_wl1 == seg.seq and seq_le(self.snd_wl2, seg.ack)):
             self.snd_wl1, self.snd_wl2 = seg.seq, seg.ack
-        self.env.counters["tcp.predicted_data"] += 1
+        self.env.hot.tcp_predicted_data += 1
         self._receive_data(seg, now)
         return True
 
