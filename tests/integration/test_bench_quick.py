@@ -6,9 +6,12 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.integration.conftest import REPO, require_tool
 
 
+@pytest.mark.timeout(480)  # six servers measured one after the other, about 90 s here
 def test_bench_quick_produces_every_figure(tmp_path):
     for tool in ("wrk", "ab", "curl", "ping"):
         require_tool(tool)
