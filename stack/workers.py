@@ -259,6 +259,10 @@ class Supervisor:
         self._all_ready: asyncio.Event | None = None
         self._ready = [False] * count
         self._stopped: asyncio.Event | None = None
+        # run-time changes every worker took (`tapstack route`): a restarted worker
+        # starts from the configuration and is given them again
+        self.changes: list[dict[str, Any]] = []
+        self._tasks: set[asyncio.Future] = set()
 
     # -- workers -------------------------------------------------------------------------
 
@@ -313,13 +317,21 @@ class Supervisor:
         os.close(fd)
         self.ready_fds[index] = None
         if got.startswith(b"e"):  # it could not start: why, in its words
+            why = got[1:].decode(errors="replace")
+            if self._all_ready.is_set():  # a restart that failed: counted as a death
+                log.warning("worker %d could not start again: %s", index, why)
+                return
             if self.failed is None:
-                self.failed = got[1:].decode(errors="replace")
+                self.failed = why
             self._stopped.set()
             return
         if got:
             self._ready[index] = True
             log.info("worker %d ready (pid %d)", index, self.pids[index])
+            if self._all_ready.is_set() and self.changes:  # a restarted worker
+                task = asyncio.ensure_future(self._replay(index))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
             if all(self._ready) and self._all_ready is not None:
                 self._all_ready.set()
 
@@ -403,7 +415,16 @@ class Supervisor:
         errors = [a["error"] for _, a in got if "error" in a]
         if errors:
             return {"error": errors[0]}
+        if cmd == "route":
+            self.changes.append(request)
         return got[0][1]  # a change made in every worker, or worker 0's view
+
+    async def _replay(self, index: int) -> None:
+        for request in list(self.changes):
+            answer = await self._ask(index, request)
+            if answer is None or "error" in answer:
+                log.warning("worker %d did not take %s again: %s", index, request,
+                            (answer or {}).get("error", "no answer"))
 
     def _merge_stats(self, got: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
         first = got[0][1]

@@ -146,8 +146,26 @@ def test_two_workers_serve_200_concurrent_connections_each_from_one_worker(start
         assert counters["worker"]["handoffs_in"] == counters["worker"]["handoffs_out"] > 50
 
 
+def worker_routes(ns: str, index: int) -> list[str]:
+    """The routing table one worker holds, asked over its own control socket."""
+    code = ("import json, socket, sys; from stack.workers import worker_address; "
+            "s = socket.socket(socket.AF_UNIX); s.connect(worker_address('tap0', "
+            f"{index})); s.sendall(b'{{\"cmd\": \"stats\"}}\\n'); "
+            "print(json.dumps([r['prefix'] for r in "
+            "json.loads(s.makefile().read())['routes']]))")
+    r = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", code], cwd=REPO,
+                       capture_output=True, text=True, timeout=20)
+    return json.loads(r.stdout) if r.returncode == 0 else [r.stderr]
+
+
 def test_a_killed_worker_is_restarted_and_the_other_keeps_its_connections(start_stack):
     st = start_stack("--workers", "2", "--no-access-log", pcap=False)
+    added = subprocess.run(tapstack_cmd("route", "add", "198.51.100.0/24", "--via",
+                                        "10.77.0.1", "--netns", st.ns), cwd=REPO,
+                           capture_output=True, text=True, timeout=20)
+    assert added.returncode == 0, added.stderr
+    for index in (0, 1):  # every worker took the change
+        assert "198.51.100.0/24" in worker_routes(st.ns, index)
     client = subprocess.Popen(["ip", "netns", "exec", st.ns, sys.executable, "-m",
                                "tests.integration.http_clients", "hold", STACK_IP, "16"],
                               cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -165,6 +183,9 @@ def test_a_killed_worker_is_restarted_and_the_other_keeps_its_connections(start_
                          lambda w: w[0]["ready"] and w[0]["pid"] != before[0]["pid"], 20)
         assert after[0]["restarts"] == 1 and after[0]["pid"] != before[0]["pid"]
         assert after[1]["pid"] == before[1]["pid"] and after[1]["restarts"] == 0
+        # the new worker 0 was given the run-time route again
+        assert "198.51.100.0/24" in wait_for(lambda: worker_routes(st.ns, 0),
+                                             lambda r: "198.51.100.0/24" in r, 10)
         client.stdin.write("go\n")
         client.stdin.flush()
         answered = {int(p): ok for p, ok in
