@@ -38,6 +38,7 @@ fuzz:
 bench:
 	@tools/bootstrap.sh test
 	$(VENV)/bin/python tools/segcost.py --json bench/results/segcost$(if $(ARGS),-quick).json $(ARGS)
+	$(VENV)/bin/python tools/segcost.py --offload csum --json bench/results/segcost-csum$(if $(ARGS),-quick).json $(ARGS)
 	$(VENV)/bin/python tools/bench.py $(ARGS)
 	$(VENV)/bin/python tools/bench_forward.py $(ARGS)
 	$(VENV)/bin/python tools/bench_dns.py $(ARGS)
