@@ -140,7 +140,8 @@ def main() -> int:
             "segments": runs[0]["segments"], "mb": args.mb, "runs": args.runs,
             "offload": args.offload or None}
     print(f"per data segment ({best['segments']} of them, {args.mb} MB, best of "
-          f"{args.runs}{', --offload ' + args.offload if args.offload else ''}): sender {best['sender_us']} us, receiver {best['receiver_us']} us")
+          f"{args.runs}{', --offload ' + args.offload if args.offload else ''}): "
+          f"sender {best['sender_us']} us, receiver {best['receiver_us']} us")
     if args.json:
         Path(args.json).write_text(json.dumps(best, indent=1))
     if args.profile:
