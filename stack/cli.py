@@ -446,6 +446,8 @@ def _run_workers(args: argparse.Namespace, spec: Any, count: int,
         def start_worker(index: int, ready: Callable[[], None]) -> None:
             runtime = build_runtime(spec, [links[index]], None, args.impair)
             runtime.info.update(worker=index, pid=os.getpid())
+            if index:  # one announcement of our address, not one per worker
+                runtime.node.interfaces[0].arp.config.announcements = 0
             stats_source.append(runtime)
             steering = Steering(runtime.node, index, count, inboxes[index][0], senders)
             steering.install()
@@ -469,8 +471,11 @@ def _run_workers(args: argparse.Namespace, spec: Any, count: int,
 
         info = {"node": spec.node.name, "tap": spec.links[0].tap, "netns": spec.netns,
                 "steering": "software: " + refused if refused else "ebpf"}
+        def worker_fds(index: int) -> set[int]:
+            return {links[index].fileno(), *(s.fileno() for pair in inboxes for s in pair)}
+
         failed = Supervisor(spec.control_name, count, control, start_worker, info,
-                            (UsageError, LinkError)).run(ready)
+                            (UsageError, LinkError), worker_fds).run(ready)
     if failed:
         raise UsageError(failed)
     return 0

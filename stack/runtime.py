@@ -337,7 +337,8 @@ class Runtime:
                   for r in node.routes.sorted_routes()]
         return {
             "info": {**self.info, "uptime_s": round(time.time() - self._started, 3),
-                     "node": node.name, "forwarding": node.forwarding},
+                     "node": node.name, "forwarding": node.forwarding,
+                     "tracing": len(node.trace.sinks)},  # who follows its trace
             "counters": counters,
             "interfaces": interfaces,
             "routes": routes,

@@ -58,7 +58,11 @@ from stack.wire.ipv4 import FLAG_DF, IPv4Header, ip_to_str
 
 log = logging.getLogger("tapstack")
 
-HANDOFF = struct.Struct("!BB?")  # kind, interface index, checksum trusted
+HANDOFF = struct.Struct("!BBB")  # kind, interface index, flags
+TRUSTED, LINK_BROADCAST = 1, 2  # the flags: checksum vouched for, came in a broadcast frame
+STOP_SIGNALS = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT}
+# gauges every worker holds a copy of: shown once, not summed
+REPLICATED = {"routes", "listeners", "endpoints", "cache_entries"}
 KIND_IPV4, KIND_ARP = 0, 1
 ICMP_ERRORS = (3, 4, 5, 11, 12)  # they quote a datagram of ours: its flow's owner
 RESTARTS = 5  # a worker that dies more often than this in RESTART_WINDOW is given up on
@@ -95,7 +99,7 @@ class Steering:
     def install(self) -> None:
         node = self.node
         node.ipv4.steer = self.steer
-        node.ipv4.owns = self.owns
+        node.ipv4.owns = node.tcp.owns = self.owns
         for iface in node.interfaces:
             iface.arp.share = (lambda data, i=iface.index: self._share_arp(i, data))
         node.tcp.reserved = node.udp.reserved = self._not_ours
@@ -117,7 +121,8 @@ class Steering:
         if proto == 1 and len(payload) >= 8 + 20 + 4 and payload[0] in ICMP_ERRORS:
             inner = payload[8:]  # the datagram we sent: we are its source
             ihl = (inner[0] & 0x0F) * 4
-            if inner[9] in (6, 17) and len(inner) >= ihl + 4:
+            first = not (inner[6] & 0x1F or inner[7])  # ports only in a first fragment
+            if inner[9] in (6, 17) and ihl >= 20 and first and len(inner) >= ihl + 4:
                 return owner_of(bytes(inner[16:20]), inner[ihl + 2] << 8 | inner[ihl + 3],
                                 inner[ihl] << 8 | inner[ihl + 1], self.count)
         return self.index  # pings, and what no worker owns, are answered where they land
@@ -135,8 +140,9 @@ class Steering:
         else:  # reassembled here: one datagram again
             datagram = rebuild_datagram(bytes(header), bytes(payload),
                                         FLAG_DF if header[6] & 0x40 else 0)
-        self._send(owner, HANDOFF.pack(KIND_IPV4, info.iface, info.trusted)
-                   + datagram)
+        flags = (TRUSTED if info.trusted else 0) | \
+            (LINK_BROADCAST if info.link_broadcast else 0)
+        self._send(owner, HANDOFF.pack(KIND_IPV4, info.iface, flags) + datagram)
         self.counters["worker.handoffs_out"] += 1
         trace = self.node.trace
         if trace.on:
@@ -151,7 +157,7 @@ class Steering:
         return True
 
     def _share_arp(self, ifindex: int, data: bytes) -> None:
-        message = HANDOFF.pack(KIND_ARP, ifindex, False) + data
+        message = HANDOFF.pack(KIND_ARP, ifindex, 0) + data
         for i in range(self.count):
             if i != self.index:
                 self._send(i, message)
@@ -174,13 +180,14 @@ class Steering:
                 return
             if len(message) < HANDOFF.size:
                 continue
-            kind, ifindex, trusted = HANDOFF.unpack_from(message)
+            kind, ifindex, flags = HANDOFF.unpack_from(message)
             if ifindex >= len(node.interfaces):
                 continue
             body = memoryview(message)[HANDOFF.size:]
             if kind == KIND_IPV4:
                 self.counters["worker.handoffs_in"] += 1
-                node.receive_ipv4(ifindex, body, now, trusted)
+                node.receive_ipv4(ifindex, body, now, bool(flags & TRUSTED),
+                                  bool(flags & LINK_BROADCAST))
             elif kind == KIND_ARP:
                 node.interfaces[ifindex].arp.learn(body, now)
 
@@ -215,22 +222,35 @@ def make_inboxes(count: int) -> list[tuple[socket.socket, socket.socket]]:
 # -- the supervisor ----------------------------------------------------------------------
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(parent: int) -> None:
     """A worker whose supervisor is gone (even killed) stops too: no orphan keeps the
     TAP's queue."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    if os.getppid() == 1:
+    if os.getppid() != parent:  # it went before the request took hold
         os._exit(1)
 
 
+def _close_all_but(keep: set[int]) -> None:
+    try:
+        fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:
+        return
+    for fd in fds:
+        if fd not in keep:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
 def _sum_into(total: dict[str, Any], part: dict[str, Any]) -> None:
-    """Add `part`'s numbers into `total`, dict by dict (counters of all workers)."""
+    """Add `part`'s numbers into `total`, dict by dict (counters of all workers); a
+    table every worker holds a copy of (REPLICATED) counts once."""
     for key, value in part.items():
         if isinstance(value, dict):
             _sum_into(total.setdefault(key, {}), value)
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            total[key] = total.get(key, 0) + value
+            total[key] = max(total.get(key, 0), value) if key in REPLICATED else \
+                total.get(key, 0) + value
         else:
             total.setdefault(key, value)
 
@@ -242,12 +262,15 @@ class Supervisor:
     def __init__(self, name: str, count: int, control: socket.socket,
                  start_worker: Callable[[int, Callable[[], None]], None],
                  info: dict[str, Any],
-                 usage_errors: tuple[type[Exception], ...] = ()) -> None:
+                 usage_errors: tuple[type[Exception], ...] = (),
+                 worker_fds: Callable[[int], set[int]] = lambda index: set()) -> None:
         """`usage_errors`: what a worker raises to say, in one sentence, why it cannot
-        start (the supervisor reports that sentence, once)."""
+        start (the supervisor reports that sentence, once); `worker_fds(index)`: the
+        descriptors worker `index` needs (its queue, the inboxes); it closes the rest."""
         self.name, self.count, self.control = name, count, control
         self.start_worker = start_worker
         self.usage_errors = usage_errors
+        self.worker_fds = worker_fds
         self.info = info
         self.pids: list[int | None] = [None] * count
         self.restarts = [0] * count
@@ -268,16 +291,24 @@ class Supervisor:
 
     def _fork(self, index: int) -> None:
         r, w = os.pipe()
+        parent = os.getpid()
+        # No signal between the fork and the child's own handlers: the supervisor's
+        # (asyncio's) would swallow a SIGTERM meant for the child
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         pid = os.fork()
         if pid == 0:  # the worker: never returns into the supervisor's code
             code = 1
             try:
-                _die_with_parent()
-                os.close(r)
                 signal.set_wakeup_fd(-1)
-                for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
+                for sig in STOP_SIGNALS:
                     signal.signal(sig, signal.SIG_DFL)
+                os.setpgid(0, 0)  # a terminal's Ctrl-C reaches the supervisor alone
+                _die_with_parent(parent)
                 self.control.close()
+                # nothing of the supervisor's: its control connections, its relays, its
+                # loop (a restart forks from inside it), the other workers' pipes
+                _close_all_but({0, 1, 2, w, *self.worker_fds(index)})
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
                 def ready() -> None:
                     os.write(w, b"r")
@@ -297,6 +328,7 @@ class Supervisor:
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(code)
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         os.close(w)
         self.pids[index] = pid
         self.ready_fds[index] = r
@@ -373,19 +405,21 @@ class Supervisor:
 
     # -- control -------------------------------------------------------------------------
 
-    async def _ask(self, index: int, request: dict[str, Any]) -> dict[str, Any] | None:
+    async def _ask(self, index: int, request: dict[str, Any], timeout: float = 2.0
+                   ) -> dict[str, Any] | None:
+        """One worker's answer, or None after `timeout` (under the 3 s a `tapstack`
+        command waits, so the others' answers still get through)."""
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_unix_connection(worker_address(self.name, index)), 2.0)
-        except (TimeoutError, OSError):
+            return await asyncio.wait_for(self._ask_now(index, request), timeout)
+        except (TimeoutError, OSError, ValueError):
             return None
+
+    async def _ask_now(self, index: int, request: dict[str, Any]) -> dict[str, Any]:
+        reader, writer = await asyncio.open_unix_connection(worker_address(self.name, index))
         try:
             writer.write(json.dumps(request).encode() + b"\n")
             await writer.drain()
-            data = await asyncio.wait_for(reader.read(), 5.0)
-            return json.loads(data)
-        except (TimeoutError, OSError, ValueError):
-            return None
+            return json.loads(await reader.read())
         finally:
             writer.close()
 
@@ -437,8 +471,10 @@ class Supervisor:
                                                       if k != "counters"})
                 _sum_into(merged.setdefault("counters", {}), iface.get("counters", {}))
         errors = [a.get("last_internal_error") for _, a in got if a.get("last_internal_error")]
+        tracing = {i: a.get("info", {}).get("tracing") for i, a in got}
+        workers = [{**w, "tracing": tracing.get(w["index"])} for w in self._workers_info()]
         return {"info": {**first.get("info", {}), **self.info, "pid": os.getpid(),
-                         "workers": self._workers_info(),
+                         "workers": workers,
                          "answered": [i for i, _ in got]},
                 "counters": counters, "interfaces": interfaces,
                 "routes": first.get("routes", []),
@@ -453,36 +489,41 @@ class Supervisor:
         listening = [asyncio.Event() for _ in range(self.count)]
 
         async def relay(index: int) -> None:
+            """One worker's events; again from its successor if it is restarted."""
             nonlocal dropped
-            try:
-                r, w = await asyncio.open_unix_connection(worker_address(self.name, index))
-            except OSError:
-                listening[index].set()
-                return
-            try:
-                w.write(json.dumps(request).encode() + b"\n")
-                await w.drain()
-                while line := await r.readline():
-                    event = json.loads(line)
-                    if "tracing" in event:
-                        listening[index].set()
-                        continue
-                    event["worker"] = index
-                    event["node"] = f"{event.get('node', self.name)}/w{index}"
-                    try:
-                        queue.put_nowait(json.dumps(event).encode() + b"\n")
-                    except asyncio.QueueFull:
-                        dropped += 1
-            except (OSError, ValueError):
-                pass
-            finally:
-                listening[index].set()
-                w.close()
+            while True:
+                try:
+                    r, w = await asyncio.open_unix_connection(
+                        worker_address(self.name, index))
+                except OSError:
+                    listening[index].set()
+                    await asyncio.sleep(0.5)  # restarting: its successor will listen
+                    continue
+                try:
+                    w.write(json.dumps(request).encode() + b"\n")
+                    await w.drain()
+                    while line := await r.readline():
+                        event = json.loads(line)
+                        if "tracing" in event:
+                            listening[index].set()
+                            continue
+                        event["worker"] = index
+                        event["node"] = f"{event.get('node', self.name)}/w{index}"
+                        try:
+                            queue.put_nowait(json.dumps(event).encode() + b"\n")
+                        except asyncio.QueueFull:
+                            dropped += 1
+                except (OSError, ValueError):
+                    pass
+                finally:
+                    listening[index].set()
+                    w.close()
+                await asyncio.sleep(0.5)
 
         relays = [asyncio.ensure_future(relay(i)) for i in range(self.count)]
         gone = asyncio.ensure_future(reader.read())
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in listening)), 3.0)
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in listening)), 5.0)
         try:
             writer.write(json.dumps({"tracing": self.info.get("node", self.name),
                                      "workers": self.count}).encode() + b"\n")
@@ -540,7 +581,7 @@ class Supervisor:
                 self.loop.add_reader(fd, self._on_ready, index)
         self.loop.add_signal_handler(signal.SIGCHLD, self._reap)
         for sig in (signal.SIGINT, signal.SIGTERM):
-            self.loop.add_signal_handler(sig, self._stopped.set)
+            self.loop.add_signal_handler(sig, self._stop)
         self._reap()  # a worker may have ended before the handler was in place
         server = await asyncio.start_unix_server(self._serve_control, sock=self.control)
         try:
@@ -562,6 +603,12 @@ class Supervisor:
             await self._stop_workers()
             self.loop.remove_signal_handler(signal.SIGCHLD)
         return self.failed
+
+    def _stop(self) -> None:
+        """SIGINT/SIGTERM: from now on a worker that ends is not started again (its
+        SIGCHLD may be handled in this same pass of the loop)."""
+        self.stopping = True
+        self._stopped.set()
 
     async def _stop_workers(self, grace: float = 15.0) -> None:
         for pid in self.pids:

@@ -140,7 +140,7 @@ class ArpEngine:
             asked = op == OP_REPLY and spa in self.pending
             if known or asked or (for_us and op == OP_REQUEST):
                 self._store(spa, sha, now)
-            elif op == OP_REPLY:
+            elif op == OP_REPLY and self.share is None:  # with workers: maybe another's
                 c["arp.unsolicited_replies"] += 1
         if not for_us:
             c["arp.rx_not_for_us"] += 1

@@ -210,7 +210,11 @@ class IPv4Layer:
             info.header = packet[:hlen]
             payload = packet[hlen:ip.total_length]
         if self.steer is not None and self.steer(ip, info.header, payload, info):
-            return  # another worker's flow, handed over whole
+            # another worker's flow, handed over whole: that worker counts it received
+            self.hot.ipv4_rx_packets -= 1
+            if hlen > IPV4_HLEN:
+                c["ipv4.rx_options_skipped"] -= 1
+            return
         if self.hooks.input:
             result = run_hooks(self.hooks.input, bytearray(info.header) + payload, info, now)
             if result is None:

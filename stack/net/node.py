@@ -187,14 +187,14 @@ class Node:
             self._internal_error(exc)
 
     def receive_ipv4(self, ifindex: int, packet: bytes | memoryview, now: float,
-                     checksum_trusted: bool = False) -> None:
+                     checksum_trusted: bool = False, link_broadcast: bool = False) -> None:
         """An IPv4 datagram that came in on interface `ifindex` through another worker
         (stack/workers.py), without its Ethernet header. Never raises."""
         if self.trace.on:
             self.trace.now = now
         try:
             self.ipv4.receive(self.interfaces[ifindex], memoryview(packet), now,
-                              checksum_trusted)
+                              checksum_trusted, link_broadcast)
         except Exception as exc:
             self._internal_error(exc)
 

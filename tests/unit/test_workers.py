@@ -107,16 +107,47 @@ def test_a_fragmented_datagram_is_reassembled_then_handed_over_whole(workers):
     assert users[1].got == [(data, ("10.77.0.1", rport))]
 
 
-def test_an_icmp_error_goes_to_the_worker_whose_flow_it_quotes(workers):
+@pytest.mark.parametrize("ephemeral", [True, False])
+def test_an_icmp_error_goes_to_the_worker_whose_flow_it_quotes(workers, ephemeral):
+    """Port unreachable for a datagram worker 1's endpoint sent: its endpoint hears of
+    it, worker 0's does not (an ephemeral port by its remainder, a fixed one by the
+    hash of the quoted destination)."""
     (w0, w1), (s0, s1) = workers
-    lport = next(p for p in range(EPHEMERAL_LOW, EPHEMERAL_HIGH) if p % 2 == 1)
+    if ephemeral:
+        lport, rport = next(p for p in range(EPHEMERAL_LOW, EPHEMERAL_HIGH) if p % 2), 53
+    else:
+        lport = 5000
+        rport = next(p for p in range(1024, 65536) if owner_of(HOST_IP, p, lport, 2) == 1)
+    users = [Recorder(), Recorder()]
+    for h, u in zip((w0, w1), users, strict=True):
+        h.udp.bind(lport, u, remote=(HOST_IP, rport))
     quoted = dpkt.ip.IP(src=STACK_IP, dst=HOST_IP, p=17, ttl=64,
-                        data=dpkt.udp.UDP(sport=lport, dport=53, data=b"q"))
+                        data=dpkt.udp.UDP(sport=lport, dport=rport, data=b"q"))
     error = dpkt.icmp.ICMP(type=3, code=3, data=dpkt.icmp.ICMP.Unreach(data=bytes(quoted)))
     w0.receive(eth(dpkt.ip.IP(src=HOST_IP, dst=STACK_IP, p=1, ttl=64, data=error)), 0.0)
-    assert w0.stats()["worker"]["handoffs_out"] == 1
+    assert w0.stats()["worker"]["handoffs_out"] == 1 and users[0].got == []
     s1.take_inbox(0.0)
     assert w1.stats()["worker"]["handoffs_in"] == 1
+    assert len(users[1].got) == 1 and isinstance(users[1].got[0], OSError)
+
+
+def test_a_handed_over_datagram_is_counted_received_once(workers):
+    (w0, w1), (s0, s1) = workers
+    for h in (w0, w1):
+        h.tcp.listen(80, lambda conn: None)
+    w0.receive(syn(port_owned_by(1)), 0.0)
+    s1.take_inbox(0.0)
+    received = [h.stats()["ipv4"]["rx_packets"] for h in (w0, w1)]
+    assert received == [0, 1]  # the owner counts it; the worker that passed it on not
+
+
+def test_a_fixed_local_port_another_worker_would_get_the_replies_of_is_refused(workers):
+    (w0, w1), _ = workers
+    w0.receive(arp_frame(), 0.0)
+    theirs = next(p for p in range(1024, 32768) if owner_of(HOST_IP, 80, p, 2) == 1)
+    with pytest.raises(OSError, match="belongs to another worker"):
+        w0.tcp.connect(HOST_IP, 80, 0.0, local_port=theirs)
+    assert w1.tcp.connect(HOST_IP, 80, 0.0, local_port=theirs).local_port == theirs
 
 
 def test_each_worker_picks_its_own_ephemeral_ports(workers):
@@ -140,9 +171,20 @@ def test_owner_spreads_flows_to_one_port_over_every_worker():
         assert all(abs(s - 1 / count) < 0.05 for s in shares), shares
 
 
-def test_stats_of_workers_add_up_layer_by_layer():
+def test_stats_of_workers_add_up_and_copied_tables_count_once(workers):
+    hosts, _ = workers
+    for h in hosts:
+        h.tcp.listen(80, lambda conn: None)
     total = {}
-    _sum_into(total, {"tcp": {"rx": 2, "cc": "cubic"}, "link": {"tx_errors": 1}})
-    _sum_into(total, {"tcp": {"rx": 3, "cc": "cubic"}, "udp": {"rx": 1}})
-    assert total == {"tcp": {"rx": 5, "cc": "cubic"}, "link": {"tx_errors": 1},
-                     "udp": {"rx": 1}}
+    for h in hosts:
+        _sum_into(total, h.stats())
+    one = hosts[0].stats()
+    assert total["ipv4"]["routes"] == one["ipv4"]["routes"] == 2  # each holds the table
+    assert total["tcp"]["listeners"] == 1 and total["udp"]["endpoints"] == 0
+    assert total["tcp"]["connections"] == 0
+    hosts[1].tcp.connect(HOST_IP, 80, 0.0)
+    hosts[0].tcp.connect(HOST_IP, 80, 0.0)
+    total = {}
+    for h in hosts:
+        _sum_into(total, h.stats())
+    assert total["tcp"]["connections"] == 2 and total["tcp"]["active_opens"] == 2

@@ -111,6 +111,9 @@ class TcpLayer:
         self.local_ports: dict[tuple[bytes, int], int] = {}  # (address, port) -> connections
         # set by a NAT: (protocol, address, port) -> True when that public port is its own
         self.reserved: Callable[[int, bytes, int], bool] | None = None
+        # with workers: owns(remote address, remote port, local port), whether the
+        # replies of a connection would come to this worker (stack/workers.py)
+        self.owns: Callable[[bytes, int, int], bool] | None = None
         self._dirty: dict[Connection, None] = {}
         self._timers: list[tuple[float, int, Connection]] = []
         self._tiebreak = itertools.count()
@@ -163,6 +166,9 @@ class TcpLayer:
             raise OSError(99, "cannot bind to an address that is not ours")
         if local_port is None:
             local_port = self._ephemeral_port(local_ip, remote_ip, remote_port)
+        elif self.owns is not None and not self.owns(remote_ip, remote_port, local_port):
+            raise OSError(99, f"local port {local_port} to that peer belongs to another "
+                              "worker (let the stack pick the port)")
         key = (remote_ip, remote_port, local_ip, local_port)
         if key in self.connections or key in self.time_wait:
             raise OSError(98, "that connection already exists")
