@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import errno
 import gc
+import inspect
 import json
 import logging
 import signal
@@ -78,6 +79,31 @@ def bind_control_socket(name: str, where: str) -> socket.socket:
 
 
 Link = Any  # TapLink or SocketPairLink: fileno, read_batch, write, split, vnet_hdr
+
+
+async def serve_control_connection(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+        answer: Callable[[dict[str, Any]], Any],
+        stream_trace: Callable[..., Awaitable[None]]) -> None:
+    """One connection to a control socket: a JSON request line, then one JSON answer
+    (`answer` may be a coroutine function), or the trace as a stream of lines."""
+    with contextlib.suppress(ConnectionError, asyncio.TimeoutError):
+        line = await asyncio.wait_for(reader.readline(), 2.0)
+        try:
+            request = json.loads(line) if line.strip() else {}
+        except ValueError:
+            request = {"cmd": "?"}
+        if not isinstance(request, dict):
+            request = {"cmd": "?"}
+        if request.get("cmd") == "trace":
+            await stream_trace(request, reader, writer)
+        else:
+            reply = answer(request)
+            if inspect.isawaitable(reply):
+                reply = await reply
+            writer.write(json.dumps(reply).encode() + b"\n")
+            await writer.drain()
+    writer.close()
 
 
 class Runtime:
@@ -399,20 +425,7 @@ class Runtime:
 
     async def _serve_control(self, reader: asyncio.StreamReader,
                              writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError, asyncio.TimeoutError):
-            line = await asyncio.wait_for(reader.readline(), 2.0)
-            try:
-                request = json.loads(line) if line.strip() else {}
-            except ValueError:
-                request = {"cmd": "?"}
-            if not isinstance(request, dict):
-                request = {"cmd": "?"}
-            if request.get("cmd") == "trace":
-                await self._stream_trace(request, reader, writer)
-            else:
-                writer.write(json.dumps(self.answer(request)).encode() + b"\n")
-                await writer.drain()
-        writer.close()
+        await serve_control_connection(reader, writer, self.answer, self._stream_trace)
 
     async def _stream_trace(self, request: dict[str, Any], reader: asyncio.StreamReader,
                             writer: asyncio.StreamWriter) -> None:

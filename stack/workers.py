@@ -54,6 +54,7 @@ from stack.net.ipv4 import rebuild_datagram
 from stack.net.node import Node
 from stack.net.packet import PacketInfo
 from stack.net.tcp.layer import EPHEMERAL_HIGH, EPHEMERAL_LOW
+from stack.runtime import serve_control_connection
 from stack.wire.ipv4 import FLAG_DF, IPv4Header, ip_to_str
 
 log = logging.getLogger("tapstack")
@@ -548,20 +549,7 @@ class Supervisor:
 
     async def _serve_control(self, reader: asyncio.StreamReader,
                              writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError, asyncio.TimeoutError):
-            line = await asyncio.wait_for(reader.readline(), 2.0)
-            try:
-                request = json.loads(line) if line.strip() else {}
-            except ValueError:
-                request = {"cmd": "?"}
-            if not isinstance(request, dict):
-                request = {"cmd": "?"}
-            if request.get("cmd") == "trace":
-                await self._stream_trace(request, reader, writer)
-            else:
-                writer.write(json.dumps(await self.answer(request)).encode() + b"\n")
-                await writer.drain()
-        writer.close()
+        await serve_control_connection(reader, writer, self.answer, self._stream_trace)
 
     # -- running -------------------------------------------------------------------------
 

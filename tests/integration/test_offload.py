@@ -31,17 +31,23 @@ def download_checked(ns: str, size: int) -> float:
     return seconds
 
 
-def test_offload_download_200mb_upload_100mb_and_tso_on_the_wire(start_stack, tmp_path):
+def capture_on_tap(ns: str, cap, count: int, what: str) -> subprocess.Popen:
+    """tcpdump on tap0 in `ns`, writing `count` frames that match `what` to `cap`;
+    returns once it listens."""
     require_tool("tcpdump")
-    st = start_stack("--offload", pcap=False)
-    cap = tmp_path / "tso.pcap"
-    dump = subprocess.Popen(["ip", "netns", "exec", st.ns, "tcpdump", "-i", "tap0",
-                             "--immediate-mode", "-U", "-n", "-s", "96", "-c", "20", "-w",
-                             str(cap), f"src host {STACK_IP} and tcp and greater 2000"],
-                            stderr=subprocess.PIPE, text=True)
+    dump = subprocess.Popen(["ip", "netns", "exec", ns, "tcpdump", "-i", "tap0",
+                             "--immediate-mode", "-U", "-n", "-s", "96", "-c", str(count),
+                             "-w", str(cap), what], stderr=subprocess.PIPE, text=True)
     for line in dump.stderr:
         if "listening on" in line:
             break
+    return dump
+
+
+def test_offload_download_200mb_upload_100mb_and_tso_on_the_wire(start_stack, tmp_path):
+    st = start_stack("--offload", pcap=False)
+    cap = tmp_path / "tso.pcap"
+    dump = capture_on_tap(st.ns, cap, 20, f"src host {STACK_IP} and tcp and greater 2000")
     seconds = download_checked(st.ns, 209715200)
     dump.wait(timeout=10)
     text = subprocess.run(["tcpdump", "-n", "-r", str(cap)], capture_output=True,
@@ -89,16 +95,9 @@ def test_checksum_offload_frames_stay_mtu_sized_and_the_pcap_shows_whole_checksu
 
     from stack.wire.checksum import checksum_ok, pseudo_header_sum
 
-    require_tool("tcpdump")
     st = start_stack("--offload", "csum")
     cap = tmp_path / "tap.pcap"
-    dump = subprocess.Popen(["ip", "netns", "exec", st.ns, "tcpdump", "-i", "tap0",
-                             "--immediate-mode", "-U", "-n", "-s", "96", "-c", "400", "-w",
-                             str(cap), f"src host {STACK_IP} and tcp"],
-                            stderr=subprocess.PIPE, text=True)
-    for line in dump.stderr:
-        if "listening on" in line:
-            break
+    dump = capture_on_tap(st.ns, cap, 400, f"src host {STACK_IP} and tcp")
     download_checked(st.ns, 5_000_000)
     dump.wait(timeout=10)
     src = tmp_path / "up"
