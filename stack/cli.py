@@ -471,6 +471,7 @@ def _run_workers(args: argparse.Namespace, spec: Any, count: int,
 
         info = {"node": spec.node.name, "tap": spec.links[0].tap, "netns": spec.netns,
                 "steering": "software: " + refused if refused else "ebpf"}
+
         def worker_fds(index: int) -> set[int]:
             return {links[index].fileno(), *(s.fileno() for pair in inboxes for s in pair)}
 
