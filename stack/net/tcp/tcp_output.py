@@ -100,6 +100,11 @@ class OutputMixin:
         sent = False
         buf = self.snd_buf
         mss = self.eff_mss
+        # The ACK side of every segment of one burst (window field, options) is the same:
+        # nothing is received while it leaves and the clock does not move. The first
+        # segment works it out, the rest reuse it (None: work it out again each time,
+        # as while SACK blocks are being reported).
+        memo = None
         seg_limit = self.env.tso_limit(self)  # one MSS, or up to 64 KB with TSO
         pipe = self._pipe(now) if self._sack_recovery else 0
         while True:
@@ -165,7 +170,10 @@ class OutputMixin:
             flags = ACK | (PSH if last else 0)
             if last and fin_ready:
                 flags |= FIN
-            self._emit(self.snd_nxt, flags, payload, now)
+            if memo is None:
+                memo = self._emit(self.snd_nxt, flags, payload, now)
+            else:
+                self._emit_more(self.snd_nxt, flags, payload, now, memo)
             self._after_send(n + (1 if flags & FIN else 0), now)
             pipe += n
             sent = True
@@ -187,11 +195,15 @@ class OutputMixin:
         if self.t_rtx is None:
             self._arm_rtx(now)
 
-    def _emit(self, seq: int, flags: int, payload: bytes, now: float) -> None:
+    def _emit(self, seq: int, flags: int, payload: bytes, now: float
+              ) -> tuple[int, bytes] | None:
+        """Send one segment; returns its window field and options when a segment that
+        follows at once may reuse them (see `_emit_more`), else None."""
         wnd = self._window_to_advertise()
         ts = (self._ts_now(now), self.ts_recent) if self.ts_ok else None
-        sack = self.ooo.sack_blocks(MAX_SACK_BLOCKS) if self.sack_ok and self.ooo.blocks \
+        reported = self.ooo.sack_blocks(MAX_SACK_BLOCKS) if self.sack_ok and self.ooo.blocks \
             else ()
+        sack = reported
         if sack and payload:
             # SACK blocks must not push a full segment past the MSS or the path MTU
             # (eff_mss is both, less the timestamps): send fewer or none. A datagram
@@ -208,7 +220,23 @@ class OutputMixin:
             self._last_ack_sent = self.rcv_nxt
             if self._quickack > 0:
                 self._quickack -= 1
-        self.env.emit(self, seq, self.rcv_nxt, flags, wnd >> self.rcv_wscale, opts, payload)
+        field = wnd >> self.rcv_wscale
+        self.env.emit(self, seq, self.rcv_nxt, flags, field, opts, payload)
+        self._sent_one(seq, flags, payload, now)
+        # with SACK blocks to report, how many fit depends on each segment's length
+        return None if reported or not flags & ACK else (field, opts)
+
+    def _emit_more(self, seq: int, flags: int, payload: bytes, now: float,
+                   memo: tuple[int, bytes]) -> None:
+        """The next segment of a burst, with `_emit`'s window field and options: with
+        no data taken in since and the same `now`, working them out again gives the same
+        (the advertised edge moved once, on the first) and the ACK bookkeeping is done."""
+        if self._quickack > 0:
+            self._quickack -= 1
+        self.env.emit(self, seq, self.rcv_nxt, flags, memo[0], memo[1], payload)
+        self._sent_one(seq, flags, payload, now)
+
+    def _sent_one(self, seq: int, flags: int, payload: bytes, now: float) -> None:
         self.segs_out += 1
         if self._sack_recovery and payload:
             self.cc.sent_in_recovery(len(payload))
