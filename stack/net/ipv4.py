@@ -20,7 +20,7 @@ from stack.net.packet import LOCAL, PacketInfo
 from stack.net.reassembly import Reassembler, ReassemblyConfig
 from stack.net.route import Route, RouteTable
 from stack.trace import OFF, Trace
-from stack.wire.checksum import internet_checksum
+from stack.wire.checksum import internet_checksum, mod_ffff
 from stack.wire.errors import MalformedError
 from stack.wire.ipv4 import (
     FLAG_DF,
@@ -285,7 +285,7 @@ class IPv4Layer:
             body = int.from_bytes(segment, "big")
             if tcp_len & 1:
                 body <<= 8  # padded with a zero byte (ones_sum)
-            if (body + addresses + PROTO_TCP + tcp_len) % 0xFFFF:
+            if mod_ffff(body + addresses + PROTO_TCP + tcp_len):
                 return False
         hot = self.hot
         hot.ipv4_rx_packets += 1

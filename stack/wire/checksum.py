@@ -11,11 +11,28 @@ from __future__ import annotations
 Buffer = bytes | bytearray | memoryview
 
 
+# Two cut points, multiples of 16 bits (so 2**k == 1 mod 0xFFFF), near a half and a
+# quarter of the bits of a 1,448-byte payload
+_HALF, _QUARTER = 5792, 2896
+_HALF_MASK, _QUARTER_MASK = (1 << _HALF) - 1, (1 << _QUARTER) - 1
+
+
+def mod_ffff(x: int) -> int:
+    """`x % 0xFFFF`, sooner for a segment-sized `x`: CPython divides digit by digit, so
+    adding the top half to the bottom half (twice, each a fast shift and mask) first
+    leaves a quarter of the digits to divide. Outside the range where that pays off it
+    is the plain remainder."""
+    if _HALF < x.bit_length() <= 2 * _HALF + 512:  # a segment with its TCP header
+        x = (x >> _HALF) + (x & _HALF_MASK)
+        x = (x >> _QUARTER) + (x & _QUARTER_MASK)
+    return x % 0xFFFF
+
+
 def ones_sum(data: Buffer, initial: int = 0) -> int:
     """Ones' complement sum of `data` (padded to even length) plus `initial`, in [0, 0xFFFE]."""
     if len(data) & 1:
         data = bytes(data) + b"\x00"
-    return (int.from_bytes(data, "big") + initial) % 0xFFFF
+    return mod_ffff(int.from_bytes(data, "big") + initial)
 
 
 def internet_checksum(data: Buffer, initial: int = 0) -> int:

@@ -1,9 +1,15 @@
 import struct
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stack.wire.checksum import checksum_ok, internet_checksum, ones_sum, pseudo_header_sum
+from stack.wire.checksum import (
+    checksum_ok,
+    internet_checksum,
+    mod_ffff,
+    ones_sum,
+    pseudo_header_sum,
+)
 
 
 def reference_checksum(data: bytes) -> int:
@@ -54,3 +60,13 @@ def test_pseudo_header_sum_equals_summing_the_bytes():
     src, dst = bytes([10, 77, 0, 1]), bytes([10, 77, 0, 2])
     pseudo = src + dst + bytes([0, 6]) + (1480).to_bytes(2, "big")
     assert pseudo_header_sum(src, dst, 6, 1480) == ones_sum(pseudo)
+
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=1600), st.integers(0, 1 << 20))
+def test_mod_ffff_is_the_remainder(data, extra):
+    """Segment-sized numbers (where it folds first) and every other size, all 0xFF
+    bytes (the largest carries) among them."""
+    for x in (int.from_bytes(data, "big") + extra, int.from_bytes(b"\xff" * len(data), "big")):
+        assert mod_ffff(x) == x % 0xFFFF

@@ -45,10 +45,11 @@ class SendBuffer:
                 self._off = 0
         return n
 
-    def get(self, seq: int, length: int) -> bytes:
-        """Up to `length` bytes starting at sequence number `seq`."""
+    def get(self, seq: int, length: int) -> bytearray:
+        """Up to `length` bytes starting at sequence number `seq`: a copy of its own (the
+        buffer moves on while the segment waits in a queue)."""
         i = self._off + seq_diff(seq, self.start)
-        return bytes(self._buf[i : i + length])
+        return self._buf[i : i + length]
 
 
 class OutOfOrderQueue:

@@ -122,7 +122,7 @@ class OutputMixin:
             else:
                 usable = window - seq_diff(self.snd_nxt, self.snd_una)
             room = unsent
-            if self._sack:
+            if self._sack.blocks:
                 # after an RTO rewind, do not send again what the peer said it holds
                 off = seq_diff(self.snd_nxt, self.snd_una)
                 skip_to = self._sack.covering(off)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import struct
 from typing import Any
 
+from stack.wire.checksum import mod_ffff
 from stack.wire.ipv4 import FLAG_DF
 from stack.wire.virtio import CSUM_TCPV4
 
@@ -96,7 +97,7 @@ class FrameTemplate:
                 total_sum += int.from_bytes(payload, "big") << 8
             else:
                 total_sum += int.from_bytes(payload, "big")
-        folded = total_sum % 0xFFFF
+        folded = mod_ffff(total_sum)
         csum = 0xFFFF - folded if folded else 0
         header[50] = csum >> 8
         header[51] = csum & 0xFF
