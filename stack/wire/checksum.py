@@ -11,20 +11,32 @@ from __future__ import annotations
 Buffer = bytes | bytearray | memoryview
 
 
-# Two cut points, multiples of 16 bits (so 2**k == 1 mod 0xFFFF), near a half and a
-# quarter of the bits of a 1,448-byte payload
+# Cut points, all multiples of 16 bits (so 2**k == 1 mod 0xFFFF): near a half and a
+# quarter of the bits of a 1,448-byte payload, and multiples of 1,024 bits for larger
+# numbers (their masks made once, up to a jumbo frame's half)
 _HALF, _QUARTER = 5792, 2896
 _HALF_MASK, _QUARTER_MASK = (1 << _HALF) - 1, (1 << _QUARTER) - 1
+_CUT = 1024
+_MASKS = [(1 << (i * _CUT)) - 1 for i in range(41)]
 
 
 def mod_ffff(x: int) -> int:
-    """`x % 0xFFFF`, sooner for a segment-sized `x`: CPython divides digit by digit, so
-    adding the top half to the bottom half (twice, each a fast shift and mask) first
-    leaves a quarter of the digits to divide. Outside the range where that pays off it
-    is the plain remainder."""
-    if _HALF < x.bit_length() <= 2 * _HALF + 512:  # a segment with its TCP header
-        x = (x >> _HALF) + (x & _HALF_MASK)
-        x = (x >> _QUARTER) + (x & _QUARTER_MASK)
+    """`x % 0xFFFF`, sooner for a segment-sized or larger `x`. CPython divides digit by
+    digit, while shifts and masks are cheap: adding the top half of the number to the
+    bottom half leaves the remainder as it was and halves the digits to divide. A
+    1,448-byte payload is cut twice at fixed places; a larger number near its middle
+    until a few thousand bits are left; a small one is divided at once."""
+    n = x.bit_length()
+    if n <= 2 * _HALF + 512:  # up to a 1,448-byte payload with its TCP header
+        if n > _HALF:
+            x = (x >> _HALF) + (x & _HALF_MASK)
+            x = (x >> _QUARTER) + (x & _QUARTER_MASK)
+        return x % 0xFFFF
+    while n > 4096:
+        i = n // (2 * _CUT)
+        mask = _MASKS[i] if i < len(_MASKS) else (1 << (i * _CUT)) - 1
+        x = (x >> (i * _CUT)) + (x & mask)
+        n = x.bit_length()
     return x % 0xFFFF
 
 

@@ -64,9 +64,10 @@ def test_pseudo_header_sum_equals_summing_the_bytes():
 
 
 @settings(max_examples=300)
-@given(st.binary(max_size=1600), st.integers(0, 1 << 20))
+@given(st.binary(max_size=1600) | st.binary(min_size=1600, max_size=20_000),
+       st.integers(0, 1 << 20))
 def test_mod_ffff_is_the_remainder(data, extra):
-    """Segment-sized numbers (where it folds first) and every other size, all 0xFF
-    bytes (the largest carries) among them."""
+    """Segment-sized and jumbo-frame-sized numbers (where it cuts first) and smaller
+    ones, all 0xFF bytes (the largest carries) among them."""
     for x in (int.from_bytes(data, "big") + extra, int.from_bytes(b"\xff" * len(data), "big")):
         assert mod_ffff(x) == x % 0xFFFF
