@@ -91,8 +91,8 @@ def simple_response(status: int, body: bytes | None = None, extra: list | None =
 
 
 class _Request:
-    __slots__ = ("body", "body_bytes", "complete", "event", "expect_continue", "headers",
-                 "keep_alive", "method", "upgrade", "url", "version")
+    __slots__ = ("body", "body_bytes", "buffered", "complete", "event", "expect_continue",
+                 "headers", "keep_alive", "method", "upgrade", "url", "version")
 
     def __init__(self) -> None:
         self.url = bytearray()
@@ -102,6 +102,7 @@ class _Request:
         self.keep_alive = True
         self.body: collections.deque[bytes] = collections.deque()
         self.body_bytes = 0
+        self.buffered = 0  # bytes in `body`, not yet given to the application
         self.complete = False
         self.event = asyncio.Event()
         self.expect_continue = False
@@ -305,8 +306,9 @@ class HttpServerProtocol(asyncio.Protocol):
         if req.body_bytes > self.limits.max_body:
             raise _Reject(413)
         req.body.append(body)
+        req.buffered += len(body)
         req.event.set()
-        if not self.paused_reading and sum(map(len, req.body)) > self.limits.body_buffer:
+        if not self.paused_reading and req.buffered > self.limits.body_buffer:
             self.paused_reading = True
             self.transport.pause_reading()
 
@@ -359,13 +361,17 @@ class HttpServerProtocol(asyncio.Protocol):
                 if self.closing:
                     return {"type": "http.disconnect"}
                 if req.body:
-                    chunk = req.body.popleft()
-                    if self.paused_reading and sum(map(len, req.body)) < \
-                            self.limits.body_buffer // 4:
+                    # everything that came since the last call, as one message (a batch
+                    # of segments is parsed before the application runs again)
+                    body = req.body
+                    chunk = body.popleft() if len(body) == 1 else b"".join(body)
+                    body.clear()
+                    req.buffered = 0
+                    if self.paused_reading:
                         self.paused_reading = False
                         self.transport.resume_reading()
                     return {"type": "http.request", "body": chunk,
-                            "more_body": not (req.complete and not req.body)}
+                            "more_body": not req.complete}
                 if req.complete:
                     if not receive_done:
                         receive_done = True
