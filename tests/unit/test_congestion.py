@@ -199,3 +199,36 @@ def test_bbr_holds_a_larger_window_than_loss_based_controllers_under_random_loss
     mean = {cc: sum(w) / len(w) for cc, (_, w, _, _) in results.items()}
     assert mean["bbr"] > 2 * mean["newreno"]
     assert results["bbr"][0] < results["newreno"][0]  # and so it finishes sooner
+
+
+@pytest.mark.parametrize("cc", [NewReno, Cubic, Bbr])
+def test_a_round_ends_when_data_is_delivered_up_to_the_mark(cc):
+    """RFC 9406's rounds: one per window sent and acknowledged. ACKs that deliver
+    nothing while SND.UNA sits on the mark (the peer's data coming in while we have
+    nothing in flight, duplicate ACKs) end no round."""
+    c = cc(MSS)
+    _, una = run_rounds(c, 4, 0.01)
+    assert c.round_end == una  # all acknowledged, nothing in flight
+    rounds = c.rounds
+    for _ in range(50):  # idle, the peer sending to us: every segment is an ACK of UNA
+        c.on_ack(0, None, 1.0, una, una, 0, False, False)
+    assert c.rounds == rounds
+    c.on_ack(MSS, 0.01, 1.1, una + MSS, una + 3 * MSS, 3 * MSS, True, False)
+    assert c.rounds == rounds + 1  # new data sent and acknowledged past the mark
+    c.on_ack(0, None, 1.1, una + MSS, una + 3 * MSS, 2 * MSS, True, False)
+    assert c.rounds == rounds + 1  # a duplicate ACK
+    c.on_ack(2 * MSS, 0.01, 1.2, una + 3 * MSS, una + 3 * MSS, 2 * MSS, True, False)
+    assert c.rounds == rounds + 2  # reaching the mark exactly, delivering data
+
+
+def test_a_receiver_counts_no_rounds_for_the_data_it_takes_in():
+    from tests.unit.test_tcp_two_stacks import connect, pair
+
+    wire, a, b = pair("", 5)
+    client, server, cu, su = connect(wire, a, b)
+    before = client.cc.rounds
+    server.send(random.Random(5).randbytes(500_000))
+    wire.run(until=lambda: len(cu.data) >= 500_000, timeout=60)
+    # the receiver: some 350 segments, and one round (its first ACK's)
+    assert client.cc.rounds <= before + 1
+    assert 3 <= server.cc.rounds < 100  # the sender: a round per window

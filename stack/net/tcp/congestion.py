@@ -65,20 +65,25 @@ class CongestionControl:
     def ssthresh_shown(self) -> int | None:
         return self.ssthresh if self.ssthresh < INFINITE else None
 
-    def _new_round(self, una: int, snd_nxt: int) -> bool:
-        """True once per round trip: when the ACK passes the mark set a round ago."""
+    def _new_round(self, una: int, snd_nxt: int, delivered: int) -> bool:
+        """True once per round trip: when an ACK that delivers data reaches the mark set
+        a round ago (RFC 9406's windowEnd), or passes it. An ACK that delivers nothing
+        while SND.UNA sits on the mark (nothing was in flight when it was set: the peer's
+        data arriving while we are idle, duplicate ACKs after a rewind) ends no round."""
         end = self.round_end
-        if end is None or ((una - end) & 0xFFFFFFFF) < 0x80000000:
-            self.round_end = snd_nxt
-            self.rounds += 1
-            return True
-        return False
+        if end is not None:
+            past = (una - end) & 0xFFFFFFFF
+            if past >= 0x80000000 or (past == 0 and delivered <= 0):
+                return False
+        self.round_end = snd_nxt
+        self.rounds += 1
+        return True
 
     def on_ack(self, delivered: int, rtt: float | None, now: float, una: int, snd_nxt: int,
                flight: int, cwnd_limited: bool, in_recovery: bool) -> None:
         """`delivered` bytes newly reached the peer (cumulative ACK and new SACKs);
         `flight` is what was outstanding before this ACK."""
-        self._new_round(una, snd_nxt)
+        self._new_round(una, snd_nxt, delivered)
         if in_recovery or not cwnd_limited or delivered <= 0:
             return  # RFC 7661: an application-limited window is not grown
         if self.cwnd < self.ssthresh:
@@ -228,7 +233,7 @@ class Cubic(CongestionControl):
                flight: int, cwnd_limited: bool, in_recovery: bool) -> None:
         if rtt is not None and (self.min_rtt is None or rtt < self.min_rtt):
             self.min_rtt = rtt
-        if self._new_round(una, snd_nxt) and self.cwnd < self.ssthresh:
+        if self._new_round(una, snd_nxt, delivered) and self.cwnd < self.ssthresh:
             self._hystart_round()
         if in_recovery or not cwnd_limited or delivered <= 0:
             return
@@ -396,11 +401,7 @@ class Bbr(CongestionControl):
                flight: int, cwnd_limited: bool, in_recovery: bool) -> None:
         # per ACK only what must be: the round, the delivered count, a lower RTT, and the
         # window; the model and the state machine move once per interval or round
-        end = self.round_end
-        new_round = end is None or ((una - end) & 0xFFFFFFFF) < 0x80000000
-        if new_round:
-            self.round_end = snd_nxt
-            self.rounds += 1
+        new_round = self._new_round(una, snd_nxt, delivered)
         self._delivered += delivered
         if rtt is not None and (self.min_rtt is None or rtt <= self.min_rtt):
             self.min_rtt = rtt
