@@ -150,8 +150,12 @@ def test_tshark_finds_nothing_wrong_in_a_clean_transfer(start_stack, random_file
 
     assert count("tcp.len > 0 && ip.src == 10.77.0.2") > 3000
     assert count("tcp.checksum.status == \"Good\" && ip.src == 10.77.0.2") > 3000
+    # Linux now and then sends 0xFFFF where the sum computes to 0x0000: both are zero
+    # in ones' complement (RFC 1624 3) and both verify, but tshark flags the first
+    bad_tcp_sum = ("tcp.checksum.status == \"Bad\" && !(ip.src == 10.77.0.1 "
+                   "&& tcp.checksum == 0xffff && tcp.checksum_calculated == 0)")
     for bad in ("tcp.analysis.ack_lost_segment", "tcp.analysis.lost_segment",
-                "tcp.checksum.status == \"Bad\"", "ip.checksum.status == \"Bad\"",
+                bad_tcp_sum, "ip.checksum.status == \"Bad\"",
                 "_ws.malformed", "_ws.expert.severity >= error"):
         assert count(bad) == 0, bad
     # Nothing is lost on this link, so nothing needs sending twice. On a fast machine no
