@@ -275,56 +275,115 @@ def test_a_large_body_arrives_whole_through_pauses():
     assert pauses, "reading never paused"
 
 
-def test_body_pieces_that_waited_reach_the_application_as_one_message():
-    """A TCP stack that delivers segment by segment (tapstack does) parses a batch of
-    them before the application runs again: it gets them in one message, not one each."""
-    messages = []
+class TapLikeTransport(asyncio.Transport):
+    """As tapstack's transport behaves: while reading is paused, data waits in the
+    connection; resume_reading() hands it all over at once, inside the call."""
 
+    def __init__(self, protocol):
+        super().__init__()
+        self.protocol = protocol
+        self.out = bytearray()
+        self.paused = False
+        self.held = bytearray()
+
+    def write(self, data):
+        self.out += data
+
+    def get_extra_info(self, name, default=None):
+        return {"peername": ("192.0.2.1", 4000),
+                "sockname": ("192.0.2.2", 80)}.get(name, default)
+
+    def is_closing(self):
+        return False
+
+    def close(self):
+        pass
+
+    def pause_reading(self):
+        self.paused = True
+
+    def resume_reading(self):
+        self.paused = False
+        if self.held:
+            data = bytes(self.held)
+            self.held.clear()
+            self.protocol.data_received(data)
+
+    def deliver(self, data):
+        if self.paused:
+            self.held += data
+        else:
+            self.protocol.data_received(data)
+
+
+def collecting_app(messages: list):
     async def app(scope, receive, send):
         while True:
             message = await receive()
             messages.append(message["body"])
             if not message.get("more_body"):
                 break
+        body = str(sum(map(len, messages))).encode()
         await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b"ok"})
+        await send({"type": "http.response.body", "body": body})
+    return app
 
-    class Transport(asyncio.Transport):
-        def __init__(self):
-            super().__init__()
-            self.out = bytearray()
 
-        def write(self, data):
-            self.out += data
+def post(body: bytes) -> bytes:
+    return f"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
 
-        def get_extra_info(self, name, default=None):
-            return {"peername": ("192.0.2.1", 4000),
-                    "sockname": ("192.0.2.2", 80)}.get(name, default)
 
-        def is_closing(self):
-            return False
-
+def test_body_pieces_that_waited_reach_the_application_as_one_message():
+    """A TCP stack that delivers segment by segment (tapstack does) parses a batch of
+    them before the application runs again: it gets them in one message, not one each."""
+    messages = []
     body = bytes(range(256)) * 60
-    pieces = [body[i:i + 1448] for i in range(0, len(body), 1448)]
+    raw = post(body)
+    pieces = [raw[i:i + 1448] for i in range(0, len(raw), 1448)]
 
     async def main():
-        protocol = HttpServerProtocol(app)
-        transport = Transport()
+        protocol = HttpServerProtocol(collecting_app(messages))
+        transport = TapLikeTransport(protocol)
         protocol.connection_made(transport)
-        head = f"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
-        protocol.data_received(head.encode() + pieces[0])
-        for piece in pieces[1:6]:
-            protocol.data_received(piece)  # one batch: the application has not run
+        for piece in pieces[:6]:
+            transport.deliver(piece)  # one batch: the application has not run
         while not messages:
             await asyncio.sleep(0)
         for piece in pieces[6:]:
-            protocol.data_received(piece)
-        while b"ok" not in transport.out:
+            transport.deliver(piece)
+        while not transport.out:
             await asyncio.sleep(0)
         return bytes(transport.out)
 
     answer = run(main())
     assert answer.startswith(b"HTTP/1.1 200 ")
     assert b"".join(messages) == body
-    assert messages[0] == b"".join(pieces[:6])
+    assert messages[0] == b"".join(pieces[:6])[len(raw) - len(body):]
     assert len(messages) <= 3, [len(m) for m in messages]
+
+
+def test_the_rest_of_a_body_handed_over_on_resume_is_not_lost():
+    """Reading paused with the body's end still waiting in the connection: taking the
+    waiting pieces resumes reading, which hands the end over inside that call. The
+    application must still be told there is more, and get it."""
+    from stack.apps.http.server import Limits
+
+    messages = []
+    body = bytes(range(256)) * 400  # 100 KB against a 64 KB buffer
+    raw = post(body)
+
+    async def main():
+        protocol = HttpServerProtocol(collecting_app(messages), Limits(body_buffer=64 * 1024))
+        transport = TapLikeTransport(protocol)
+        protocol.connection_made(transport)
+        for i in range(0, len(raw), 1448):
+            transport.deliver(raw[i:i + 1448])  # all of it, before the application runs
+        assert transport.paused and transport.held
+        while not transport.out:
+            await asyncio.sleep(0)
+        return bytes(transport.out)
+
+    answer = run(main())
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    assert b"".join(messages) == body
+    assert answer.endswith(str(len(body)).encode())

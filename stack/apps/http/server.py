@@ -369,9 +369,11 @@ class HttpServerProtocol(asyncio.Protocol):
                     req.buffered = 0
                     if self.paused_reading:
                         self.paused_reading = False
+                        # (on tapstack this hands over what waited at once, inside the
+                        # call: the rest of the body, its end included, may be in now)
                         self.transport.resume_reading()
                     return {"type": "http.request", "body": chunk,
-                            "more_body": not req.complete}
+                            "more_body": not (req.complete and not req.body)}
                 if req.complete:
                     if not receive_done:
                         receive_done = True

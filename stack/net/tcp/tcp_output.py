@@ -230,7 +230,10 @@ class OutputMixin:
                    memo: tuple[int, bytes]) -> None:
         """The next segment of a burst, with `_emit`'s window field and options: with
         no data taken in since and the same `now`, working them out again gives the same
-        (the advertised edge moved once, on the first) and the ACK bookkeeping is done."""
+        (the advertised edge moved once, on the first) and the ACK bookkeeping is done.
+        This holds while nothing `_send_data` calls between two segments (the send
+        buffer, `env.emit`, `_after_send`, the timers) touches the receive side or calls
+        the application (tests/unit/test_burst_emit.py)."""
         if self._quickack > 0:
             self._quickack -= 1
         self.env.emit(self, seq, self.rcv_nxt, flags, memo[0], memo[1], payload)
