@@ -329,6 +329,12 @@ def collecting_app(messages: list):
     return app
 
 
+async def answered(transport: TapLikeTransport) -> bytes:
+    while not transport.out:
+        await asyncio.sleep(0)
+    return bytes(transport.out)
+
+
 def post(body: bytes) -> bytes:
     return f"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
 
@@ -351,9 +357,7 @@ def test_body_pieces_that_waited_reach_the_application_as_one_message():
             await asyncio.sleep(0)
         for piece in pieces[6:]:
             transport.deliver(piece)
-        while not transport.out:
-            await asyncio.sleep(0)
-        return bytes(transport.out)
+        return await answered(transport)
 
     answer = run(main())
     assert answer.startswith(b"HTTP/1.1 200 ")
@@ -379,9 +383,7 @@ def test_the_rest_of_a_body_handed_over_on_resume_is_not_lost():
         for i in range(0, len(raw), 1448):
             transport.deliver(raw[i:i + 1448])  # all of it, before the application runs
         assert transport.paused and transport.held
-        while not transport.out:
-            await asyncio.sleep(0)
-        return bytes(transport.out)
+        return await answered(transport)
 
     answer = run(main())
     assert answer.startswith(b"HTTP/1.1 200 ")
