@@ -1,14 +1,8 @@
 """The per-frame counters kept as slots (stack/counters.py) read and report like every
 other counter: by name, in stats, zeros included, and nothing writes them by name."""
 
-import random
-
 from stack.counters import HOT, Counters
-from stack.link.memory import MemoryWire
-from stack.net.host import Host, HostConfig
-from tests.unit.tcp_peer import open_pair
-
-A_IP, B_IP = bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2])
+from tests.unit.test_template import connected
 
 
 def test_a_hot_counter_reads_by_name_and_shows_in_snapshots():
@@ -27,11 +21,7 @@ def test_a_hot_counter_reads_by_name_and_shows_in_snapshots():
 
 
 def test_after_a_transfer_the_hot_names_live_only_in_the_slots():
-    a = Host(HostConfig(mac=bytes.fromhex("020000000001"), address=A_IP), random.Random(1))
-    b = Host(HostConfig(mac=bytes.fromhex("020000000002"), address=B_IP), random.Random(2))
-    wire = MemoryWire(a, b)
-    wire.start()
-    client, server = open_pair(wire, a, b)
+    wire, a, b, client, server = connected()  # two hosts, one connection
     client.send(bytes(50_000))
     wire.run(until=lambda: len(server.user.data) == 50_000, timeout=60)
     for host in (a, b):

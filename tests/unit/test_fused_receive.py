@@ -17,20 +17,11 @@ from stack.link.impair import Impairment
 from stack.link.memory import MemoryWire
 from stack.net.host import Host, HostConfig
 from tests.unit.tcp_peer import open_pair
+from tests.unit.test_checksum import reference_checksum
 
 A_IP, B_IP = bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2])
 A_MAC, B_MAC = bytes.fromhex("020000000001"), bytes.fromhex("020000000002")
 FIN, SYN, RST, PSH, ACK, URG = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
-
-
-def csum(data: bytes) -> int:
-    """RFC 1071, the slow and obvious way."""
-    if len(data) % 2:
-        data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
 
 
 def tcp_options(kind: str, ts_val: int, ts_ecr: int) -> bytes:
@@ -69,7 +60,7 @@ def frame(seq: int, ack: int, flags: int, window: int, options: bytes, payload: 
     tcp = struct.pack("!HHIIBBHHH", sport, dport, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF,
                       offset_words << 4, flags, window, 0, 0) + options + payload
     pseudo = src + dst + struct.pack("!BBH", 0, 6, len(tcp))
-    tcp_sum = csum(pseudo + tcp)
+    tcp_sum = reference_checksum(pseudo + tcp)
     if mutation == "bad_tcp_checksum" or mutation == "trusted_bad_checksum":
         tcp_sum ^= 0x0101
     tcp = tcp[:16] + struct.pack("!H", tcp_sum) + tcp[18:]
@@ -84,7 +75,7 @@ def frame(seq: int, ack: int, flags: int, window: int, options: bytes, payload: 
         total += 4
     header = struct.pack("!BBHHHBBH4s4s", 0x45 + len(ip_options) // 4, 0, total, ident,
                          frag, ttl, 6, 0, src, dst) + ip_options
-    ip_sum = csum(header)
+    ip_sum = reference_checksum(header)
     if mutation == "bad_ip_checksum":
         ip_sum ^= 0x0100
     header = header[:10] + struct.pack("!H", ip_sum) + header[12:]

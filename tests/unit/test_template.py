@@ -25,11 +25,11 @@ def connected():
     b = Host(HostConfig(mac=bytes.fromhex("020000000002"), address=B_IP), random.Random(2))
     wire = MemoryWire(a, b)
     wire.start()
-    conn, _ = open_pair(wire, a, b)
-    return wire, a, b, conn
+    conn, peer = open_pair(wire, a, b)
+    return wire, a, b, conn, peer
 
 
-WIRE, A, B, CONN = connected()
+WIRE, A, B, CONN, _ = connected()
 
 
 def general(conn, seq, ack, flags, window, options, payload, ident):
